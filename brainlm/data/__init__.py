@@ -1,0 +1,1 @@
+"""Data contract: object store access, the shard/manifest format, robust scaling and the training loader."""

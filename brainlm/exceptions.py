@@ -1,0 +1,41 @@
+"""Domain errors. Each message says what was expected, what was received, and what to do."""
+
+
+class BrainLMError(Exception):
+    """Base class of every error brainlm raises on purpose."""
+
+
+class ConfigError(BrainLMError, ValueError):
+    """A recipe, preset or override is invalid; the message names the field."""
+
+
+class InputError(BrainLMError, ValueError):
+    """An input recording cannot be used (unreadable, wrong shape, non-finite, ...)."""
+
+
+class DimensionError(InputError):
+    """An array's shape does not match what the atlas or model expects."""
+
+
+class AtlasMismatchError(InputError):
+    """The atlas does not match the image (shape or affine) or the array (parcel count)."""
+
+
+class TRMismatchError(InputError):
+    """A recording's repetition time differs from the one the build asks for."""
+
+
+class EmptyRecordingError(InputError):
+    """A recording has too few timepoints for one crop, or a flat / non-finite parcel."""
+
+
+class ShardError(BrainLMError):
+    """A shard or manifest is missing, corrupt, or disagrees with its checksum."""
+
+
+class StoreError(BrainLMError):
+    """The object store (local folder or S3) could not be read or written."""
+
+
+class CheckpointError(BrainLMError):
+    """A checkpoint is missing, incomplete, or was written by a different model config."""

@@ -1,0 +1,1 @@
+"""The data-prep stage: fMRI -> parcels -> QC -> robust scaling -> crops -> WebDataset shards + manifest."""

@@ -1,0 +1,530 @@
+"""``data_prep build``: inputs -> parcellated recordings -> plan (splits, scaling, crops) -> shards -> manifest.
+
+Stages and what makes each resumable (all state lives in the destination store):
+
+1. parcellate  every recording to ``parcellated/{id}.npy`` (float32 [R, T], unscaled) plus a record
+               ``parcellated/{id}.json`` written after it (QC result, TR, orientation, input fingerprint).
+               A record whose fingerprint matches is reused. Can be split across machines (``--part i/n``).
+2. plan        splits by subject, robust scaling fitted on training recordings, crops assigned to shards;
+               every shard gets a spec hash of exactly what goes into it. Saved as ``_state/plan.json``.
+3. shards      each shard is written to a local temporary file with fixed tar metadata (so the same
+               inputs give the same bytes), then moved or uploaded atomically; a sidecar
+               ``_state/shards/*.json`` records its spec and sha256. A shard whose sidecar spec matches
+               and whose checksum matches is skipped on a re-run.
+4. manifest    written last, atomically: the commit point. An older manifest that disagrees with the
+               new plan is deleted before any shard is written, so no manifest ever claims stale data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from brainlm import __version__
+from brainlm.data.format import MANIFEST, SPLITS, Manifest, encode_sample, shard_key
+from brainlm.data.scaling import RobustScaler
+from brainlm.data.store import LocalStore, open_store, sha256_file
+from brainlm.exceptions import BrainLMError, InputError, ShardError
+from data_prep.atlas import AtlasSource, load_atlas
+from data_prep.parcellate import load_array, orient, parcellate_nifti, resample_time
+from data_prep.qc import check_length, check_signal, check_tr
+from data_prep.sources import RecordingSpec, discover, read_participants, strip_sub
+
+STAGES = ("all", "parcellate", "plan", "shards", "manifest")
+PLAN = "_state/plan.json"
+BYTES_PER_SAMPLE_OVERHEAD = 2048  # tar headers + json metadata, roughly
+
+
+class BuildError(BrainLMError):
+    """The build cannot go on (nothing usable, inconsistent splits ...)."""
+
+
+@dataclass
+class BuildConfig:
+    inputs: str
+    out: str
+    kind: str = "auto"
+    atlas: str | None = None
+    atlas_table: str | None = None
+    tr: float | None = None
+    resample: bool = False
+    resample_atlas: bool = False
+    confounds: list[str] | None = None
+    crop: int = 200
+    stride: int | None = None
+    val_frac: float = 0.1
+    test_frac: float = 0.1
+    splits: str | None = None
+    workers: int = 1
+    seed: int = 0
+    shard_mb: float = 256.0
+    samples_per_shard: int | None = None
+    max_fit_recordings: int = 2000
+    stage: str = "all"
+    part: str | None = None  # "i/n": this process parcellates every n-th recording from the i-th
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stride is None:
+            self.stride = max(1, self.crop // 2)
+        if self.crop <= 0 or self.stride <= 0:
+            raise InputError(f"--crop ({self.crop}) and --stride ({self.stride}) must be positive")
+        if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
+            raise InputError(
+                f"--val-frac ({self.val_frac}) and --test-frac ({self.test_frac}) must be in [0, 1) and sum below 1"
+            )
+        if self.stage not in STAGES:
+            raise InputError(f"--stage {self.stage!r}: expected one of {', '.join(STAGES)}")
+        if self.resample and self.tr is None:
+            raise InputError("--resample needs --tr SECONDS: the TR to resample every recording to")
+        if self.workers < 1:
+            raise InputError(f"--workers must be at least 1, got {self.workers}")
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # spawn: workers must not inherit boto3 clients, threads or locks from the parent.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _bar(total: int, desc: str, unit: str, enabled: bool, **kw) -> tqdm:
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True, **kw)
+
+
+# -- stage 1: parcellate ------------------------------------------------------------------------------------
+
+
+def _fingerprint(spec: RecordingSpec, atlas: AtlasSource, cfg: BuildConfig) -> str:
+    st = os.stat(spec.path) if os.path.exists(spec.path) else None
+    return _sha(
+        {
+            "spec": spec.to_dict(),
+            "size": st.st_size if st else None,
+            "mtime_ns": st.st_mtime_ns if st else None,
+            "atlas": atlas.sha256,
+            "tr": cfg.tr,
+            "resample": cfg.resample,
+            "resample_atlas": cfg.resample_atlas,
+            "confounds": cfg.confounds,
+        }
+    )
+
+
+def _parcellate_one(job: tuple[RecordingSpec, AtlasSource, dict, str, str]) -> dict:
+    spec, atlas, params, store_url, fingerprint = job
+    store = open_store(store_url)
+    record = {**spec.to_dict(), "fingerprint": fingerprint, "status": "ok", "reason": None}
+    try:
+        if spec.kind == "nifti":
+            signal, header_tr = parcellate_nifti(spec, atlas, params["confounds"], params["resample_atlas"])
+            tr, orientation = spec.tr or header_tr or params["tr"], "RT"
+        else:
+            if not os.path.exists(spec.path):
+                raise InputError(f"{spec.path}: listed in recordings.tsv but the file does not exist")
+            signal, orientation = orient(load_array(spec.path), atlas.atlas.num_parcels, spec.path)
+            tr = spec.tr or params["tr"]
+        check_tr(tr, params["tr"], spec.path, params["resample"])
+        if params["resample"] and abs(tr - params["tr"]) > 1e-3:
+            signal, tr = resample_time(signal, tr, params["tr"]), params["tr"]
+        check_signal(signal, atlas.atlas.labels, spec.path)
+        buf = io.BytesIO()
+        np.save(buf, signal, allow_pickle=False)
+        data = buf.getvalue()
+        store.write_bytes(f"parcellated/{spec.id}.npy", data)
+        record.update(
+            tr=float(tr),
+            n_timepoints=int(signal.shape[1]),
+            orientation=orientation,
+            npy_sha256=hashlib.sha256(data).hexdigest(),
+        )
+    except InputError as err:
+        record.update(status="skipped", reason=str(err))
+    except Exception as err:  # an unreadable file must not stop the build; the reason goes to the manifest
+        record.update(status="skipped", reason=f"{spec.path}: unreadable ({type(err).__name__}: {err})")
+    store.write_bytes(f"parcellated/{spec.id}.json", json.dumps(record, sort_keys=True).encode())
+    return record
+
+
+def parcellate(cfg: BuildConfig, specs: list[RecordingSpec], atlas: AtlasSource) -> list[dict]:
+    """Stage 1. Returns one record per spec (reused when its fingerprint matches)."""
+    store = open_store(cfg.out)
+    params = {"tr": cfg.tr, "resample": cfg.resample, "confounds": cfg.confounds, "resample_atlas": cfg.resample_atlas}
+    records: dict[str, dict] = {}
+    jobs = []
+    for spec in specs:
+        fp = _fingerprint(spec, atlas, cfg)
+        key = f"parcellated/{spec.id}.json"
+        if store.exists(key):
+            old = json.loads(store.read_bytes(key))
+            if old.get("fingerprint") == fp and (old["status"] != "ok" or store.exists(f"parcellated/{spec.id}.npy")):
+                records[spec.id] = old
+                continue
+        jobs.append((spec, atlas, params, store.url, fp))
+    if jobs:
+        bar = _bar(len(jobs), "parcellate", "rec", cfg.progress)
+        if cfg.workers == 1:
+            results = map(_parcellate_one, jobs)
+        else:
+            pool = _pool(cfg.workers)
+            results = pool.map(_parcellate_one, jobs, chunksize=1)
+        for rec in results:
+            records[rec["id"]] = rec
+            bar.update()
+        bar.close()
+        if cfg.workers > 1:
+            pool.shutdown()
+    reused = len(specs) - len(jobs)
+    if reused:
+        print(f"parcellate: reused {reused} recording(s) parcellated by an earlier run", file=sys.stderr)
+    return [records[s.id] for s in specs]
+
+
+# -- stage 2: plan ------------------------------------------------------------------------------------------
+
+
+def read_split_file(path: str) -> dict[str, str]:
+    import pandas as pd
+
+    table = pd.read_csv(path, sep="\t" if not path.endswith(".csv") else ",", dtype=str)
+    table.columns = [c.strip().lower() for c in table.columns]
+    sub_col = "subject" if "subject" in table else "participant_id" if "participant_id" in table else None
+    if sub_col is None or "split" not in table:
+        raise InputError(f"--splits {path}: expected columns subject (or participant_id) and split, got {list(table.columns)}")
+    bad = sorted(set(table["split"]) - set(SPLITS))
+    if bad:
+        raise InputError(f"--splits {path}: split values {bad} are not one of {', '.join(SPLITS)}")
+    return {strip_sub(s): sp for s, sp in zip(table[sub_col], table["split"], strict=True)}
+
+
+def assign_splits(subjects: list[str], cfg: BuildConfig) -> dict[str, str]:
+    """Split by subject: explicit (``--splits``) or deterministic from the subject id and the seed.
+
+    Subjects are ordered by a hash of (seed, id); the first ``round(test_frac * n)`` go to test, the next
+    ``round(val_frac * n)`` to val (at least one each when the fraction is positive and n >= 3).
+    """
+    subjects = sorted(set(subjects))
+    if cfg.splits:
+        explicit = read_split_file(cfg.splits)
+        missing = [s for s in subjects if s not in explicit]
+        if missing:
+            raise InputError(
+                f"--splits {cfg.splits}: {len(missing)} subject(s) have no split (e.g. {missing[:5]}); "
+                "list every subject, or drop --splits to split by hash"
+            )
+        return {s: explicit[s] for s in subjects}
+    order = sorted(subjects, key=lambda s: hashlib.sha256(f"{cfg.seed}:{s}".encode()).hexdigest())
+    n = len(order)
+
+    def count(frac: float) -> int:
+        k = round(frac * n)
+        return max(k, 1) if frac > 0 and n >= 3 else k
+
+    n_test, n_val = count(cfg.test_frac), count(cfg.val_frac)
+    out = {s: "test" for s in order[:n_test]}
+    out.update({s: "val" for s in order[n_test : n_test + n_val]})
+    out.update({s: "train" for s in order[n_test + n_val :]})
+    return out
+
+
+def _load_parcellated(store, rec_id: str) -> np.ndarray:
+    return np.load(io.BytesIO(store.read_bytes(f"parcellated/{rec_id}.npy")), allow_pickle=False)
+
+
+def samples_per_shard(cfg: BuildConfig, num_parcels: int) -> int:
+    if cfg.samples_per_shard:
+        return cfg.samples_per_shard
+    per_sample = num_parcels * cfg.crop * 2 + BYTES_PER_SAMPLE_OVERHEAD
+    return max(1, int(cfg.shard_mb * 2**20 // per_sample))
+
+
+def make_plan(cfg: BuildConfig, records: list[dict], atlas: AtlasSource, phenotypes: dict[str, dict]) -> dict:
+    """Stage 2: splits, scaling statistics, and the exact content of every shard."""
+    store = open_store(cfg.out)
+    skipped = [{"recording": r["id"], "source": r["path"], "reason": r["reason"]} for r in records if r["status"] != "ok"]
+    ok = [r for r in records if r["status"] == "ok"]
+    tr = cfg.tr
+    if tr is None and ok:
+        tr = Counter(round(r["tr"], 4) for r in ok).most_common(1)[0][0]
+    usable = []
+    for r in ok:
+        try:
+            check_tr(r["tr"], tr, r["path"], resample=False)
+            check_length(r["n_timepoints"], cfg.crop, r["path"])
+        except InputError as err:
+            skipped.append({"recording": r["id"], "source": r["path"], "reason": str(err)})
+            continue
+        usable.append(r)
+    if not usable:
+        reasons = "\n  ".join(f"{s['recording']}: {s['reason']}" for s in skipped[:10])
+        raise BuildError(f"every recording was skipped ({len(skipped)}); nothing to build. First reasons:\n  {reasons}")
+
+    split_of = assign_splits([r["subject"] for r in usable], cfg)
+    for r in usable:
+        r["split"] = split_of[r["subject"]]
+    train = [r for r in usable if r["split"] == "train"]
+    if not train:
+        raise BuildError("the train split is empty: lower --val-frac/--test-frac or add subjects")
+    fit_on = sorted(train, key=lambda r: hashlib.sha256(f"{cfg.seed}:{r['id']}".encode()).hexdigest())
+    fit_on = fit_on[: cfg.max_fit_recordings]
+    scaler = RobustScaler.fit(_load_parcellated(store, r["id"]) for r in fit_on)
+    scaling = scaler.to_dict()
+
+    per_shard = samples_per_shard(cfg, atlas.atlas.num_parcels)
+    rng = np.random.default_rng(cfg.seed)
+    shards, split_info = [], {}
+    for split in SPLITS:
+        recs = sorted((r for r in usable if r["split"] == split), key=lambda r: r["id"])
+        recs = [recs[i] for i in rng.permutation(len(recs))]
+        items = [(r["id"], s) for r in recs for s in range(0, r["n_timepoints"] - cfg.crop + 1, cfg.stride)]
+        for r in recs:
+            r["n_crops"] = len(range(0, r["n_timepoints"] - cfg.crop + 1, cfg.stride))
+        split_info[split] = {
+            "subjects": sorted({r["subject"] for r in recs}),
+            "recordings": len(recs),
+            "samples": len(items),
+        }
+        for index, start in enumerate(range(0, len(items), per_shard)):
+            chunk = items[start : start + per_shard]
+            chunk = [chunk[i] for i in rng.permutation(len(chunk))]
+            shards.append({"key": shard_key(split, index), "split": split, "index": index, "items": chunk})
+
+    by_id = {r["id"]: r for r in usable}
+    subjects = {s: phenotypes.get(s, {}) for s in sorted({r["subject"] for r in usable})}
+    scaling_sha = _sha(scaling)
+    for shard in shards:
+        ids = sorted({rid for rid, _ in shard["items"]})
+        shard["spec"] = _sha(
+            {
+                "format": 1,
+                "crop": cfg.crop,
+                "items": shard["items"],
+                "recordings": [_sample_meta(by_id[i], subjects) | {"npy": by_id[i]["npy_sha256"]} for i in ids],
+                "scaling": scaling_sha,
+            }
+        )
+    recordings = [
+        {k: r[k] for k in ("id", "subject", "session", "run", "condition", "tr", "n_timepoints", "n_crops",
+                           "orientation", "split")} | {"source": r["path"]}
+        for r in sorted(usable, key=lambda r: r["id"])
+    ]
+    plan = {
+        "tr": tr,
+        "crop": cfg.crop,
+        "stride": cfg.stride,
+        "scaling": scaling,
+        "splits": split_info,
+        "shards": shards,
+        "recordings": recordings,
+        "subjects": subjects,
+        "skipped": skipped,
+        "orientation": dict(Counter(r["orientation"] for r in usable)),
+    }
+    plan["plan_sha256"] = _sha({"shards": [s["spec"] for s in shards], "scaling": scaling_sha,
+                                "atlas": asdict(atlas.atlas)})
+    return plan
+
+
+def _sample_meta(rec: dict, subjects: dict[str, dict]) -> dict:
+    return {
+        "recording": rec["id"],
+        "subject": rec["subject"],
+        "session": rec.get("session"),
+        "run": rec.get("run"),
+        "condition": rec["condition"],
+        "tr": rec["tr"],
+        "split": rec["split"],
+        "phenotypes": subjects.get(rec["subject"], {}),
+    }
+
+
+# -- stage 3: shards ----------------------------------------------------------------------------------------
+
+
+def _sidecar(shard: dict) -> str:
+    return f"_state/{shard['key'].removesuffix('.tar')}.json"
+
+
+def shard_is_current(store, shard: dict) -> bool:
+    """True when the shard exists, its sidecar spec matches the plan, and its checksum matches the sidecar."""
+    if not store.exists(_sidecar(shard)) or not store.exists(shard["key"]):
+        return False
+    side = json.loads(store.read_bytes(_sidecar(shard)))
+    if side.get("spec") != shard["spec"] or store.size(shard["key"]) != side.get("bytes"):
+        return False
+    if isinstance(store, LocalStore):
+        return sha256_file(store.url_of(shard["key"]))[0] == side.get("sha256")
+    # On S3 the checksum travels with the object as metadata, set in the same atomic upload.
+    return store.metadata(shard["key"]).get("sha256") == side.get("sha256")
+
+
+def _write_shard(job: tuple[dict, dict, dict, int, str]) -> dict:
+    import webdataset as wds
+
+    shard, recs, scaling, crop, store_url = job
+    store = open_store(store_url)
+    scaler = RobustScaler.from_dict(scaling)
+    cache: dict[str, np.ndarray] = {}
+    fd, tmp = tempfile.mkstemp(suffix=".tar", prefix="brainlm-shard-")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0, user="brainlm", group="brainlm") as sink:
+            for rec_id, start in shard["items"]:
+                if rec_id not in cache:
+                    cache[rec_id] = scaler.transform(_load_parcellated(store, rec_id))
+                crop_RT = cache[rec_id][:, start : start + crop]
+                if not np.isfinite(crop_RT.astype(np.float16)).all():
+                    raise ShardError(f"{rec_id} at {start}: values overflow float16 after scaling")
+                meta = recs[rec_id] | {"start": start, "n_timepoints": crop}
+                sink.write(encode_sample(rec_id, start, crop_RT, meta))
+        sha, size = sha256_file(tmp)
+        store.upload_file(tmp, shard["key"], metadata={"sha256": sha})
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    side = {"key": shard["key"], "split": shard["split"], "samples": len(shard["items"]), "bytes": size,
+            "sha256": sha, "spec": shard["spec"]}
+    store.write_bytes(_sidecar(shard), json.dumps(side, sort_keys=True).encode())
+    return side
+
+
+def write_shards(cfg: BuildConfig, plan: dict) -> dict[str, int]:
+    """Stage 3: write every shard that is not already current. Returns counts."""
+    store = open_store(cfg.out)
+    if store.exists(MANIFEST):
+        old = json.loads(store.read_bytes(MANIFEST))
+        if old.get("plan_sha256") != plan["plan_sha256"]:
+            store.delete(MANIFEST)  # it describes other data: uncommit before touching any shard
+    todo = [s for s in plan["shards"] if not shard_is_current(store, s)]
+    subjects = plan["subjects"]
+    by_id = {r["id"]: r for r in plan["recordings"]}
+    jobs = [
+        (s, {rid: _sample_meta(by_id[rid], subjects) for rid in {i for i, _ in s["items"]}}, plan["scaling"],
+         plan["crop"], store.url)
+        for s in todo
+    ]
+    written = 0
+    if jobs:
+        bar = _bar(sum(len(s["items"]) for s in todo), "shards", "crop", cfg.progress)
+        start = time.time()
+        pool = _pool(cfg.workers) if cfg.workers > 1 else None
+        results = pool.map(_write_shard, jobs, chunksize=1) if pool else map(_write_shard, jobs)
+        for side in results:
+            written += side["bytes"]
+            bar.update(side["samples"])
+            bar.set_postfix_str(f"{written / 2**20:.0f} MiB, {written / 2**20 / max(time.time() - start, 1e-9):.1f} MiB/s")
+        bar.close()
+        if pool:
+            pool.shutdown()
+    return {"written": len(todo), "skipped": len(plan["shards"]) - len(todo), "bytes": written}
+
+
+# -- stage 4: manifest --------------------------------------------------------------------------------------
+
+
+def write_manifest(cfg: BuildConfig, plan: dict, atlas: AtlasSource) -> Manifest:
+    store = open_store(cfg.out)
+    shards = []
+    for s in plan["shards"]:
+        if not store.exists(_sidecar(s)):
+            raise BuildError(f"shard {s['key']} was not written; run the shards stage (or the whole build) again")
+        side = json.loads(store.read_bytes(_sidecar(s)))
+        if side["spec"] != s["spec"] or not store.exists(s["key"]) or store.size(s["key"]) != side["bytes"]:
+            raise BuildError(f"shard {s['key']} does not match the plan; run the build again to rewrite it")
+        shards.append({k: side[k] for k in ("split", "samples", "bytes", "sha256")} | {"url": s["key"]})
+    planned = {s["key"] for s in plan["shards"]}
+    for key in store.list("shards"):
+        if key not in planned:  # left over from an earlier, different build
+            store.delete(key)
+    args = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "extra")}
+    manifest = Manifest(
+        atlas=atlas.atlas,
+        scaling=plan["scaling"],
+        crop=plan["crop"],
+        stride=plan["stride"],
+        tr=plan["tr"],
+        splits=plan["splits"],
+        shards=shards,
+        recordings=plan["recordings"],
+        subjects=plan["subjects"],
+        skipped=plan["skipped"],
+        orientation=plan["orientation"],
+        data_prep_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        args=args,
+        plan_sha256=plan["plan_sha256"],
+    )
+    store.write_bytes(MANIFEST, json.dumps(manifest.to_dict(), indent=1).encode())
+    return manifest
+
+
+# -- the whole build ----------------------------------------------------------------------------------------
+
+
+def _parse_part(part: str | None) -> tuple[int, int] | None:
+    if part is None:
+        return None
+    try:
+        i, n = (int(v) for v in part.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise InputError(f"--part {part!r}: expected I/N with 0 <= I < N, e.g. 3/8") from None
+    return i, n
+
+
+def build(cfg: BuildConfig) -> Manifest | None:
+    """Run the requested stage(s). Returns the manifest when the manifest stage ran."""
+    store = open_store(cfg.out)
+    if isinstance(store, LocalStore):
+        store.remove_stale_temporaries()
+    inputs = Path(cfg.inputs)
+    atlas_table = cfg.atlas_table or (str(inputs / "atlas.tsv") if (inputs / "atlas.tsv").exists() else None)
+    atlas = load_atlas(cfg.atlas, atlas_table)
+    specs, kind = discover(cfg.inputs, cfg.kind, cfg.atlas)
+    if kind in ("bids", "nifti") and atlas.image is None:
+        raise InputError(f"--inputs {cfg.inputs} holds NIfTI images ({kind}); pass --atlas LABELS.nii.gz to parcellate them")
+    phenotypes = read_participants(inputs)
+    print(f"build: {len(specs)} {kind} recording(s), atlas {atlas.atlas.name} ({atlas.atlas.num_parcels} parcels) -> {store.url}",
+          file=sys.stderr)
+
+    part = _parse_part(cfg.part)
+    if cfg.stage in ("all", "parcellate", "plan"):
+        mine = [s for i, s in enumerate(specs) if part is None or i % part[1] == part[0]]
+        records = parcellate(cfg, mine, atlas)
+        if cfg.stage == "parcellate":
+            return None
+        if part is not None:  # the other parts' records (parcellating whatever they left undone)
+            records = parcellate(cfg, specs, atlas)
+        plan = make_plan(cfg, records, atlas, phenotypes)
+        store.write_bytes(PLAN, json.dumps(plan).encode())
+        if cfg.stage == "plan":
+            return None
+    else:
+        if not store.exists(PLAN):
+            raise BuildError(f"no plan under {store.url}; run the plan stage first (or --stage all)")
+        plan = json.loads(store.read_bytes(PLAN))
+    if cfg.stage in ("all", "shards"):
+        counts = write_shards(cfg, plan)
+        print(
+            f"shards: wrote {counts['written']}, skipped {counts['skipped']} already current (checksum match)",
+            file=sys.stderr,
+        )
+        if cfg.stage == "shards":
+            return None
+    return write_manifest(cfg, plan, atlas)

@@ -1,0 +1,67 @@
+"""``data_prep inspect``: what a shard set holds, and whether every shard matches its checksum."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+
+from tqdm import tqdm
+
+from brainlm.data.format import Manifest, load_manifest
+from brainlm.data.store import open_store, sha256_stream
+
+
+def summary(manifest: Manifest, root: str) -> str:
+    lines = [
+        f"shards under {root}",
+        f"  atlas        {manifest.atlas.name}: {manifest.atlas.num_parcels} parcels"
+        + (f", {len(set(manifest.atlas.networks))} networks" if manifest.atlas.networks else ""),
+        f"  crops        {manifest.crop} timepoints (stride {manifest.stride}) at TR {manifest.tr:g} s, {manifest.dtype}",
+        f"  orientation  " + ", ".join(f"{k}: {v}" for k, v in sorted(manifest.orientation.items())),
+        f"  scaling      (x - median) / IQR per parcel, fitted on {manifest.scaling.get('n_recordings')} training "
+        f"recordings ({manifest.scaling.get('n_timepoints')} timepoints)",
+        f"  {'split':<6} {'subjects':>9} {'recordings':>11} {'crops':>8} {'shards':>7} {'MiB':>9}",
+    ]
+    for split, info in manifest.splits.items():
+        shards = manifest.shards_of(split)
+        lines.append(
+            f"  {split:<6} {len(info['subjects']):>9} {info['recordings']:>11} {info['samples']:>8} "
+            f"{len(shards):>7} {sum(s['bytes'] for s in shards) / 2**20:>9.1f}"
+        )
+    lines.append(f"  skipped      {len(manifest.skipped)} recording(s)")
+    reasons = Counter(s["reason"].split(": ", 1)[-1].split(";")[0][:70] for s in manifest.skipped)
+    lines += [f"    {n} x {reason}" for reason, n in reasons.most_common(8)]
+    lines.append(f"  manifest     {open_store(root).url_of('manifest.json')}")
+    return "\n".join(lines)
+
+
+def verify(manifest: Manifest, root: str, progress: bool = True) -> list[str]:
+    """Recompute every shard's sha256; returns the problems found (empty when all match)."""
+    store = open_store(root)
+    problems = []
+    for shard in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress, file=sys.stderr):
+        if not store.exists(shard["url"]):
+            problems.append(f"{shard['url']}: missing")
+            continue
+        with store.open(shard["url"]) as f:
+            sha, size = sha256_stream(f)
+        if sha != shard["sha256"] or size != shard["bytes"]:
+            problems.append(f"{shard['url']}: sha256/size {sha[:12]}/{size} != manifest {shard['sha256'][:12]}/{shard['bytes']}")
+    return problems
+
+
+def inspect(dest: str, verify_checksums: bool = True, as_json: bool = False) -> int:
+    manifest, root = load_manifest(dest)
+    if as_json:
+        print(json.dumps({"splits": manifest.splits, "shards": len(manifest.shards), "skipped": manifest.skipped}, indent=1))
+    else:
+        print(summary(manifest, root))
+    if not verify_checksums:
+        return 0
+    problems = verify(manifest, root)
+    if problems:
+        print(f"{len(problems)} shard(s) failed verification:", *problems, sep="\n  ")
+        return 1
+    print(f"  verified     all {len(manifest.shards)} shard checksums match")
+    return 0
