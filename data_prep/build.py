@@ -166,7 +166,12 @@ def _parcellate_one(job: tuple[RecordingSpec, AtlasSource, dict, str, str]) -> d
 def parcellate(cfg: BuildConfig, specs: list[RecordingSpec], atlas: AtlasSource) -> list[dict]:
     """Stage 1. Returns one record per spec (reused when its fingerprint matches)."""
     store = open_store(cfg.out)
-    params = {"tr": cfg.tr, "resample": cfg.resample, "confounds": cfg.confounds, "resample_atlas": cfg.resample_atlas}
+    params = {
+        "tr": cfg.tr,
+        "resample": cfg.resample,
+        "confounds": cfg.confounds,
+        "resample_atlas": cfg.resample_atlas,
+    }
     records: dict[str, dict] = {}
     jobs = []
     for spec in specs:
@@ -207,7 +212,9 @@ def read_split_file(path: str) -> dict[str, str]:
     table.columns = [c.strip().lower() for c in table.columns]
     sub_col = "subject" if "subject" in table else "participant_id" if "participant_id" in table else None
     if sub_col is None or "split" not in table:
-        raise InputError(f"--splits {path}: expected columns subject (or participant_id) and split, got {list(table.columns)}")
+        raise InputError(
+            f"--splits {path}: expected columns subject (or participant_id) and split, got {list(table.columns)}"
+        )
     bad = sorted(set(table["split"]) - set(SPLITS))
     if bad:
         raise InputError(f"--splits {path}: split values {bad} are not one of {', '.join(SPLITS)}")
@@ -258,7 +265,9 @@ def samples_per_shard(cfg: BuildConfig, num_parcels: int) -> int:
 def make_plan(cfg: BuildConfig, records: list[dict], atlas: AtlasSource, phenotypes: dict[str, dict]) -> dict:
     """Stage 2: splits, scaling statistics, and the exact content of every shard."""
     store = open_store(cfg.out)
-    skipped = [{"recording": r["id"], "source": r["path"], "reason": r["reason"]} for r in records if r["status"] != "ok"]
+    skipped = [
+        {"recording": r["id"], "source": r["path"], "reason": r["reason"]} for r in records if r["status"] != "ok"
+    ]
     ok = [r for r in records if r["status"] == "ok"]
     tr = cfg.tr
     if tr is None and ok:
@@ -321,8 +330,22 @@ def make_plan(cfg: BuildConfig, records: list[dict], atlas: AtlasSource, phenoty
             }
         )
     recordings = [
-        {k: r[k] for k in ("id", "subject", "session", "run", "condition", "tr", "n_timepoints", "n_crops",
-                           "orientation", "split")} | {"source": r["path"]}
+        {
+            k: r[k]
+            for k in (
+                "id",
+                "subject",
+                "session",
+                "run",
+                "condition",
+                "tr",
+                "n_timepoints",
+                "n_crops",
+                "orientation",
+                "split",
+            )
+        }
+        | {"source": r["path"]}
         for r in sorted(usable, key=lambda r: r["id"])
     ]
     plan = {
@@ -337,8 +360,9 @@ def make_plan(cfg: BuildConfig, records: list[dict], atlas: AtlasSource, phenoty
         "skipped": skipped,
         "orientation": dict(Counter(r["orientation"] for r in usable)),
     }
-    plan["plan_sha256"] = _sha({"shards": [s["spec"] for s in shards], "scaling": scaling_sha,
-                                "atlas": asdict(atlas.atlas)})
+    plan["plan_sha256"] = _sha(
+        {"shards": [s["spec"] for s in shards], "scaling": scaling_sha, "atlas": asdict(atlas.atlas)}
+    )
     return plan
 
 
@@ -398,8 +422,14 @@ def _write_shard(job: tuple[dict, dict, dict, int, str]) -> dict:
         store.upload_file(tmp, shard["key"], metadata={"sha256": sha})
     finally:
         Path(tmp).unlink(missing_ok=True)
-    side = {"key": shard["key"], "split": shard["split"], "samples": len(shard["items"]), "bytes": size,
-            "sha256": sha, "spec": shard["spec"]}
+    side = {
+        "key": shard["key"],
+        "split": shard["split"],
+        "samples": len(shard["items"]),
+        "bytes": size,
+        "sha256": sha,
+        "spec": shard["spec"],
+    }
     store.write_bytes(_sidecar(shard), json.dumps(side, sort_keys=True).encode())
     return side
 
@@ -415,8 +445,13 @@ def write_shards(cfg: BuildConfig, plan: dict) -> dict[str, int]:
     subjects = plan["subjects"]
     by_id = {r["id"]: r for r in plan["recordings"]}
     jobs = [
-        (s, {rid: _sample_meta(by_id[rid], subjects) for rid in {i for i, _ in s["items"]}}, plan["scaling"],
-         plan["crop"], store.url)
+        (
+            s,
+            {rid: _sample_meta(by_id[rid], subjects) for rid in {i for i, _ in s["items"]}},
+            plan["scaling"],
+            plan["crop"],
+            store.url,
+        )
         for s in todo
     ]
     written = 0
@@ -428,7 +463,9 @@ def write_shards(cfg: BuildConfig, plan: dict) -> dict[str, int]:
         for side in results:
             written += side["bytes"]
             bar.update(side["samples"])
-            bar.set_postfix_str(f"{written / 2**20:.0f} MiB, {written / 2**20 / max(time.time() - start, 1e-9):.1f} MiB/s")
+            bar.set_postfix_str(
+                f"{written / 2**20:.0f} MiB, {written / 2**20 / max(time.time() - start, 1e-9):.1f} MiB/s"
+            )
         bar.close()
         if pool:
             pool.shutdown()
@@ -498,10 +535,15 @@ def build(cfg: BuildConfig) -> Manifest | None:
     atlas = load_atlas(cfg.atlas, atlas_table)
     specs, kind = discover(cfg.inputs, cfg.kind, cfg.atlas)
     if kind in ("bids", "nifti") and atlas.image is None:
-        raise InputError(f"--inputs {cfg.inputs} holds NIfTI images ({kind}); pass --atlas LABELS.nii.gz to parcellate them")
+        raise InputError(
+            f"--inputs {cfg.inputs} holds NIfTI images ({kind}); pass --atlas LABELS.nii.gz to parcellate them"
+        )
     phenotypes = read_participants(inputs)
-    print(f"build: {len(specs)} {kind} recording(s), atlas {atlas.atlas.name} ({atlas.atlas.num_parcels} parcels) -> {store.url}",
-          file=sys.stderr)
+    print(
+        f"build: {len(specs)} {kind} recording(s), atlas {atlas.atlas.name} "
+        f"({atlas.atlas.num_parcels} parcels) -> {store.url}",
+        file=sys.stderr,
+    )
 
     part = _parse_part(cfg.part)
     if cfg.stage in ("all", "parcellate", "plan"):

@@ -17,8 +17,9 @@ def summary(manifest: Manifest, root: str) -> str:
         f"shards under {root}",
         f"  atlas        {manifest.atlas.name}: {manifest.atlas.num_parcels} parcels"
         + (f", {len(set(manifest.atlas.networks))} networks" if manifest.atlas.networks else ""),
-        f"  crops        {manifest.crop} timepoints (stride {manifest.stride}) at TR {manifest.tr:g} s, {manifest.dtype}",
-        f"  orientation  " + ", ".join(f"{k}: {v}" for k, v in sorted(manifest.orientation.items())),
+        f"  crops        {manifest.crop} timepoints (stride {manifest.stride}) at TR {manifest.tr:g} s, "
+        f"{manifest.dtype}",
+        "  orientation  " + ", ".join(f"{k}: {v}" for k, v in sorted(manifest.orientation.items())),
         f"  scaling      (x - median) / IQR per parcel, fitted on {manifest.scaling.get('n_recordings')} training "
         f"recordings ({manifest.scaling.get('n_timepoints')} timepoints)",
         f"  {'split':<6} {'subjects':>9} {'recordings':>11} {'crops':>8} {'shards':>7} {'MiB':>9}",
@@ -47,14 +48,21 @@ def verify(manifest: Manifest, root: str, progress: bool = True) -> list[str]:
         with store.open(shard["url"]) as f:
             sha, size = sha256_stream(f)
         if sha != shard["sha256"] or size != shard["bytes"]:
-            problems.append(f"{shard['url']}: sha256/size {sha[:12]}/{size} != manifest {shard['sha256'][:12]}/{shard['bytes']}")
+            problems.append(
+                f"{shard['url']}: sha256/size {sha[:12]}/{size} != manifest {shard['sha256'][:12]}/{shard['bytes']}"
+            )
     return problems
 
 
 def inspect(dest: str, verify_checksums: bool = True, as_json: bool = False) -> int:
     manifest, root = load_manifest(dest)
     if as_json:
-        print(json.dumps({"splits": manifest.splits, "shards": len(manifest.shards), "skipped": manifest.skipped}, indent=1))
+        print(
+            json.dumps(
+                {"splits": manifest.splits, "shards": len(manifest.shards), "skipped": manifest.skipped},
+                indent=1,
+            )
+        )
     else:
         print(summary(manifest, root))
     if not verify_checksums:

@@ -91,7 +91,7 @@ def _confounds_of(path: Path) -> str | None:
 
 def discover(src: str | Path, kind: str = "auto", atlas_image: str | None = None) -> tuple[list[RecordingSpec], str]:
     """The recordings under ``src`` and the source kind that was detected (bids | nifti | arrays)."""
-    root = Path(src)
+    root = Path(src).resolve()
     if not root.is_dir():
         raise InputError(f"--inputs {src}: expected a folder of recordings, found no such folder")
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -101,9 +101,7 @@ def discover(src: str | Path, kind: str = "auto", atlas_image: str | None = None
             kind = "bids"
         elif any(_suffix(p) in NIFTI and p.resolve() != atlas_resolved and "atlas" not in p.name for p in files):
             kind = "nifti"
-        elif (root / "recordings.tsv").exists() or any(
-            _suffix(p) in ARRAYS and p.name not in RESERVED for p in files
-        ):
+        elif (root / "recordings.tsv").exists() or any(_suffix(p) in ARRAYS and p.name not in RESERVED for p in files):
             kind = "arrays"
         else:
             raise InputError(

@@ -54,7 +54,7 @@ class SynthConfig:
     coherence: float = 0.75
     global_amplitude: float = 0.3
     thermal_noise: float = 0.3
-    task_amplitude: float = 1.2
+    task_amplitude: float = 2.0
     block_on_s: float = 21.6
     block_off_s: float = 21.6
 
@@ -128,7 +128,12 @@ def make_phenotypes(rng: np.random.Generator, n: int) -> pd.DataFrame:
 
 
 def simulate_recording(
-    atlas: Atlas, pheno: dict, condition: str, cfg: SynthConfig, rng: np.random.Generator, baseline: np.ndarray
+    atlas: Atlas,
+    pheno: dict,
+    condition: str,
+    cfg: SynthConfig,
+    rng: np.random.Generator,
+    baseline: np.ndarray,
 ) -> np.ndarray:
     """One recording in scanner units, ``[R, T]`` float32."""
     networks = sorted(set(atlas.networks) - {"unassigned"})
@@ -160,7 +165,7 @@ def synth(out: str | Path, cfg: SynthConfig) -> dict:
     participants = make_phenotypes(rng, cfg.subjects)
     age_mean, age_std = 50.0, 60 / np.sqrt(12)  # of U(20, 80)
     n_rec = cfg.subjects * cfg.runs
-    n_task = int(round(cfg.task_fraction * n_rec))
+    n_task = round(cfg.task_fraction * n_rec)
     is_task = np.zeros(n_rec, bool)
     is_task[rng.choice(n_rec, n_task, replace=False)] = True
 
@@ -191,8 +196,14 @@ def synth(out: str | Path, cfg: SynthConfig) -> dict:
             rec_id = f"{sub}_task-{condition}_run-{run + 1}"
             np.save(out / "recordings" / f"{rec_id}.npy", bold)
             rows.append(
-                {"file": f"recordings/{rec_id}.npy", "subject": sub, "condition": condition, "tr": cfg.tr,
-                 "run": run + 1, "recording": rec_id}
+                {
+                    "file": f"recordings/{rec_id}.npy",
+                    "subject": sub,
+                    "condition": condition,
+                    "tr": cfg.tr,
+                    "run": run + 1,
+                    "recording": rec_id,
+                }
             )
             truth_recs[rec_id] = {"subject": sub, "condition": condition}
             if grid is not None:
@@ -208,14 +219,22 @@ def synth(out: str | Path, cfg: SynthConfig) -> dict:
         "networks": sorted(set(atlas.networks)),
         "parcel_networks": atlas.networks,
         "effects": {
-            "age": {"coupling": {"|".join(AGE_PAIR): cfg.age_coupling},
-                    "coherence": {"DefaultMode": -cfg.age_coherence}, "per": "SD of age"},
+            "age": {
+                "coupling": {"|".join(AGE_PAIR): cfg.age_coupling},
+                "coherence": {"DefaultMode": -cfg.age_coherence},
+                "per": "SD of age",
+            },
             "clinical_score": {"coupling": {"|".join(CLINICAL_PAIR): cfg.clinical_coupling}, "per": "SD"},
             "sex": {"coupling": {"|".join(SEX_PAIR): cfg.sex_coupling}, "per": "M=+1, F=-1"},
             "null_trait": "no effect on any signal: a model that predicts it is leaking",
         },
-        "task": {"condition": "task", "network": TASK_NETWORK, "block_on_s": cfg.block_on_s,
-                 "block_off_s": cfg.block_off_s, "amplitude": cfg.task_amplitude},
+        "task": {
+            "condition": "task",
+            "network": TASK_NETWORK,
+            "block_on_s": cfg.block_on_s,
+            "block_off_s": cfg.block_off_s,
+            "amplitude": cfg.task_amplitude,
+        },
         "recordings": truth_recs,
     }
     (out / "truth.json").write_text(json.dumps(truth, indent=1))
@@ -250,8 +269,9 @@ def _label_grid(atlas: Atlas, voxel_mm: float, out: Path) -> dict:
     return {"labels": label_img, "affine": affine}
 
 
-def _write_nifti(out: Path, sub: str, rec_id: str, bold: np.ndarray, grid: dict, cfg: SynthConfig,
-                 rng: np.random.Generator) -> None:
+def _write_nifti(
+    out: Path, sub: str, rec_id: str, bold: np.ndarray, grid: dict, cfg: SynthConfig, rng: np.random.Generator
+) -> None:
     """A 4D BOLD volume whose voxels carry their parcel's signal plus voxel noise (BIDS derivatives names)."""
     import nibabel as nib
 
@@ -267,4 +287,6 @@ def _write_nifti(out: Path, sub: str, rec_id: str, bold: np.ndarray, grid: dict,
     func.mkdir(parents=True, exist_ok=True)
     stem = f"{rec_id}_space-MNI152NLin2009cAsym_desc-preproc_bold"
     nib.save(img, func / f"{stem}.nii.gz")
-    (func / f"{stem}.json").write_text(json.dumps({"RepetitionTime": cfg.tr, "TaskName": rec_id.split("task-")[1].split("_")[0]}))
+    (func / f"{stem}.json").write_text(
+        json.dumps({"RepetitionTime": cfg.tr, "TaskName": rec_id.split("task-")[1].split("_")[0]})
+    )

