@@ -154,3 +154,27 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """A small local shard set: 7 parcels, crops of 40 timepoints, 3 uneven train shards (25, 25, 22 crops)."""
+    from data_prep.build import BuildConfig, build
+
+    root = tmp_path_factory.mktemp("tiny")
+    src = root / "cohort"
+    src.mkdir()
+    write_atlas_table(src / "atlas.tsv")
+    rng = np.random.default_rng(3)
+    subjects = [f"sub-{s:02d}" for s in range(1, 11)]
+    for sub in subjects:
+        for run, cond in ((1, "rest"), (2, "task")):
+            np.save(src / f"{sub}_task-{cond}_run-{run}_bold.npy", make_signal(rng, 7, 90))
+    pd.DataFrame({"participant_id": subjects, "age": np.linspace(20, 80, len(subjects)).round(1)}).to_csv(
+        src / "participants.tsv", sep="\t", index=False
+    )
+    out = root / "shards"
+    m = build(BuildConfig(inputs=str(src), out=str(out), tr=0.8, crop=40, stride=10, samples_per_shard=34,
+                          val_frac=0.1, test_frac=0.1, progress=False))
+    assert [s["samples"] for s in m.shards_of("train")] == [34, 34, 28], m.shards_of("train")
+    return out

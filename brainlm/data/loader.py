@@ -1,0 +1,182 @@
+"""The training loader: deterministic, seekable streams of crops from WebDataset shards (local or S3).
+
+The global micro-batch has ``S = micro_batch_size x world_size`` slots. Slot ``j`` is an endless stream
+that reads whole shards one after another: pass ``p`` visits every shard in a seeded permutation, rolled
+so the streams start at evenly spaced shards (they read different shards at any moment: a split by rank
+and worker) and each covers all shards (resampling: with fewer shards than streams, e.g. 3 shards for
+2 ranks x 2 workers, nobody runs dry). Slots that share a shard read it from evenly spaced starting
+records (wrapping around), so a batch never holds the same crop twice. At micro-step ``m`` slot ``j``
+yields its ``m``-th sample.
+
+Consequences:
+- the global batch does not depend on the world size or the number of workers: 1 rank x 8 and 2 ranks x 4
+  see the same samples;
+- the loader position is the number of micro-steps taken: resuming seeks each stream to sample ``m``
+  (arithmetic over the manifest's shard sizes, then skipping within one shard), without replaying;
+- every sample carries a seed derived from (run seed, slot, position): the sub-window offset and the mask
+  come from it, so they too are independent of the world size and of resumption.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from brainlm.data.format import Manifest, decode_signal, shard_urls
+from brainlm.data.store import register_webdataset_s3
+from brainlm.exceptions import ShardError
+
+
+def sample_seed(seed: int, slot: int, position: int) -> int:
+    """A 63-bit seed for one sample of the stream, stable across processes and machines."""
+    state = np.random.SeedSequence([seed, slot, position]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def read_shard(url: str) -> Iterator[dict]:
+    """The raw samples of one shard, in order, through a WebDataset pipeline (no node/worker splitting:
+    the streams above decide who reads what)."""
+    import webdataset as wds
+
+    pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
+    yield from pipeline
+
+
+def rotated(url: str, size: int, first: int, skip: int) -> Iterator[dict]:
+    """A shard's records ``first, first + 1, ..., size - 1, 0, ..., first - 1``, from the ``skip``-th on
+    (``skip < size``)."""
+    begin = (first + skip) % size
+    segments = [(begin, size), (0, first)] if begin >= first else [(begin, first)]
+    for lo, hi in segments:
+        for k, raw in enumerate(read_shard(url)):
+            if k >= hi:
+                break
+            if k >= lo:
+                yield raw
+
+
+def window_of(signal_RT: np.ndarray, window: int, rng: np.random.Generator | None) -> np.ndarray:
+    """A ``window``-long sub-window: random when ``rng`` is given (training), the first one otherwise."""
+    crop = signal_RT.shape[1]
+    if crop < window:
+        raise ShardError(f"shard crops have {crop} timepoints, fewer than the model's window of {window}")
+    start = int(rng.integers(0, crop - window + 1)) if rng is not None and crop > window else 0
+    return signal_RT[:, start : start + window]
+
+
+@dataclass
+class ShardInfo:
+    url: str
+    samples: int
+
+
+class SlotStreams(IterableDataset):
+    """One rank's slots of the global micro-batch; each worker serves a subset of the slots."""
+
+    def __init__(
+        self, shards: list[ShardInfo], slots: list[int], num_slots: int, window: int, seed: int, start: int = 0
+    ) -> None:
+        if not shards:
+            raise ShardError("no shards to stream from")
+        self.shards, self.slots, self.num_slots = shards, slots, num_slots
+        self.window, self.seed, self.start = window, seed, start
+
+    def stream(self, slot: int, start: int) -> Iterator[tuple[np.ndarray, int]]:
+        """Slot ``slot``'s samples from position ``start`` on: (window [R, W] float32, sample seed)."""
+        n, S = len(self.shards), self.num_slots
+        rotation = slot * n // S
+        sharing = [j for j in range(S) if j * n // S == rotation]  # slots that read the same shard together
+        phase = sharing.index(slot) / len(sharing)
+        position, pass_index = 0, 0
+        while True:
+            order = np.roll(np.random.default_rng([self.seed, pass_index]).permutation(n), -rotation)
+            for s in order:
+                size = self.shards[s].samples
+                if position + size <= start:  # seek: whole shards before the start are never read
+                    position += size
+                    continue
+                skip = max(0, start - position)
+                for k, raw in enumerate(rotated(self.shards[s].url, size, int(phase * size), skip), start=skip):
+                    seed = sample_seed(self.seed, slot, position + k)
+                    signal = window_of(decode_signal(raw["signal.npy"]), self.window, np.random.default_rng(seed))
+                    yield signal.astype(np.float32), seed
+                position += size
+            pass_index += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        register_webdataset_s3()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.slots[worker::workers]
+        streams = [self.stream(slot, self.start) for slot in mine]
+        while True:
+            items = [next(s) for s in streams]
+            yield {
+                "signal": torch.from_numpy(np.stack([x for x, _ in items])),
+                "seed": torch.tensor([s for _, s in items], dtype=torch.int64),
+            }
+
+
+class TrainLoader:
+    """Micro-batches for one rank, in slot order, whatever the number of workers. ``position`` counts the
+    micro-batches handed out (the loader state a checkpoint stores)."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        root: str,
+        split: str,
+        micro_batch_size: int,
+        window: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        prefetch: int = 4,
+        start: int = 0,
+    ) -> None:
+        urls = shard_urls(manifest, root, split)
+        shards = [ShardInfo(u, s["samples"]) for u, s in zip(urls, manifest.shards_of(split), strict=True)]
+        slots = list(range(rank * micro_batch_size, (rank + 1) * micro_batch_size))
+        self.workers = min(num_workers, micro_batch_size)
+        dataset = SlotStreams(shards, slots, micro_batch_size * world_size, window, seed, start)
+        self.position = start
+        kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if self.workers else {}
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, **kwargs)
+        # Worker w serves slots w, w + W, ...: restore slot order after concatenating one item per worker.
+        served = [slots[w :: max(self.workers, 1)] for w in range(max(self.workers, 1))]
+        self.order = torch.argsort(torch.tensor([s for group in served for s in group]))
+        self.iterator = iter(self.loader)
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> dict:
+        parts = [next(self.iterator) for _ in range(max(self.workers, 1))]
+        self.position += 1
+        return {
+            "signal": torch.cat([p["signal"] for p in parts])[self.order],
+            "seed": torch.cat([p["seed"] for p in parts])[self.order],
+        }
+
+
+def fixed_samples(
+    manifest: Manifest, root: str, split: str, count: int, window: int
+) -> tuple[torch.Tensor, list[dict]]:
+    """The first ``count`` crops of a split in manifest order, first window of each: a fixed evaluation set."""
+    register_webdataset_s3()
+    signals, metas = [], []
+    for url in shard_urls(manifest, root, split):
+        for raw in read_shard(url):
+            signals.append(window_of(decode_signal(raw["signal.npy"]), window, None).astype(np.float32))
+            metas.append(json.loads(raw["json"]))
+            if len(signals) == count:
+                return torch.from_numpy(np.stack(signals)), metas
+    if not signals:
+        raise ShardError(f"the {split!r} split has no samples")
+    return torch.from_numpy(np.stack(signals)), metas

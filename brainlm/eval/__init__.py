@@ -1,0 +1,1 @@
+"""Downstream analyses: reconstruction, embeddings, fine-tuning, networks, perturbation, attention."""

@@ -1,0 +1,1 @@
+"""Pretraining: the DeepSpeed engine, checkpoints and export, the schedule, MLflow tracking, the loop."""

@@ -1,0 +1,105 @@
+"""Checkpoints that survive a kill: written under a temporary name, renamed when every rank is done.
+
+    out_dir/checkpoints/step_00000200/   DeepSpeed's shards + brainlm.json + rng_rank{r}.pt
+    out_dir/checkpoints/latest           "step_00000200", replaced atomically after the rename
+
+A checkpoint folder without the ``.tmp-`` prefix is complete. Temporary folders left by a killed run are
+removed at the next start. ``brainlm.json`` holds the model config, the step, the loader position and the
+MLflow run, and refuses a resume into a different model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from brainlm.exceptions import CheckpointError
+from brainlm.training import engine as ds
+
+META = "brainlm.json"
+# Model fields that may change between a checkpoint and its resume: they do not change the weights.
+RUNTIME_FIELDS = {"attention_backend", "activation_checkpointing"}
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Checkpointer:
+    def __init__(self, out_dir: str | Path, keep_last: int, rank: int) -> None:
+        self.folder = Path(out_dir) / "checkpoints"
+        self.keep_last, self.rank = keep_last, rank
+        if rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+
+    def complete(self) -> list[Path]:
+        return sorted(p for p in self.folder.glob("step_*") if (p / META).exists())
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, engine, step: int, meta: dict[str, Any]) -> Path:
+        """Every rank calls this. Returns the checkpoint folder."""
+        tag = tag_of(step)
+        tmp = f".tmp-{tag}"
+        ds.save_checkpoint(engine, str(self.folder), tmp, client_state={"step": step})
+        torch.save(
+            {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            self.folder / tmp / f"rng_rank{self.rank}.pt",
+        )
+        _barrier()
+        final = self.folder / tag
+        if self.rank == 0:
+            (self.folder / tmp / META).write_text(json.dumps({**meta, "step": step}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(self.folder / tmp, final)
+            latest_tmp = self.folder / ".latest.tmp"
+            latest_tmp.write_text(tag)
+            os.replace(latest_tmp, self.folder / "latest")
+            for old in self.complete()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def load(self, engine, path: str | Path, model_config: dict[str, Any]) -> dict[str, Any]:
+        """Restore weights, optimizer, schedule and RNG from ``path``; returns its metadata."""
+        path = Path(path)
+        if not (path / META).exists():
+            raise CheckpointError(
+                f"{path} is not a complete brainlm checkpoint (no {META}); expected a folder like "
+                f"{self.folder}/step_00000100, or --train.resume auto"
+            )
+        meta = json.loads((path / META).read_text())
+        saved = meta.get("model", {})
+        diff = {k: (saved.get(k), v) for k, v in model_config.items() if k not in RUNTIME_FIELDS and saved.get(k) != v}
+        if diff:
+            details = ", ".join(f"model.{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise CheckpointError(
+                f"{path} was written by a different model config ({details}); resume with the same model "
+                "settings, or start a fresh run in another train.out_dir"
+            )
+        ds.load_checkpoint(engine, str(path.parent), path.name)
+        rng = torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return meta

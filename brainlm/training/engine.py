@@ -1,0 +1,137 @@
+"""Everything that touches DeepSpeed: process group, engine, checkpoint I/O, consolidated weights.
+
+deepspeed is imported here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistContext:
+    """Join (or create) the process group: under the deepspeed launcher, torchrun, or plain python."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say so rather than let DeepSpeed warn that it guessed
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain `python launcher/pretrain.py`: a world of one
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not cuda:
+        # DeepSpeed JIT-compiles a shared-memory comm op on CPU (minutes on a small machine; a cold run was
+        # seen to fail). Plain gloo is enough here. `import ... as m` would bind the wrong object.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    # DeepSpeed's ZeRO calls a collective that torch deprecates; one warning per step is noise.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather_into_tensor")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if not cuda:  # ranks on one machine share its cores; oversubscribed threads run slower, not faster
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistContext(rank, world, local_rank, device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def initialize(model: torch.nn.Module, param_groups: list[dict], ds_config: dict, lr_lambda) -> Any:
+    """A DeepSpeed engine with the config's optimizer and a LambdaLR schedule (checkpointed by DeepSpeed)."""
+    import deepspeed
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups, config=ds_config, lr_scheduler=scheduler
+    )
+    return engine
+
+
+def zero_stage(engine) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model's fp32 weights on rank 0 (None elsewhere); every rank must call it."""
+    import deepspeed
+
+    module = engine.module
+    if zero_stage(engine) == 3:
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return _cpu_state(module) if dist.get_rank() == 0 else None
+    return _cpu_state(module) if dist.get_rank() == 0 else None
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(engine, folder: str, tag: str, client_state: dict) -> None:
+    """DeepSpeed's sharded checkpoint (every rank writes its part); ``latest`` is ours to write."""
+    engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+
+
+def load_checkpoint(engine, folder: str, tag: str) -> dict:
+    path, client_state = engine.load_checkpoint(
+        folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        from brainlm.exceptions import CheckpointError
+
+        raise CheckpointError(f"DeepSpeed found no checkpoint {tag!r} in {folder}")
+    return client_state or {}
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory, or the process's resident memory on CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# bf16 dense peak TFLOP/s per device, for MFU (H100/H200 SXM; A100).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)

@@ -1,0 +1,1 @@
+"""Thin entry points: pretrain.py (DeepSpeed) and tune.py (Ray Tune)."""
