@@ -166,6 +166,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     for t in allowed:
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads "1e12" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t is bool and isinstance(value, bool):

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from brainlm import __version__
 from brainlm.data.format import MANIFEST, SPLITS, Manifest, encode_sample, shard_key
-from brainlm.data.scaling import RobustScaler
+from brainlm.data.scaling import NORMALIZE, RobustScaler
 from brainlm.data.store import LocalStore, open_store, sha256_file
 from brainlm.exceptions import BrainLMError, InputError, ShardError
 from data_prep.atlas import AtlasSource, load_atlas
@@ -64,6 +64,7 @@ class BuildConfig:
     resample: bool = False
     resample_atlas: bool = False
     confounds: list[str] | None = None
+    normalize: str = "demean"
     crop: int = 200
     stride: int | None = None
     val_frac: float = 0.1
@@ -88,6 +89,8 @@ class BuildConfig:
             raise InputError(
                 f"--val-frac ({self.val_frac}) and --test-frac ({self.test_frac}) must be in [0, 1) and sum below 1"
             )
+        if self.normalize not in NORMALIZE:
+            raise InputError(f"--normalize {self.normalize!r}: expected one of {', '.join(NORMALIZE)}")
         if self.stage not in STAGES:
             raise InputError(f"--stage {self.stage!r}: expected one of {', '.join(STAGES)}")
         if self.resample and self.tr is None:
@@ -293,7 +296,7 @@ def make_plan(cfg: BuildConfig, records: list[dict], atlas: AtlasSource, phenoty
         raise BuildError("the train split is empty: lower --val-frac/--test-frac or add subjects")
     fit_on = sorted(train, key=lambda r: hashlib.sha256(f"{cfg.seed}:{r['id']}".encode()).hexdigest())
     fit_on = fit_on[: cfg.max_fit_recordings]
-    scaler = RobustScaler.fit(_load_parcellated(store, r["id"]) for r in fit_on)
+    scaler = RobustScaler.fit((_load_parcellated(store, r["id"]) for r in fit_on), cfg.normalize)
     scaling = scaler.to_dict()
 
     per_shard = samples_per_shard(cfg, atlas.atlas.num_parcels)

@@ -49,6 +49,7 @@ def _build(args: argparse.Namespace) -> int:
         resample=args.resample,
         resample_atlas=args.resample_atlas,
         confounds=args.confounds.split(",") if args.confounds else None,
+        normalize=args.normalize,
         crop=args.crop,
         stride=args.stride,
         val_frac=args.val_frac,
@@ -153,6 +154,13 @@ def parser() -> argparse.ArgumentParser:
         help="let nilearn resample the atlas to each image instead of refusing a grid mismatch",
     )
     b.add_argument("--confounds", help="comma-separated fMRIPrep confound columns to regress out (BIDS inputs)")
+    b.add_argument(
+        "--normalize",
+        default="demean",
+        choices=["demean", "psc", "none"],
+        help="per-recording normalisation before the robust scaling: remove each parcel's median (default), "
+        "percent signal change (raw BOLD intensities), or none",
+    )
     b.add_argument("--crop", type=int, default=200, help="timepoints per crop (default 200)")
     b.add_argument("--stride", type=int, help="step between crop starts (default crop // 2)")
     b.add_argument("--val-frac", type=float, default=0.1, help="share of subjects in val (default 0.1)")

@@ -27,13 +27,13 @@ def reconstruction_figure(
     coords_R3: torch.Tensor,
     path: str | Path,
     parcels: int = 4,
-    mask_ratio: float | None = None,
+    mask_BL: torch.Tensor | None = None,
     seed: int = 0,
 ) -> Path:
     """True vs reconstructed time courses of a few parcels of one window; masked patches shaded."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    out = model(signal_BRT[:1].float(), coords_R3.float(), mask_ratio, generator=g)
+    out = model(signal_BRT[:1].float(), coords_R3.float(), mask_BL=mask_BL, generator=g)
     R = signal_BRT.shape[1]
     pred_RT = model.unpatchify(out.pred_BLP, R)[0]
     N = model.config.num_patches
@@ -50,4 +50,54 @@ def reconstruction_figure(
         ax.set_ylabel(f"parcel {r}")
     np.atleast_1d(axes)[0].legend(loc="upper right", fontsize=8)
     np.atleast_1d(axes)[-1].set_xlabel("timepoint (shaded: masked patches)")
+    return _save(fig, path)
+
+
+def distribution_figure(values: dict[str, np.ndarray], path: str | Path, title: str) -> Path:
+    """One box per method of per-item values (e.g. per-parcel R^2)."""
+    fig, ax = plt.subplots(figsize=(1.4 * len(values) + 2, 3.5))
+    names = list(values)
+    ax.boxplot([np.asarray(values[n])[np.isfinite(values[n])] for n in names], tick_labels=names, showfliers=False)
+    ax.axhline(0, color="grey", lw=0.8, ls="--")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def confusion_figure(true: np.ndarray, pred: np.ndarray, classes: list[str], path: str | Path, title: str) -> Path:
+    """Row-normalised confusion matrix."""
+    index = {c: i for i, c in enumerate(classes)}
+    m = np.zeros((len(classes), len(classes)))
+    for t, p in zip(true, pred, strict=True):
+        if p in index:
+            m[index[t], index[p]] += 1
+    m = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(0.55 * len(classes) + 2.5, 0.55 * len(classes) + 2))
+    im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def brain_figure(values_R: np.ndarray, coords_R3: np.ndarray, path: str | Path, title: str) -> Path:
+    """Parcel values as markers on a glass brain (nilearn)."""
+    from nilearn import plotting
+
+    fig = plt.figure(figsize=(10, 3.2))
+    v = np.asarray(values_R, dtype=float)
+    plotting.plot_markers(v, np.asarray(coords_R3), node_size=(12 + 60 * (v - v.min()) / (np.ptp(v) + 1e-12)),
+                          node_cmap="magma", title=title, figure=fig, display_mode="lzry", colorbar=True)
+    return _save(fig, path)
+
+
+def bar_figure(values: dict[str, float], path: str | Path, title: str, ylabel: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(0.5 * len(values) + 2.5, 3.2))
+    names = list(values)
+    ax.bar(range(len(names)), [values[n] for n in names], color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     return _save(fig, path)

@@ -1,0 +1,150 @@
+"""The ``brainlm`` console command: one subcommand per analysis, each a plain function.
+
+    brainlm reconstruct | embed | finetune | networks | perturb | attention | registry ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from brainlm.exceptions import BrainLMError
+
+
+def _reconstruct(a: argparse.Namespace) -> None:
+    from brainlm.eval.reconstruct import reconstruct
+
+    strategies = tuple(a.masking.split(",")) if a.masking else ("random", "tube", "parcel", "future")
+    reconstruct(a.model, a.shards, a.out, a.split, a.mask_ratio, strategies, a.limit)
+
+
+def _embed(a: argparse.Namespace) -> None:
+    from brainlm.eval.embed import embed
+
+    embed(a.model, a.shards, a.out, tuple(a.splits.split(",")))
+
+
+def _finetune(a: argparse.Namespace) -> None:
+    from brainlm.eval.finetune import FinetuneConfig, finetune
+
+    finetune(a.model, a.shards, a.out, _config(FinetuneConfig, a))
+
+
+def _networks(a: argparse.Namespace) -> None:
+    from brainlm.eval.networks import networks
+
+    networks(a.model, a.shards, a.out, a.split, a.labels, a.max_windows, a.k)
+
+
+def _perturb(a: argparse.Namespace) -> None:
+    from brainlm.eval.perturb import PerturbConfig, perturb
+
+    perturb(a.model, a.shards, a.out, _config(PerturbConfig, a))
+
+
+def _attention(a: argparse.Namespace) -> None:
+    from brainlm.eval.attention import attention
+
+    attention(a.model, a.shards, a.out, a.group_by, a.split, a.max_windows)
+
+
+def _add_config(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field, its docstring as help: the CLI and the sweeps share one schema."""
+    from brainlm.config import field_docs
+
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is dataclasses.MISSING else f.default
+        kind = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
+        if kind[0] is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs.get(f.name))
+        else:
+            p.add_argument(flag, type=kind[0], default=default, required=f.default is dataclasses.MISSING,
+                           help=f"{docs.get(f.name, '')} (default {default})")
+
+
+def _config(cls: type, a: argparse.Namespace):
+    return cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls)})
+
+
+def _io(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="exported model folder, or models:/NAME@ALIAS from the registry")
+    p.add_argument("--shards", required=True, help="shard set (local folder or s3://...) with manifest.json")
+    p.add_argument("--out", required=True, help="folder for metrics.json and figures")
+
+
+def parser() -> argparse.ArgumentParser:
+    from brainlm.eval.finetune import FinetuneConfig
+    from brainlm.eval.perturb import PerturbConfig
+
+    p = argparse.ArgumentParser(prog="brainlm", description="Analyses with pretrained BrainLM models. Each writes "
+                                "metrics.json and figures into --out and prints a table with baselines beside it.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("reconstruct", help="masked-patch R^2 on held-out recordings, beside baselines",
+                       description="Masked-patch R^2 with fixed windows and seeded masks, per masking strategy, "
+                       "beside zero / parcel-mean / interpolation / ridge-imputation baselines.")
+    _io(r)
+    r.add_argument("--split", default="test", help="split to evaluate (default test)")
+    r.add_argument("--mask-ratio", type=float, help="default: the model's")
+    r.add_argument("--masking", help="comma-separated strategies (default random,tube,parcel,future)")
+    r.add_argument("--limit", type=int, help="evaluate at most this many windows")
+    r.set_defaults(func=_reconstruct)
+
+    e = sub.add_parser("embed", help="deterministic CLS and mean-token embeddings per recording",
+                       description="Embeddings per recording, averaged over its non-overlapping windows.")
+    _io(e)
+    e.add_argument("--splits", default="train,val,test", help="splits to embed (default train,val,test)")
+    e.set_defaults(func=_embed)
+
+    f = sub.add_parser("finetune", help="predict a phenotype; SVR, FC-ridge and probe baselines beside it",
+                       description="Fine-tune (or probe) an MLP head on the embedding to predict a phenotype, "
+                       "subject-level splits, mean +- std over seeds, baselines in the same table.")
+    _io(f)
+    _add_config(f, FinetuneConfig)
+    f.set_defaults(func=_finetune)
+
+    n = sub.add_parser("networks", help="zero-shot functional network identification from CLS attention",
+                       description="kNN over parcels on CLS-attention features, cross-validated, beside raw "
+                       "time series and FC-row features.")
+    _io(n)
+    n.add_argument("--labels", default="network", help="the atlas label set to identify (default network)")
+    n.add_argument("--split", default="test", help="split whose windows give the features (default test)")
+    n.add_argument("--max-windows", type=int, default=256, help="windows used (default 256)")
+    n.add_argument("--k", type=int, default=5, help="neighbours (default 5)")
+    n.set_defaults(func=_networks)
+
+    b = sub.add_parser("perturb", help="in-silico perturbation from a source state to a target state",
+                       description="Learn a sparse perturbation of the source recordings whose embedding "
+                       "matches the target state's; report where it concentrates.")
+    _io(b)
+    _add_config(b, PerturbConfig)
+    b.set_defaults(func=_perturb)
+
+    t = sub.add_parser("attention", help="CLS attention maps per parcel and group",
+                       description="CLS attention per parcel averaged within groups, brain figures.")
+    _io(t)
+    t.add_argument("--group-by", default="condition", help="metadata or phenotype to group by (default condition)")
+    t.add_argument("--split", default="test", help="split (default test)")
+    t.add_argument("--max-windows", type=int, default=512, help="windows per group (default 512)")
+    t.set_defaults(func=_attention)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (BrainLMError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

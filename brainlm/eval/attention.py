@@ -1,0 +1,66 @@
+"""``brainlm attention``: CLS attention per parcel, averaged within groups (a condition, a phenotype ...).
+
+Per window: the CLS token's attention mass on each parcel's tokens in the last encoder layer, averaged over
+heads; per group: the mean over its windows. Reported beside each group's mean signal variance per parcel
+(a model-free map of where the signal is), with the top parcels and their networks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from brainlm.eval.common import load_context, recordings, table, write_metrics
+from brainlm.eval.perturb import top_report
+
+
+@torch.no_grad()
+def parcel_attention(model, windows_BRW: np.ndarray, coords_R3: torch.Tensor, batch: int = 32) -> np.ndarray:
+    """[B, R]: last-layer, head-mean CLS attention on each parcel's tokens."""
+    model.eval()
+    N = model.config.num_patches
+    out = []
+    for i in range(0, len(windows_BRW), batch):
+        a_BHL = model.cls_attention(torch.from_numpy(windows_BRW[i : i + batch]), coords_R3)[:, -1]
+        B, _, L = a_BHL.shape
+        out.append(a_BHL.mean(dim=1).reshape(B, L // N, N).sum(dim=-1))
+    return torch.cat(out).numpy()
+
+
+def attention(model: str, shards: str, out: str | Path, group_by: str = "condition", split: str = "test",
+              max_windows: int = 512) -> dict[str, Any]:
+    from brainlm.eval import plots
+
+    ctx = load_context(model, shards)
+    atlas = ctx.manifest.atlas
+    groups: dict[str, list[np.ndarray]] = {}
+    for rec in recordings(ctx, split):
+        value = rec.meta.get(group_by, rec.meta.get("phenotypes", {}).get(group_by))
+        groups.setdefault(str(value), []).append(rec.windows_NRW)
+    out = Path(out)
+    metrics: dict[str, Any] = {"group_by": group_by, "split": split, "groups": {}}
+    rows = []
+    for name, parts in sorted(groups.items()):
+        windows = np.concatenate(parts)[:max_windows]
+        attn = parcel_attention(ctx.model, windows, ctx.coords_R3).mean(axis=0)
+        variance = windows.var(axis=2).mean(axis=0)
+        top = top_report(attn, atlas.networks, atlas.labels, 0.1)
+        metrics["groups"][name] = {"windows": len(windows), "attention": attn.round(6).tolist(),
+                                   "signal_variance": variance.round(6).tolist(), **top}
+        plots.brain_figure(attn, atlas.coords(), out / f"attention_{group_by}-{name}.png",
+                           f"CLS attention per parcel, {group_by}={name}")
+        rows.append({"group": name, "windows": len(windows),
+                     "top networks": ", ".join(f"{k} {v}" for k, v in list(top.get("top_networks", {}).items())[:3])})
+    names = sorted(groups)
+    if len(names) == 2:
+        a, b = (np.array(metrics["groups"][n]["attention"]) for n in names)
+        diff = b - a
+        metrics["difference"] = {"of": f"{names[1]} - {names[0]}", **top_report(np.abs(diff), atlas.networks,
+                                                                                 atlas.labels, 0.1)}
+        plots.brain_figure(np.abs(diff), atlas.coords(), out / "attention_difference.png",
+                           f"|CLS attention {names[1]} - {names[0]}|")
+    write_metrics(out, metrics)
+    print(table(rows, ["group", "windows", "top networks"], f"CLS attention by {group_by} ({split} split)"))
+    return metrics

@@ -1,0 +1,171 @@
+"""What every downstream command shares: load a model and a shard set that belong together, fixed windows,
+fixed masks, the summary table and metrics.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from brainlm.data.format import Manifest, load_manifest
+from brainlm.data.loader import fixed_samples, sample_seed
+from brainlm.exceptions import DimensionError, InputError
+from brainlm.model import BrainLM
+
+MASK_SEED = 20_240_424  # fixed evaluation masks: the same in every run, for every model
+MASKING_CODES = {"random": 0, "tube": 1, "parcel": 2, "future": 3}
+
+
+@dataclass
+class Context:
+    model: BrainLM
+    manifest: Manifest
+    root: str
+    coords_R3: torch.Tensor
+    model_dir: Path
+
+
+def load_context(model_uri: str, shards: str) -> Context:
+    from brainlm.registry import resolve_model
+
+    model_dir = resolve_model(model_uri)
+    model = BrainLM.from_pretrained(model_dir)
+    manifest, root = load_manifest(shards)
+    R_model, R_data = model.config.num_parcels, manifest.atlas.num_parcels
+    if R_model != R_data:
+        raise DimensionError(
+            f"the model {model_uri} was trained on {R_model} parcels but the shards {shards} have "
+            f"{R_data} ({manifest.atlas.name}); use shards built with the model's atlas"
+        )
+    trained = (model.extra or {}).get("atlas", {}).get("labels")
+    if trained and trained != manifest.atlas.labels:
+        print(f"warning: the shards' parcel labels differ from the ones {model_uri} was trained on", flush=True)
+    coords = torch.tensor(manifest.atlas.coords(), dtype=torch.float32)
+    return Context(model, manifest, root, coords, model_dir)
+
+
+def split_windows(ctx: Context, split: str, limit: int | None = None) -> tuple[torch.Tensor, list[dict]]:
+    """Every crop of a split (first window of each), in manifest order: fixed evaluation windows."""
+    n = ctx.manifest.num_samples(split)
+    if n == 0:
+        raise InputError(
+            f"the {split!r} split of {ctx.root} is empty; rebuild the shards with --test-frac/--val-frac > 0"
+        )
+    return fixed_samples(ctx.manifest, ctx.root, split, min(n, limit or n), ctx.model.config.num_timepoints)
+
+
+@dataclass
+class Recording:
+    """One recording's non-overlapping windows (robust-scaled, float32) and its metadata."""
+
+    id: str
+    meta: dict[str, Any]
+    windows_NRW: np.ndarray
+
+    @property
+    def subject(self) -> str:
+        return self.meta["subject"]
+
+
+def recordings(ctx: Context, split: str, limit: int | None = None, where: dict[str, str] | None = None) -> list[Recording]:
+    """The recordings of a split as non-overlapping model windows, in a fixed order.
+
+    Crops of a recording are taken in start order, skipping any that overlap the previous one; each crop
+    gives ``crop // window`` consecutive windows. ``where`` filters on metadata (e.g. condition=rest)."""
+    from brainlm.data.format import decode_signal, shard_urls
+    from brainlm.data.loader import read_shard
+    from brainlm.data.store import register_webdataset_s3
+
+    register_webdataset_s3()
+    W = ctx.model.config.num_timepoints
+    crops: dict[str, list[tuple[int, np.ndarray, dict]]] = {}
+    for url in shard_urls(ctx.manifest, ctx.root, split):
+        for raw in read_shard(url):
+            meta = json.loads(raw["json"])
+            if where and any(str(meta.get(k)) != v for k, v in where.items()):
+                continue
+            crops.setdefault(meta["recording"], []).append((meta["start"], decode_signal(raw["signal.npy"]), meta))
+    out = []
+    for rec_id in sorted(crops):
+        windows, end, meta = [], -1, None
+        for start, signal, m in sorted(crops[rec_id], key=lambda c: c[0]):
+            if start < end:
+                continue
+            end, meta = start + signal.shape[1], m
+            windows += [signal[:, i : i + W] for i in range(0, signal.shape[1] - W + 1, W)]
+        out.append(Recording(rec_id, meta, np.stack(windows).astype(np.float32)))
+        if limit and len(out) == limit:
+            break
+    if not out:
+        raise InputError(f"no recordings in the {split!r} split of {ctx.root}" + (f" with {where}" if where else ""))
+    return out
+
+
+def parse_where(expr: str | None) -> dict[str, str] | None:
+    """``condition=rest,subject=01`` -> a metadata filter."""
+    if not expr:
+        return None
+    out = {}
+    for part in expr.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise InputError(f"expected KEY=VALUE[,KEY=VALUE] (e.g. condition=rest), got {expr!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@torch.no_grad()
+def embed_windows(model: BrainLM, windows_NRW: np.ndarray, coords_R3: torch.Tensor, batch: int = 32):
+    """CLS and mean-token embeddings of each window: ([N, D], [N, D])."""
+    model.eval()
+    cls, mean = [], []
+    for i in range(0, len(windows_NRW), batch):
+        c, tokens = model.encode(torch.from_numpy(windows_NRW[i : i + batch]), coords_R3)
+        cls.append(c)
+        mean.append(tokens.mean(dim=1))
+    return torch.cat(cls).numpy(), torch.cat(mean).numpy()
+
+
+def fixed_masks(model: BrainLM, count: int, num_parcels: int, ratio: float, masking: str) -> torch.Tensor:
+    """One seeded mask per sample index: identical across runs and models of the same shape."""
+    L = num_parcels * model.config.num_patches
+    rows = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(sample_seed(MASK_SEED, MASKING_CODES[masking], i))
+        rows.append(model.random_masking(torch.empty(1, L, 0), ratio, num_parcels, masking, generator=g)[1])
+    return torch.cat(rows)
+
+
+def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=1, default=_jsonable))
+    return path
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(type(v))
+
+
+def table(rows: list[dict[str, Any]], columns: list[str], title: str = "") -> str:
+    """A plain-text table; floats with 4 decimals."""
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = [title] if title else []
+    lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)

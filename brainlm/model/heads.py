@@ -1,0 +1,150 @@
+"""Prediction heads on BrainLM embeddings: clinical regression / classification, frozen probe or fine-tune.
+
+Shapes: B batch, R parcels, T timepoints, L tokens, D width, O outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from brainlm.exceptions import ConfigError
+from brainlm.model.mae import BrainLM, _atomic_write_all, _json_writer, _load_state, _require_files
+
+HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE = "head.json", "head.safetensors"
+POOLINGS = ("cls", "mean")
+
+
+class MLPHead(nn.Module):
+    """`num_layers` Linear layers, GELU between them, dropout before each (the paper's probe: 40%)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int | None = None,
+        num_layers: int = 2,
+        dropout: float = 0.4,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ConfigError(f"`head.num_layers` must be at least 1, got {num_layers}")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"`head.dropout` must be in [0, 1), got {dropout}")
+        hidden = hidden_dim or in_dim
+        dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            if i:
+                layers.append(nn.GELU())
+            layers += [nn.Dropout(dropout), nn.Linear(dims[i], dims[i + 1])]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x_BD: Tensor) -> Tensor:
+        return self.net(x_BD)
+
+
+class BrainLMForPrediction(nn.Module):
+    """A BrainLM encoder + MLP head on its CLS (or mean token) embedding: signal -> out_BO."""
+
+    def __init__(
+        self,
+        backbone: BrainLM,
+        out_dim: int,
+        pooling: str = "cls",
+        hidden_dim: int | None = None,
+        num_layers: int = 2,
+        dropout: float = 0.4,
+        freeze_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ConfigError(f"`head.pooling` must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        self.backbone = backbone
+        self.head_config: dict[str, Any] = dict(
+            out_dim=out_dim,
+            pooling=pooling,
+            hidden_dim=hidden_dim,
+            num_layers=num_layers,
+            dropout=dropout,
+            freeze_backbone=freeze_backbone,
+        )
+        self.pooling = pooling
+        self.freeze_backbone = freeze_backbone
+        self.head = MLPHead(backbone.config.hidden_size, out_dim, hidden_dim, num_layers, dropout)
+        if freeze_backbone:
+            backbone.requires_grad_(False)
+            backbone.eval()
+
+    def train(self, mode: bool = True) -> BrainLMForPrediction:
+        """As nn.Module.train, but a frozen backbone stays in eval mode (no dropout in a probe)."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def forward(self, signal_BRT: Tensor, coords_R3: Tensor) -> Tensor:
+        """Predictions [B, O] from signals [B, R, T] and parcel coordinates [R, 3] in MNI mm."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
+            cls_BD, tokens_BLD = self.backbone.encode(signal_BRT, coords_R3)
+        pooled_BD = cls_BD if self.pooling == "cls" else tokens_BLD.mean(dim=1)
+        return self.head(pooled_BD)
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups of the trainable parameters: the backbone's rules, head weights decayed."""
+        groups = self.backbone.param_groups(weight_decay)
+        for p in self.head.parameters():
+            groups[0 if p.ndim >= 2 else 1]["params"].append(p)
+        return groups
+
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        scaling: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """The backbone as `BrainLM.save_pretrained` writes it, plus head.json and head.safetensors."""
+        folder = Path(path)
+        self.backbone.save_pretrained(folder, scaling=scaling, extra=extra)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.head.state_dict().items()}
+        _atomic_write_all(
+            folder,
+            [
+                (HEAD_WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"})),
+                (HEAD_CONFIG_FILE, _json_writer(self.head_config)),
+            ],
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BrainLMForPrediction:
+        """Load a folder written by `save_pretrained`, in eval mode; the scaling is `.backbone.scaling`."""
+        folder = Path(path)
+        _require_files(
+            folder,
+            ("config.json", "model.safetensors", HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE),
+            "BrainLMForPrediction.save_pretrained",
+        )
+        backbone = BrainLM.from_pretrained(folder, map_location)
+        head_config = json.loads((folder / HEAD_CONFIG_FILE).read_text())
+        with torch.device("meta"):
+            head = MLPHead(
+                backbone.config.hidden_size,
+                head_config["out_dim"],
+                head_config["hidden_dim"],
+                head_config["num_layers"],
+                head_config["dropout"],
+            )
+        _load_state(
+            head,
+            load_file(folder / HEAD_WEIGHTS_FILE, device=str(torch.device(map_location))),
+            folder / HEAD_WEIGHTS_FILE,
+        )
+        model = cls(backbone, **head_config)
+        model.head = head
+        return model.eval()

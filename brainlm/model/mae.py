@@ -1,0 +1,493 @@
+"""BrainLM: a masked autoencoder over parcellated fMRI (Ortega Caro et al., ICLR 2024).
+
+Staged like facebookresearch/mae `models_mae.py`: patchify / unpatchify, random_masking,
+forward_encoder, forward_decoder, forward_loss, and a three-line forward.
+
+Shapes (suffixes on every tensor name):
+    B batch, R parcels, T timepoints, P timepoints per patch, N = T / P patches per parcel,
+    L = R * N tokens, parcel-major (token r * N + n is patch n of parcel r), K kept (visible) tokens,
+    D encoder width, E decoder width, H heads, Y encoder layers, "1K" / "1L" = CLS + K / L tokens.
+mask_BL is bool, True = removed (masked), as MAE documents its 0/1 mask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from brainlm.exceptions import CheckpointError, ConfigError, DimensionError, InputError
+from brainlm.model.config import MASKINGS, ModelConfig
+from brainlm.model.layers import Block, FourierCoordEncoder, sincos_1d
+
+# MNI coordinates are in mm, spanning about +-100. The paper fed them raw to Linear(3 -> D); we divide by
+# 100 first. The function class is the same (a rescaled weight), but the embedding starts at the scale of
+# the patch embedding instead of ~50x larger, and AdamW's per-weight steps are no longer 100x too small.
+COORD_SCALE_MM = 100.0
+WEIGHTS_FILE, CONFIG_FILE, SCALING_FILE, EXTRA_FILE = (
+    "model.safetensors",
+    "config.json",
+    "scaling.json",
+    "extra.json",
+)
+
+
+class MAEOutput(NamedTuple):
+    """What `BrainLM.forward` returns; unpacks as `loss, pred_BLP, mask_BL = model(...)`.
+
+    A tuple, not a dataclass: DeepSpeed ZeRO-3 finds the output tensors (to re-gather the root module's
+    parameters for the backward pass) only inside tuples, lists and dicts."""
+
+    loss: Tensor
+    pred_BLP: Tensor
+    mask_BL: Tensor
+
+
+def _spatial_encoder(kind: str, dim: int) -> nn.Module:
+    """Linear(3 -> dim) of the coordinates (the paper) or Fourier features + MLP."""
+    return nn.Linear(3, dim) if kind == "linear" else FourierCoordEncoder(dim)
+
+
+def num_kept(num_parcels: int, num_patches: int, mask_ratio: float, masking: str) -> int:
+    """K, visible tokens per sample: the masked unit is a token (random), a patch index (tube, future)
+    or a parcel (parcel); int(units * (1 - mask_ratio)) units are kept, as MAE's len_keep."""
+    R, N = num_parcels, num_patches
+    units = {"random": R * N, "tube": N, "future": N, "parcel": R}[masking]
+    kept_units = int(units * (1 - mask_ratio))
+    if not 0 < kept_units < units:
+        raise ConfigError(
+            f"`model.mask_ratio` {mask_ratio} with `model.masking` {masking!r} keeps {kept_units} of {units} "
+            f"units ({R} parcels x {N} patches): at least one unit must be kept and one masked"
+        )
+    return kept_units * {"random": 1, "tube": R, "future": R, "parcel": N}[masking]
+
+
+class BrainLM(nn.Module):
+    """BrainLM's masked autoencoder: encoder over CLS + visible tokens, light decoder over all tokens."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        D, E = c.hidden_size, c.decoder_hidden_size
+
+        # Encoder: patch, spatial (coordinates) and temporal (fixed sinusoid) embeddings, CLS, blocks.
+        self.patch_embed = nn.Linear(c.patch_size, D)
+        self.spatial_embed = _spatial_encoder(c.spatial_encoding, D)
+        self.parcel_embed = nn.Parameter(torch.zeros(c.num_parcels, D)) if c.learned_parcel_embedding else None
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        block_args = dict(
+            backend=c.attention_backend,
+            dropout=c.dropout,
+            eps=c.layer_norm_eps,
+            activation_checkpointing=c.activation_checkpointing,
+        )
+        self.blocks = nn.ModuleList(Block(D, c.num_heads, c.mlp_dim, **block_args) for _ in range(c.num_layers))
+        self.norm = nn.LayerNorm(D, eps=c.layer_norm_eps)
+
+        # Decoder: its own position embeddings at its own width, mask token, blocks, head to P values.
+        self.decoder_embed = nn.Linear(D, E)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, E))
+        self.decoder_spatial_embed = _spatial_encoder(c.spatial_encoding, E)
+        self.decoder_parcel_embed = nn.Parameter(torch.zeros(c.num_parcels, E)) if c.learned_parcel_embedding else None
+        self.decoder_blocks = nn.ModuleList(
+            Block(E, c.decoder_num_heads, c.decoder_mlp_dim, **block_args) for _ in range(c.decoder_num_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(E, eps=c.layer_norm_eps)
+        # A plain Linear head, as MAE's decoder_pred (the paper used E -> 256 -> LeakyReLU -> P).
+        self.decoder_pred = nn.Linear(E, c.patch_size)
+
+        self.scaling: dict[str, Any] | None = None  # the robust-scaling statistics, set by from_pretrained
+        self.extra: dict[str, Any] | None = None
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """MAE's init: xavier_uniform Linear weights (the patch embedding included, as MAE treats its conv
+        as a Linear), zero biases, LayerNorm 1/0, N(0, 0.02) for the CLS / mask tokens and parcel tables."""
+        for p in (self.cls_token, self.mask_token, self.parcel_embed, self.decoder_parcel_embed):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ tokens and positions
+
+    def patchify(self, signal_BRT: Tensor) -> Tensor:
+        """[B, R, T] -> [B, L, P], parcel-major: token r * N + n holds signal[:, r, n * P : (n + 1) * P]."""
+        B, R, T = signal_BRT.shape
+        P = self.config.patch_size
+        return signal_BRT.reshape(B, R * (T // P), P)
+
+    def unpatchify(self, patches_BLP: Tensor, num_parcels: int) -> Tensor:
+        """[B, L, P] -> [B, R, T], the inverse of `patchify`."""
+        B, L, P = patches_BLP.shape
+        if L % num_parcels:
+            raise DimensionError(f"{L} tokens do not split evenly over {num_parcels} parcels")
+        return patches_BLP.reshape(B, num_parcels, (L // num_parcels) * P)
+
+    def _check_inputs(self, signal_BRT: Tensor, coords_R3: Tensor) -> tuple[int, int, int]:
+        if signal_BRT.ndim != 3:
+            raise DimensionError(f"signal must be [batch, parcels, timepoints]; got shape {tuple(signal_BRT.shape)}")
+        B, R, T = signal_BRT.shape
+        P = self.config.patch_size
+        if T % P:
+            raise DimensionError(
+                f"the signal's {T} timepoints are not a multiple of `model.patch_size` ({P}); crop it to {T - T % P}"
+            )
+        if tuple(coords_R3.shape) != (R, 3):
+            raise DimensionError(
+                f"coordinates must be [parcels, 3] = [{R}, 3] to match the signal; got {tuple(coords_R3.shape)}"
+            )
+        if self.parcel_embed is not None and self.config.num_parcels != R:
+            raise DimensionError(
+                f"the signal has {R} parcels but the learned parcel table (`model.learned_parcel_embedding`) "
+                f"has `model.num_parcels` = {self.config.num_parcels}; use that atlas or turn the table off"
+            )
+        return B, R, T
+
+    def _pos_embed(
+        self, coords_R3: Tensor, num_patches: int, spatial: nn.Module, parcel_RD: Tensor | None, dim: int
+    ) -> Tensor:
+        """Spatial embedding of each parcel + sinusoid of each patch index: pos_LD, parcel-major."""
+        dtype = self.patch_embed.weight.dtype
+        spatial_RD = spatial(coords_R3.to(dtype) / COORD_SCALE_MM)
+        if parcel_RD is not None:
+            spatial_RD = spatial_RD + parcel_RD
+        positions_N = torch.arange(num_patches, device=coords_R3.device)
+        temporal_ND = sincos_1d(positions_N, dim).to(dtype)
+        return (spatial_RD[:, None, :] + temporal_ND[None, :, :]).flatten(0, 1)
+
+    def _embed(self, signal_BRT: Tensor, coords_R3: Tensor) -> Tensor:
+        """Patch + position embeddings of every token: tokens_BLD."""
+        N = signal_BRT.shape[2] // self.config.patch_size
+        pos_LD = self._pos_embed(coords_R3, N, self.spatial_embed, self.parcel_embed, self.config.hidden_size)
+        return self.patch_embed(self.patchify(signal_BRT)) + pos_LD
+
+    # ------------------------------------------------------------------ masking
+
+    def random_masking(
+        self,
+        tokens_BLD: Tensor,
+        mask_ratio: float,
+        num_parcels: int,
+        masking: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Remove tokens by `masking` (default: the config's): (kept_BKD, mask_BL, ids_restore_BL).
+
+        random: each sample masks its own random tokens (MAE); tube: the same random patch indices in
+        every parcel; parcel: whole random parcels; future: the last patches of every parcel. The count
+        follows `num_kept`, so every row has the same K. `generator` must live on the tokens' device.
+        """
+        masking = masking or self.config.masking
+        if masking not in MASKINGS:
+            raise ConfigError(f"`model.masking` must be one of {', '.join(MASKINGS)}; got {masking!r}")
+        B, L, _ = tokens_BLD.shape
+        R, N = num_parcels, L // num_parcels
+        K = num_kept(R, N, mask_ratio, masking)
+        device = tokens_BLD.device
+
+        def random_units(units: int, kept: int) -> Tensor:
+            """mask_BU with `units - kept` random True per row (MAE: argsort of uniform noise)."""
+            ids_shuffle_BU = torch.argsort(torch.rand(B, units, device=device, generator=generator), dim=1)
+            mask_BU = torch.ones(B, units, dtype=torch.bool, device=device)
+            return mask_BU.scatter_(1, ids_shuffle_BU[:, :kept], False)
+
+        if masking == "random":
+            mask_BL = random_units(L, K)
+        elif masking == "parcel":
+            mask_BL = random_units(R, K // N)[:, :, None].expand(B, R, N).reshape(B, L)
+        else:
+            if masking == "tube":
+                mask_BN = random_units(N, K // R)
+            else:  # future
+                mask_BN = (torch.arange(N, device=device) >= K // R).expand(B, N)
+            mask_BL = mask_BN[:, None, :].expand(B, R, N).reshape(B, L)
+        return self._apply_mask(tokens_BLD, mask_BL, K)
+
+    @staticmethod
+    def _apply_mask(tokens_BLD: Tensor, mask_BL: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Gather the K visible tokens of a bool mask that keeps K per row."""
+        B, _, D = tokens_BLD.shape
+        # A stable sort of the 0/1 mask puts the kept tokens first, in their original order.
+        ids_shuffle_BL = torch.argsort(mask_BL.to(torch.uint8), dim=1, stable=True)
+        ids_restore_BL = torch.argsort(ids_shuffle_BL, dim=1)
+        kept_BKD = torch.gather(tokens_BLD, 1, ids_shuffle_BL[:, :K, None].expand(B, K, D))
+        return kept_BKD, mask_BL, ids_restore_BL
+
+    @staticmethod
+    def _check_mask(mask_BL: Tensor, batch: int, num_tokens: int) -> tuple[Tensor, int]:
+        """A caller's mask ([L] or [B, L], bool or 0/1) as (bool [B, L], K); rows must mask as many tokens."""
+        if mask_BL.ndim == 1:
+            mask_BL = mask_BL[None]
+        if mask_BL.shape[-1] != num_tokens or mask_BL.shape[0] not in (1, batch) or mask_BL.ndim != 2:
+            raise DimensionError(
+                f"mask_BL must be [{batch}, {num_tokens}] (batch, parcels x patches); got {tuple(mask_BL.shape)}"
+            )
+        mask_BL = (mask_BL != 0).expand(batch, num_tokens).contiguous()
+        counts_B = mask_BL.sum(1)
+        if bool((counts_B != counts_B[0]).any()):
+            raise InputError(
+                f"every row of mask_BL must mask the same number of tokens; got counts {counts_B.tolist()}"
+            )
+        return mask_BL, num_tokens - int(counts_B[0])
+
+    # ------------------------------------------------------------------ encoder, decoder, loss
+
+    def forward_encoder(
+        self,
+        signal_BRT: Tensor,
+        coords_R3: Tensor,
+        mask_ratio: float | None = None,
+        *,
+        mask_BL: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Embed, mask, encode CLS + visible tokens: (latent_B1KD, mask_BL, ids_restore_BL).
+
+        `mask_BL`, when given, decides the mask (then `mask_ratio` and `generator` are unused)."""
+        B, R, _ = self._check_inputs(signal_BRT, coords_R3)
+        tokens_BLD = self._embed(signal_BRT, coords_R3)
+        if mask_BL is None:
+            ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+            kept_BKD, mask_BL, ids_restore_BL = self.random_masking(tokens_BLD, ratio, R, generator=generator)
+        else:
+            mask_BL, K = self._check_mask(mask_BL.to(tokens_BLD.device), B, tokens_BLD.shape[1])
+            kept_BKD, mask_BL, ids_restore_BL = self._apply_mask(tokens_BLD, mask_BL, K)
+
+        x_B1KD = torch.cat([self.cls_token.expand(B, -1, -1), kept_BKD], dim=1)
+        for block in self.blocks:
+            x_B1KD = block(x_B1KD)
+        return self.norm(x_B1KD), mask_BL, ids_restore_BL
+
+    def forward_decoder(self, latent_B1KD: Tensor, ids_restore_BL: Tensor, coords_R3: Tensor) -> Tensor:
+        """Mask tokens in, unshuffle, add decoder positions, decode all tokens: pred_BLP."""
+        x_B1KE = self.decoder_embed(latent_B1KD)
+        B, L = ids_restore_BL.shape
+        K, E = x_B1KE.shape[1] - 1, x_B1KE.shape[2]
+        x_BLE = torch.cat([x_B1KE[:, 1:], self.mask_token.expand(B, L - K, E)], dim=1)
+        x_BLE = torch.gather(x_BLE, 1, ids_restore_BL[:, :, None].expand(B, L, E))  # unshuffle
+        N = L // coords_R3.shape[0]
+        x_BLE = x_BLE + self._pos_embed(coords_R3, N, self.decoder_spatial_embed, self.decoder_parcel_embed, E)
+        x_B1LE = torch.cat([x_B1KE[:, :1], x_BLE], dim=1)
+
+        for block in self.decoder_blocks:
+            x_B1LE = block(x_B1LE)
+        return self.decoder_pred(self.decoder_norm(x_B1LE))[:, 1:]  # drop CLS
+
+    def forward_loss(self, signal_BRT: Tensor, pred_BLP: Tensor, mask_BL: Tensor) -> Tensor:
+        """Mean squared error over the removed tokens only (targets per-patch normalised if norm_target)."""
+        target_BLP = self.patchify(signal_BRT)
+        if self.config.norm_target:
+            mean_BL1 = target_BLP.mean(dim=-1, keepdim=True)
+            var_BL1 = target_BLP.var(dim=-1, keepdim=True)
+            target_BLP = (target_BLP - mean_BL1) / (var_BL1 + 1e-6) ** 0.5
+        loss_BL = (pred_BLP - target_BLP).pow(2).mean(dim=-1)
+        mask_BL = mask_BL.to(loss_BL.dtype)
+        return (loss_BL * mask_BL).sum() / mask_BL.sum().clamp(min=1)
+
+    def forward(
+        self,
+        signal_BRT: Tensor,
+        coords_R3: Tensor,
+        mask_ratio: float | None = None,
+        *,
+        mask_BL: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MAEOutput:
+        """Masked reconstruction of `signal_BRT` ([B, R, T]) given parcel coordinates in MNI mm ([R, 3])."""
+        latent_B1KD, mask_BL, ids_restore_BL = self.forward_encoder(
+            signal_BRT, coords_R3, mask_ratio, mask_BL=mask_BL, generator=generator
+        )
+        pred_BLP = self.forward_decoder(latent_B1KD, ids_restore_BL, coords_R3)
+        return MAEOutput(self.forward_loss(signal_BRT, pred_BLP, mask_BL), pred_BLP, mask_BL)
+
+    # ------------------------------------------------------------------ inference
+
+    def encode(self, signal_BRT: Tensor, coords_R3: Tensor) -> tuple[Tensor, Tensor]:
+        """Embeddings of every token, no masking, tokens in identity order: (cls_BD, tokens_BLD).
+
+        Deterministic in eval mode. It follows the module's mode: in train mode dropout (if
+        `model.dropout` > 0) applies, as fine-tuning wants; call `.eval()` for fixed embeddings."""
+        B, _, _ = self._check_inputs(signal_BRT, coords_R3)
+        x_B1LD = torch.cat([self.cls_token.expand(B, -1, -1), self._embed(signal_BRT, coords_R3)], dim=1)
+        for block in self.blocks:
+            x_B1LD = block(x_B1LD)
+        x_B1LD = self.norm(x_B1LD)
+        return x_B1LD[:, 0], x_B1LD[:, 1:]
+
+    def cls_attention(self, signal_BRT: Tensor, coords_R3: Tensor, *, include_cls: bool = False) -> Tensor:
+        """CLS attention of every encoder layer and head over the L tokens, unmasked: attn_BYHL.
+
+        Row = the CLS query's softmax over all 1 + L keys (CLS first), computed from the CLS query alone
+        (no L x L matrix) while the blocks run their fused attention. By default the CLS column is
+        dropped without renormalising, so a row sums to 1 - (CLS-to-CLS weight); `include_cls=True`
+        returns the full [B, Y, H, 1 + L] rows, which sum to 1."""
+        B, _, _ = self._check_inputs(signal_BRT, coords_R3)
+        x_B1LD = torch.cat([self.cls_token.expand(B, -1, -1), self._embed(signal_BRT, coords_R3)], dim=1)
+        rows = []
+        for block in self.blocks:
+            x_B1LD, weights_BH1L = block(x_B1LD, return_cls_attention=True)
+            rows.append(weights_BH1L)
+        attn_BYH1L = torch.stack(rows, dim=1)
+        return attn_BYH1L if include_cls else attn_BYH1L[..., 1:]
+
+    # ------------------------------------------------------------------ accounting
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Parameter count (buffers such as the Fourier frequencies excluded)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def flops_per_sample(self, mask_ratio: float | None = None, num_parcels: int | None = None) -> float:
+        """Training FLOPs per sample (forward + backward = 3 x forward) at the config's window length.
+
+        Counts every matmul (2 FLOPs per multiply-add) and attention's QK^T and AV, in the encoder
+        (1 + K tokens) and the decoder (1 + L tokens); norms, softmax and activations are left out."""
+        c = self.config
+        R = num_parcels or c.num_parcels
+        N, P, D, E = c.num_patches, c.patch_size, c.hidden_size, c.decoder_hidden_size
+        L = R * N
+        K = num_kept(R, N, c.mask_ratio if mask_ratio is None else mask_ratio, c.masking)
+
+        def spatial(width: int) -> int:
+            if c.spatial_encoding == "linear":
+                return 2 * R * 3 * width
+            enc = self.spatial_embed
+            F = enc.freqs_F3.shape[0]
+            return 2 * R * (3 * F + 2 * F * width + width * width)
+
+        def blocks(S: int, width: int, mlp: int, layers: int) -> int:
+            linear = 2 * S * width * (3 * width + width + 2 * mlp)  # qkv, proj, fc1, fc2
+            return layers * (linear + 2 * 2 * S * S * width)  # + QK^T and AV over all heads
+
+        forward = (
+            2 * L * P * D  # patch embedding (before masking, as MAE)
+            + spatial(D)
+            + blocks(1 + K, D, c.mlp_dim, c.num_layers)
+            + 2 * (1 + K) * D * E  # decoder_embed
+            + spatial(E)
+            + blocks(1 + L, E, c.decoder_mlp_dim, c.decoder_num_layers)
+            + 2 * (1 + L) * E * P  # decoder_pred
+        )
+        return 3.0 * forward
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: decay the matmul weights; not the norms, biases, embeddings or tokens."""
+        no_decay_prefixes = ("spatial_embed.", "decoder_spatial_embed.")
+        no_decay_names = {"cls_token", "mask_token", "parcel_embed", "decoder_parcel_embed"}
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim < 2 or name in no_decay_names or name.startswith(no_decay_prefixes):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # ------------------------------------------------------------------ files
+
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        scaling: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Write model.safetensors + config.json (+ scaling.json, extra.json when given) into folder `path`.
+
+        Each file is written to a temporary name and renamed, config.json last, so a reader never sees a
+        half-written file. A stale scaling.json / extra.json from an earlier save is removed."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        writes: list[tuple[str, Callable[[str], None]]] = [
+            (WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        ]
+        for name, content in ((SCALING_FILE, scaling), (EXTRA_FILE, extra)):
+            if content is not None:
+                writes.append((name, _json_writer(content)))
+        writes.append((CONFIG_FILE, _json_writer(self.config.to_dict())))
+        _atomic_write_all(folder, writes)
+        for name, content in ((SCALING_FILE, scaling), (EXTRA_FILE, extra)):
+            if content is None:
+                (folder / name).unlink(missing_ok=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BrainLM:
+        """Load a folder written by `save_pretrained`, in eval mode, with `.scaling` / `.extra` (or None)."""
+        folder = Path(path)
+        _require_files(folder, (CONFIG_FILE, WEIGHTS_FILE), "BrainLM.save_pretrained")
+        config = ModelConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        device = torch.device(map_location)
+        with torch.device("meta"):  # no init work: every tensor comes from the file
+            model = cls(config)
+        state = load_file(folder / WEIGHTS_FILE, device=str(device))
+        _load_state(model, state, folder / WEIGHTS_FILE)
+        model.scaling = load_scaling(folder)
+        model.extra = _read_json(folder / EXTRA_FILE)
+        return model.eval()
+
+
+def load_scaling(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The robust-scaling statistics saved with a model folder (scaling.json), or None."""
+    return _read_json(Path(path) / SCALING_FILE)
+
+
+def _read_json(file: Path) -> dict[str, Any] | None:
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _require_files(folder: Path, names: tuple[str, ...], writer: str) -> None:
+    for name in names:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"{folder / name} not found: a model folder holds {', '.join(names)}, as written by {writer}"
+            )
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], file: Path) -> None:
+    """Load `state` into a meta-device model, tensors assigned rather than copied."""
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{file} does not match the model its config describes: {e}") from e
+
+
+def _json_writer(content: dict[str, Any]) -> Callable[[str], None]:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(content, f, indent=2)
+            f.write("\n")
+
+    return write
+
+
+def _atomic_write_all(folder: Path, writes: list[tuple[str, Callable[[str], None]]]) -> None:
+    """Write every file under a temporary name in `folder`, fsync, then rename them in order."""
+    tmps: list[tuple[str, str]] = []
+    try:
+        for name, write in writes:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            tmps.append((tmp, name))
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for tmp, name in tmps:
+            os.replace(tmp, folder / name)
+    finally:
+        for tmp, _ in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
