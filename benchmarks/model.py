@@ -10,12 +10,16 @@ What it measures, in one run:
    channels and 1 x 1 patches, i.e. 4,225 patches of 20 values (0.35% fewer tokens than BrainLM).
    It runs its SDPA attention (separate q, k, v projections); BrainLM runs its fused qkv + SDPA.
 4. Peak memory of one forward + backward per attention backend (sdpa vs math; on CUDA sdpa vs
-   xformers vs math), each in a fresh subprocess: on CPU the growth of the resident set (ru_maxrss
-   minus the RSS before the step), on CUDA torch.cuda.max_memory_allocated.
+   xformers vs math), each in a fresh subprocess: on CPU the resident-set high-water mark (VmHWM, the
+   per-process ru_maxrss) and its growth over the RSS before the step, on CUDA
+   torch.cuda.max_memory_allocated and its growth over the memory allocated before the step.
 
 On CPU the run first sets glibc's malloc to keep freed memory (mallopt M_MMAP_MAX=0,
-M_TRIM_THRESHOLD=huge; `--no-malloc-tuning` turns it off): otherwise every step maps and page-faults
-fresh memory for its large activations, which costs ~10-20% of a 13m step on a 2-core machine.
+M_TRIM_THRESHOLD=2 GiB; `--no-malloc-tuning` turns it off): otherwise every step maps and page-faults
+fresh memory for its large activations, ~4% of a 13m step on the 2-core machine we measured. A CPU
+training job gets the same from MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 in its environment.
+
+Shared machine? `--threads 1 --cpu-time` times one thread by its CPU time, which other jobs barely move.
 
 Usage:
     python benchmarks/model.py --out bench_model_cpu.json                   # CPU, fp32
@@ -34,7 +38,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -194,8 +197,12 @@ def hf_step(config: ModelConfig, batch: int, device: torch.device, dtype: torch.
     return step
 
 
-def current_rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def proc_status_bytes(field: str) -> int:
+    """A memory line of /proc/self/status (VmRSS: resident now, VmHWM: resident high-water mark)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def memory_child(args: argparse.Namespace) -> None:
@@ -208,15 +215,14 @@ def memory_child(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = current_rss_bytes()
+        before = proc_status_bytes("VmRSS")
     with autocast(device, dtype):
         loss = model(signal_BRT, coords_R3).loss
     loss.backward()
     sync(device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark into ru_maxrss across fork + exec,
+    # so a child of the (large) benchmark process would report the parent's peak.
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else proc_status_bytes("VmHWM")
     print(json.dumps({"backend": args.memory_child, "peak_bytes": peak, "step_bytes": peak - before}))
 
 

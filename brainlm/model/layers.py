@@ -88,7 +88,9 @@ class Attention(nn.Module):
         """Attention output; with `return_cls_attention` also token 0's weights over all keys, w_BHL."""
         B, L, D = x_BLD.shape
         H = self.num_heads
-        q_BHLd, k_BHLd, v_BHLd = self.qkv(x_BLD).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
+        # unbind(2) then transpose (views): the backward stacks the q, k, v gradients straight into the
+        # [B, L, 3, H, d] layout of the qkv output, one copy instead of a stack plus a permuting copy.
+        q_BHLd, k_BHLd, v_BHLd = (t.transpose(1, 2) for t in self.qkv(x_BLD).view(B, L, 3, H, D // H).unbind(2))
         out_BHLd = attention(q_BHLd, k_BHLd, v_BHLd, self.backend)
         # SDPA's CPU and GPU kernels return a [B, L, H, d] buffer viewed as [B, H, L, d]: this reshape is
         # then a free view rather than a copy.
