@@ -55,6 +55,7 @@ def _add_config(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (
     from brainlm.config import field_docs
 
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    docs = {k: v.replace("%", "%%") for k, v in docs.items()}  # argparse formats help with %
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue

@@ -19,6 +19,7 @@ def _synth(args: argparse.Namespace) -> int:
         timepoints=args.timepoints,
         tr=args.tr,
         nifti=args.nifti,
+        parcels=args.parcels,
     )
     truth = synth(args.out, cfg)
     n = len(truth["recordings"])
@@ -111,6 +112,7 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--timepoints", type=int, default=490, help="timepoints per recording (default 490)")
     s.add_argument("--tr", type=float, default=0.72, help="repetition time in seconds (default 0.72)")
+    s.add_argument("--parcels", type=int, help="use a network-stratified subset of the 300 parcels (small tests)")
     s.add_argument(
         "--nifti",
         action="store_true",

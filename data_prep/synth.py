@@ -43,6 +43,7 @@ class SynthConfig:
     task_fraction: float = 0.25  # share of recordings that are task runs
     timepoints: int = 490
     tr: float = 0.72
+    parcels: int | None = None  # a network-stratified subset of the atlas (None: all 300), for small tests
     nifti: bool = False
     voxel_mm: float = 5.0
     # effect sizes (coupling correlations per standard deviation of the phenotype)
@@ -57,6 +58,18 @@ class SynthConfig:
     task_amplitude: float = 2.0
     block_on_s: float = 21.6
     block_off_s: float = 21.6
+
+
+def subset(atlas: Atlas, n: int | None) -> Atlas:
+    """``n`` parcels evenly spaced through the atlas's network-ordered rows: every network keeps its share."""
+    if n is None or n >= atlas.num_parcels:
+        return atlas
+    if n < 20:
+        raise ValueError(f"--parcels {n}: use at least 20 so that the networks keep several parcels each")
+    order = sorted(range(atlas.num_parcels), key=lambda i: (atlas.networks[i], i))
+    keep = sorted(order[int(j)] for j in np.linspace(0, atlas.num_parcels - 1, n).round())
+    return Atlas(f"{atlas.name}_{n}", [atlas.labels[i] for i in keep], [atlas.coords_mm[i] for i in keep],
+                 [atlas.networks[i] for i in keep])
 
 
 def canonical_hrf(tr: float, duration_s: float = 32.0) -> np.ndarray:
@@ -161,7 +174,7 @@ def synth(out: str | Path, cfg: SynthConfig) -> dict:
     out = Path(out)
     (out / "recordings").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
-    atlas = seitzman_atlas()
+    atlas = subset(seitzman_atlas(), cfg.parcels)
     participants = make_phenotypes(rng, cfg.subjects)
     age_mean, age_std = 50.0, 60 / np.sqrt(12)  # of U(20, 80)
     n_rec = cfg.subjects * cfg.runs

@@ -33,6 +33,8 @@ class PerturbConfig:
     """Metadata filter of the target state."""
     form: str = "additive"
     """additive (per parcel and patch) | gain_offset (per parcel)."""
+    pooling: str = "cls"
+    """Embedding to match: cls (the CLS token) | mean (the mean of the token embeddings)."""
     l1: float = 0.01
     """L1 weight on theta (sparsity)."""
     lr: float = 0.05
@@ -47,6 +49,8 @@ class PerturbConfig:
     """Share of parcels reported as the top regions."""
 
     def __post_init__(self) -> None:
+        if self.pooling not in ("cls", "mean"):
+            raise ConfigError(f"`--pooling` must be cls or mean, got {self.pooling!r}")
         if self.form not in ("additive", "gain_offset"):
             raise ConfigError(f"`--form` must be additive or gain_offset, got {self.form!r}")
         if self.steps < 1 or self.l1 < 0 or self.lr <= 0:
@@ -71,15 +75,18 @@ def optimise(ctx: Context, source: np.ndarray, target: np.ndarray, cfg: PerturbC
     cfgm = model.config
     R, N = source.shape[1], cfgm.num_patches
     x = torch.from_numpy(source)
+    def embedding(signal_BRT: torch.Tensor) -> torch.Tensor:
+        cls_BD, tokens_BLD = model.encode(signal_BRT, ctx.coords_R3)
+        return (cls_BD if cfg.pooling == "cls" else tokens_BLD.mean(dim=1)).mean(dim=0)
+
     with torch.no_grad():
-        goal = model.encode(torch.from_numpy(target), ctx.coords_R3)[0].mean(dim=0)
-        start = model.encode(x, ctx.coords_R3)[0].mean(dim=0)
+        goal, start = embedding(torch.from_numpy(target)), embedding(x)
     scale = float(((start - goal) ** 2).sum()) or 1.0
     theta = torch.zeros((R, N) if cfg.form == "additive" else (R, 2), requires_grad=True)
     opt = torch.optim.Adam([theta], lr=cfg.lr)
     torch.manual_seed(0)
     for step in range(1, cfg.steps + 1):
-        emb = model.encode(apply(x, theta, cfg.form, cfgm.patch_size), ctx.coords_R3)[0].mean(dim=0)
+        emb = embedding(apply(x, theta, cfg.form, cfgm.patch_size))
         match = ((emb - goal) ** 2).sum() / scale
         loss = match + cfg.l1 * theta.abs().mean()
         opt.zero_grad()
@@ -88,10 +95,10 @@ def optimise(ctx: Context, source: np.ndarray, target: np.ndarray, cfg: PerturbC
         if report and (step % 20 == 0 or step == cfg.steps):
             report(step, {"match": float(match), "l1": float(theta.abs().mean())})
     with torch.no_grad():
-        final = model.encode(apply(x, theta, cfg.form, cfgm.patch_size), ctx.coords_R3)[0].mean(dim=0)
+        final = embedding(apply(x, theta, cfg.form, cfgm.patch_size))
     after = float(((final - goal) ** 2).sum())
     return theta.detach(), {"distance_before": scale, "distance_after": after, "reached": 1 - after / scale,
-                            "mean_abs_theta": float(theta.abs().mean())}
+                            "mean_abs_theta": float(theta.detach().abs().mean())}
 
 
 def variance_baseline(source: np.ndarray, target: np.ndarray) -> np.ndarray:

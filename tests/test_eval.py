@@ -1,0 +1,179 @@
+"""The analyses end to end on a synthetic cohort whose ground truth is known, with a model trained here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brainlm.exceptions import DimensionError, InputError
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict[str, Path]:
+    """40 subjects x 2 runs (half task), 60 of the atlas's parcels; a debug model pretrained on it (~30 s)."""
+    root = tmp_path_factory.mktemp("eval")
+    assert run_cli("-m", "data_prep", "synth", "--out", str(root / "cohort"), "--subjects", "40", "--timepoints", "300",
+                   "--parcels", "60", "--task-fraction", "0.5").returncode == 0
+    build = run_cli("-m", "data_prep", "build", "--inputs", str(root / "cohort"), "--out", str(root / "shards"),
+                    "--val-frac", "0.2", "--test-frac", "0.25", "--quiet")
+    assert build.returncode == 0, build.stderr
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    train = run_cli("launcher/pretrain.py", "--config", "configs/pretrain/debug.yaml", "--data.shards",
+                    str(root / "shards"), "--train.out_dir", str(root / "run"), "--train.max_steps", "1200",
+                    "--train.micro_batch_size", "16", "--train.log_every", "400", "--train.val_every", "0",
+                    "--train.ckpt_every", "0", "--data.num_workers", "0", "--tracking.tracking_uri", uri,
+                    "--tracking.register_as", "brainlm-eval", timeout=900)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    return {"root": root, "shards": root / "shards", "model": root / "run" / "model", "uri": uri}
+
+
+def brainlm(*args: str, **env) -> tuple[dict, str]:
+    proc = run_cli("-m", "brainlm.cli", *args, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = Path(args[args.index("--out") + 1])
+    return json.loads((out / "metrics.json").read_text()), proc.stdout
+
+
+def test_reconstruction_beats_the_simple_baselines_by_registry_uri(cohort, tmp_path):
+    metrics, stdout = brainlm("reconstruct", "--model", "models:/brainlm-eval@current", "--shards",
+                              str(cohort["shards"]), "--out", str(tmp_path / "r"), "--masking", "random,future",
+                              MLFLOW_TRACKING_URI=cohort["uri"], BRAINLM_CACHE=str(tmp_path / "cache"))
+    r2 = metrics["pooled_r2"]["random"]
+    assert r2["model"] > max(r2["zero"], r2["mean"], r2["interp"]) + 0.1, r2
+    assert set(r2) == {"model", "zero", "mean", "interp", "ridge"} and "winner" in stdout
+    per = metrics["per_parcel_r2"]["random"]["model"]
+    assert len(per["values"]) == 60 and per["median"] == pytest.approx(np.nanmedian(per["values"]), abs=1e-4)
+    assert (tmp_path / "r" / "reconstruction.png").stat().st_size > 1000
+    assert (tmp_path / "r" / "per_parcel_r2.png").exists()
+    again, _ = brainlm("reconstruct", "--model", str(cohort["model"]), "--shards", str(cohort["shards"]), "--out",
+                       str(tmp_path / "r2"), "--masking", "random,future")
+    assert again["pooled_r2"] == metrics["pooled_r2"]  # fixed windows and masks: the same numbers every run
+
+
+def test_fixed_masks_are_seeded_and_follow_their_strategy():
+    from brainlm.eval.common import fixed_masks
+    from brainlm.model import BrainLM, get_preset
+
+    model = BrainLM(get_preset("debug", num_parcels=7, num_timepoints=40))
+    a, b = fixed_masks(model, 5, 7, 0.5, "random"), fixed_masks(model, 5, 7, 0.5, "random")
+    assert torch.equal(a, b) and not torch.equal(a[0], a[1])
+    future = fixed_masks(model, 3, 7, 0.5, "future").reshape(3, 7, 2)
+    assert future[:, :, 1].all() and not future[:, :, 0].any()
+
+
+def test_embeddings_are_deterministic_per_recording(cohort, tmp_path):
+    first, _ = brainlm("embed", "--model", str(cohort["model"]), "--shards", str(cohort["shards"]), "--out",
+                       str(tmp_path / "a"), "--splits", "test")
+    brainlm("embed", "--model", str(cohort["model"]), "--shards", str(cohort["shards"]), "--out", str(tmp_path / "b"),
+            "--splits", "test")
+    a, b = np.load(tmp_path / "a" / "embeddings.npz"), np.load(tmp_path / "b" / "embeddings.npz")
+    assert np.array_equal(a["cls"], b["cls"]) and a["cls"].shape == (first["recordings"], first["dim"])
+    assert first["recordings"] == 20  # 10 test subjects x 2 runs
+    assert (tmp_path / "a" / "embeddings.tsv").read_text().count("\n") == 21
+
+
+def test_finetune_finds_age_and_nothing_in_the_null_trait(cohort, tmp_path):
+    args = ["--model", str(cohort["model"]), "--shards", str(cohort["shards"]), "--freeze", "--epochs", "6",
+            "--seeds", "2", "--lr", "0.003"]
+    age, stdout = brainlm("finetune", *args, "--target", "age", "--out", str(tmp_path / "age"))
+    null, _ = brainlm("finetune", *args, "--target", "null_trait", "--out", str(tmp_path / "null"))
+    assert set(age["table"]) == {"probe_mlp", "chance", "svr_raw", "fc_ridge", "probe"} and "winner" in stdout
+    assert age["table"]["fc_ridge"]["r2"] > 0.5  # the coupling that carries age is in the FC
+    best_null = max(v["r2"] for k, v in null["table"].items() if k != "chance")
+    assert best_null < 0.2, null["table"]  # a model that "predicts" the null trait would be leaking
+    assert age["table"]["probe_mlp"]["r2"] > null["table"]["probe_mlp"]["r2"]
+    assert len(age["seeds"]) == 2 and age["subjects"] == {"train": 22, "val": 8, "test": 10}
+    from brainlm.model import BrainLMForPrediction
+
+    model = BrainLMForPrediction.from_pretrained(tmp_path / "age" / "model")
+    coords = torch.tensor(model.backbone.extra["atlas"]["coords_mm"])
+    assert model(torch.randn(2, 60, 100), coords).shape == (2, 1)
+    assert model.backbone.extra["transform"]["kind"] == "zscore"
+
+
+def test_target_transforms_invert():
+    from brainlm.eval.finetune import Transform
+
+    y = np.array([0.0, 3.0, 10.0, 55.5])
+    for kind in ("zscore", "minmax", "logminmax", "none"):
+        t = Transform.fit(kind, y)
+        np.testing.assert_allclose(t.inverse(t(y)), y, rtol=1e-10)
+    assert Transform.fit("minmax", y)(y).min() == 0 and Transform.fit("minmax", y)(y).max() == 1
+
+
+def test_networks_from_attention_well_above_chance(cohort, tmp_path):
+    metrics, stdout = brainlm("networks", "--model", str(cohort["model"]), "--shards", str(cohort["shards"]),
+                              "--out", str(tmp_path / "n"), "--max-windows", "128")
+    acc = metrics["results"]["attention"]["accuracy"]
+    assert acc > metrics["chance_majority"] + 0.25, metrics["results"]
+    assert {"raw", "fc_rows"} <= set(metrics["results"]) and "unassigned" in metrics["left_out"]
+    assert (tmp_path / "n" / "confusion_attention.png").exists() and "winner" in stdout
+
+
+def test_cross_validation_never_tests_a_parcel_it_trained_on():
+    from brainlm.eval.networks import folds
+
+    labels = np.array(["a"] * 7 + ["b"] * 9 + ["c"] * 5)
+    tested = []
+    for train, test in folds(labels, 5):
+        assert not set(train) & set(test)
+        tested += list(test)
+    assert sorted(tested) == list(range(len(labels)))
+
+
+def test_perturbation_moves_the_embedding_and_sparsity_shrinks_it(cohort, tmp_path):
+    common = ["--model", str(cohort["model"]), "--shards", str(cohort["shards"]), "--steps", "60",
+              "--source", "condition=rest", "--target", "condition=task", "--max-windows", "32"]
+    loose, stdout = brainlm("perturb", *common, "--l1", "0.0", "--out", str(tmp_path / "a"))
+    sparse, _ = brainlm("perturb", *common, "--l1", "5.0", "--out", str(tmp_path / "b"))
+    assert loose["reached"] > 0.3 and loose["distance_after"] < loose["distance_before"]
+    assert sparse["mean_abs_theta"] < loose["mean_abs_theta"]
+    assert len(loose["magnitude"]) == 60 and len(loose["model"]["top_parcels"]) == 6
+    assert "Visual" in loose["model"]["top_share"] and "Visual" in loose["baseline_variance"]["top_share"]
+    assert (tmp_path / "a" / "perturbation_brain.png").exists() and "moved" in stdout
+
+
+def test_attention_maps_per_condition(cohort, tmp_path):
+    metrics, _ = brainlm("attention", "--model", str(cohort["model"]), "--shards", str(cohort["shards"]),
+                         "--out", str(tmp_path / "t"), "--group-by", "condition")
+    assert set(metrics["groups"]) == {"rest", "task"}
+    for group in metrics["groups"].values():
+        a = np.array(group["attention"])
+        assert a.shape == (60,) and (a >= 0).all() and a.sum() <= 1 + 1e-5
+    assert metrics["difference"]["of"] == "task - rest"
+    assert (tmp_path / "t" / "attention_condition-task.png").exists()
+
+
+def test_bad_inputs_get_clear_errors(cohort, tiny_shards, tmp_path):
+    from brainlm.eval.common import load_context
+    from brainlm.eval.finetune import FinetuneConfig, finetune
+
+    with pytest.raises(DimensionError, match="trained on 60 parcels but the shards .* have 7"):
+        load_context(str(cohort["model"]), str(tiny_shards))
+    with pytest.raises(InputError, match="'shoe_size' is not a phenotype of these shards; columns: age"):
+        finetune(str(cohort["model"]), str(cohort["shards"]), tmp_path, FinetuneConfig(target="shoe_size"))
+    with pytest.raises(InputError, match="labelled training subjects"):
+        finetune(str(cohort["model"]), str(cohort["shards"]), tmp_path,
+                 FinetuneConfig(target="age", min_subjects=100))
+    proc = run_cli("-m", "brainlm.cli", "reconstruct", "--model", str(tmp_path / "nope"), "--shards",
+                   str(cohort["shards"]), "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "expected an exported model folder" in proc.stderr
+    no_val = tmp_path / "noval"
+    assert run_cli("-m", "data_prep", "build", "--inputs", str(cohort["root"] / "cohort"), "--out", str(no_val),
+                   "--val-frac", "0", "--test-frac", "0.2", "--quiet").returncode == 0
+    with pytest.raises(InputError, match="the 'val' split .* is empty"):
+        finetune(str(cohort["model"]), str(no_val), tmp_path, FinetuneConfig(target="age"))
+
+
+def test_cli_help_lists_every_command():
+    proc = run_cli("-m", "brainlm.cli", "--help")
+    for command in ("reconstruct", "embed", "finetune", "networks", "perturb", "attention"):
+        assert command in proc.stdout
+    assert "Dropout before each head layer" in run_cli("-m", "brainlm.cli", "finetune", "--help").stdout
