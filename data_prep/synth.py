@@ -68,8 +68,12 @@ def subset(atlas: Atlas, n: int | None) -> Atlas:
         raise ValueError(f"--parcels {n}: use at least 20 so that the networks keep several parcels each")
     order = sorted(range(atlas.num_parcels), key=lambda i: (atlas.networks[i], i))
     keep = sorted(order[int(j)] for j in np.linspace(0, atlas.num_parcels - 1, n).round())
-    return Atlas(f"{atlas.name}_{n}", [atlas.labels[i] for i in keep], [atlas.coords_mm[i] for i in keep],
-                 [atlas.networks[i] for i in keep])
+    return Atlas(
+        f"{atlas.name}_{n}",
+        [atlas.labels[i] for i in keep],
+        [atlas.coords_mm[i] for i in keep],
+        [atlas.networks[i] for i in keep],
+    )
 
 
 def canonical_hrf(tr: float, duration_s: float = 32.0) -> np.ndarray:

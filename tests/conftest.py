@@ -174,7 +174,18 @@ def tiny_shards(tmp_path_factory) -> Path:
         src / "participants.tsv", sep="\t", index=False
     )
     out = root / "shards"
-    m = build(BuildConfig(inputs=str(src), out=str(out), tr=0.8, crop=40, stride=10, samples_per_shard=34,
-                          val_frac=0.1, test_frac=0.1, progress=False))
+    m = build(
+        BuildConfig(
+            inputs=str(src),
+            out=str(out),
+            tr=0.8,
+            crop=40,
+            stride=10,
+            samples_per_shard=34,
+            val_frac=0.1,
+            test_frac=0.1,
+            progress=False,
+        )
+    )
     assert [s["samples"] for s in m.shards_of("train")] == [34, 34, 28], m.shards_of("train")
     return out

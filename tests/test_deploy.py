@@ -764,8 +764,9 @@ def test_the_dockerfile_is_pinned_non_root_and_installs_the_gpu_extra():
     assert ("WORKDIR", APP_DIR) in steps
     assert ("COPY", f". {APP_DIR}") in steps
     run = " ".join(rest for word, rest in steps if word == "RUN")
-    assert re.search(r"pip install [^&]*\"\.\[gpu\]\"", run), "the project with its gpu extra"
-    assert "ray[default]" in run  # KubeRay submits the sweep through the Ray dashboard's job API
+    assert re.search(r"pip install [^&]*\"\.\[gpu,cluster\]\"", run), "the project with its gpu and cluster extras"
+    cluster = re.search(r"^cluster = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M)
+    assert cluster and '"ray[default]' in cluster.group(1)  # KubeRay submits through Ray's job API
     users = [rest for word, rest in steps if word == "USER"]
     words = [word for word, _ in steps]
     assert users and words[-1] in ("CMD", "ENTRYPOINT")

@@ -19,17 +19,66 @@ pytestmark = pytest.mark.slow
 def cohort(tmp_path_factory) -> dict[str, Path]:
     """40 subjects x 2 runs (half task), 60 of the atlas's parcels; a debug model pretrained on it (~30 s)."""
     root = tmp_path_factory.mktemp("eval")
-    assert run_cli("-m", "data_prep", "synth", "--out", str(root / "cohort"), "--subjects", "40", "--timepoints", "300",
-                   "--parcels", "60", "--task-fraction", "0.5").returncode == 0
-    build = run_cli("-m", "data_prep", "build", "--inputs", str(root / "cohort"), "--out", str(root / "shards"),
-                    "--val-frac", "0.2", "--test-frac", "0.25", "--quiet")
+    assert (
+        run_cli(
+            "-m",
+            "data_prep",
+            "synth",
+            "--out",
+            str(root / "cohort"),
+            "--subjects",
+            "40",
+            "--timepoints",
+            "300",
+            "--parcels",
+            "60",
+            "--task-fraction",
+            "0.5",
+        ).returncode
+        == 0
+    )
+    build = run_cli(
+        "-m",
+        "data_prep",
+        "build",
+        "--inputs",
+        str(root / "cohort"),
+        "--out",
+        str(root / "shards"),
+        "--val-frac",
+        "0.2",
+        "--test-frac",
+        "0.25",
+        "--quiet",
+    )
     assert build.returncode == 0, build.stderr
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    train = run_cli("launcher/pretrain.py", "--config", "configs/pretrain/debug.yaml", "--data.shards",
-                    str(root / "shards"), "--train.out_dir", str(root / "run"), "--train.max_steps", "1200",
-                    "--train.micro_batch_size", "16", "--train.log_every", "400", "--train.val_every", "0",
-                    "--train.ckpt_every", "0", "--data.num_workers", "0", "--tracking.tracking_uri", uri,
-                    "--tracking.register_as", "brainlm-eval", timeout=900)
+    train = run_cli(
+        "launcher/pretrain.py",
+        "--config",
+        "configs/pretrain/debug.yaml",
+        "--data.shards",
+        str(root / "shards"),
+        "--train.out_dir",
+        str(root / "run"),
+        "--train.max_steps",
+        "1200",
+        "--train.micro_batch_size",
+        "16",
+        "--train.log_every",
+        "400",
+        "--train.val_every",
+        "0",
+        "--train.ckpt_every",
+        "0",
+        "--data.num_workers",
+        "0",
+        "--tracking.tracking_uri",
+        uri,
+        "--tracking.register_as",
+        "brainlm-eval",
+        timeout=900,
+    )
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
     return {"root": root, "shards": root / "shards", "model": root / "run" / "model", "uri": uri}
 
@@ -42,9 +91,19 @@ def brainlm(*args: str, **env) -> tuple[dict, str]:
 
 
 def test_reconstruction_beats_the_simple_baselines_by_registry_uri(cohort, tmp_path):
-    metrics, stdout = brainlm("reconstruct", "--model", "models:/brainlm-eval@current", "--shards",
-                              str(cohort["shards"]), "--out", str(tmp_path / "r"), "--masking", "random,future",
-                              MLFLOW_TRACKING_URI=cohort["uri"], BRAINLM_CACHE=str(tmp_path / "cache"))
+    metrics, stdout = brainlm(
+        "reconstruct",
+        "--model",
+        "models:/brainlm-eval@current",
+        "--shards",
+        str(cohort["shards"]),
+        "--out",
+        str(tmp_path / "r"),
+        "--masking",
+        "random,future",
+        MLFLOW_TRACKING_URI=cohort["uri"],
+        BRAINLM_CACHE=str(tmp_path / "cache"),
+    )
     r2 = metrics["pooled_r2"]["random"]
     assert r2["model"] > max(r2["zero"], r2["mean"], r2["interp"]) + 0.1, r2
     assert set(r2) == {"model", "zero", "mean", "interp", "ridge"} and "winner" in stdout
@@ -52,8 +111,17 @@ def test_reconstruction_beats_the_simple_baselines_by_registry_uri(cohort, tmp_p
     assert len(per["values"]) == 60 and per["median"] == pytest.approx(np.nanmedian(per["values"]), abs=1e-4)
     assert (tmp_path / "r" / "reconstruction.png").stat().st_size > 1000
     assert (tmp_path / "r" / "per_parcel_r2.png").exists()
-    again, _ = brainlm("reconstruct", "--model", str(cohort["model"]), "--shards", str(cohort["shards"]), "--out",
-                       str(tmp_path / "r2"), "--masking", "random,future")
+    again, _ = brainlm(
+        "reconstruct",
+        "--model",
+        str(cohort["model"]),
+        "--shards",
+        str(cohort["shards"]),
+        "--out",
+        str(tmp_path / "r2"),
+        "--masking",
+        "random,future",
+    )
     assert again["pooled_r2"] == metrics["pooled_r2"]  # fixed windows and masks: the same numbers every run
 
 
@@ -69,10 +137,28 @@ def test_fixed_masks_are_seeded_and_follow_their_strategy():
 
 
 def test_embeddings_are_deterministic_per_recording(cohort, tmp_path):
-    first, _ = brainlm("embed", "--model", str(cohort["model"]), "--shards", str(cohort["shards"]), "--out",
-                       str(tmp_path / "a"), "--splits", "test")
-    brainlm("embed", "--model", str(cohort["model"]), "--shards", str(cohort["shards"]), "--out", str(tmp_path / "b"),
-            "--splits", "test")
+    first, _ = brainlm(
+        "embed",
+        "--model",
+        str(cohort["model"]),
+        "--shards",
+        str(cohort["shards"]),
+        "--out",
+        str(tmp_path / "a"),
+        "--splits",
+        "test",
+    )
+    brainlm(
+        "embed",
+        "--model",
+        str(cohort["model"]),
+        "--shards",
+        str(cohort["shards"]),
+        "--out",
+        str(tmp_path / "b"),
+        "--splits",
+        "test",
+    )
     a, b = np.load(tmp_path / "a" / "embeddings.npz"), np.load(tmp_path / "b" / "embeddings.npz")
     assert np.array_equal(a["cls"], b["cls"]) and a["cls"].shape == (first["recordings"], first["dim"])
     assert first["recordings"] == 20  # 10 test subjects x 2 runs
@@ -80,8 +166,19 @@ def test_embeddings_are_deterministic_per_recording(cohort, tmp_path):
 
 
 def test_finetune_finds_age_and_nothing_in_the_null_trait(cohort, tmp_path):
-    args = ["--model", str(cohort["model"]), "--shards", str(cohort["shards"]), "--freeze", "--epochs", "6",
-            "--seeds", "2", "--lr", "0.003"]
+    args = [
+        "--model",
+        str(cohort["model"]),
+        "--shards",
+        str(cohort["shards"]),
+        "--freeze",
+        "--epochs",
+        "6",
+        "--seeds",
+        "2",
+        "--lr",
+        "0.003",
+    ]
     age, stdout = brainlm("finetune", *args, "--target", "age", "--out", str(tmp_path / "age"))
     null, _ = brainlm("finetune", *args, "--target", "null_trait", "--out", str(tmp_path / "null"))
     assert set(age["table"]) == {"probe_mlp", "chance", "svr_raw", "fc_ridge", "probe"} and "winner" in stdout
@@ -109,8 +206,17 @@ def test_target_transforms_invert():
 
 
 def test_networks_from_attention_well_above_chance(cohort, tmp_path):
-    metrics, stdout = brainlm("networks", "--model", str(cohort["model"]), "--shards", str(cohort["shards"]),
-                              "--out", str(tmp_path / "n"), "--max-windows", "128")
+    metrics, stdout = brainlm(
+        "networks",
+        "--model",
+        str(cohort["model"]),
+        "--shards",
+        str(cohort["shards"]),
+        "--out",
+        str(tmp_path / "n"),
+        "--max-windows",
+        "128",
+    )
     acc = metrics["results"]["attention"]["accuracy"]
     assert acc > metrics["chance_majority"] + 0.25, metrics["results"]
     assert {"raw", "fc_rows"} <= set(metrics["results"]) and "unassigned" in metrics["left_out"]
@@ -129,8 +235,20 @@ def test_cross_validation_never_tests_a_parcel_it_trained_on():
 
 
 def test_perturbation_moves_the_embedding_and_sparsity_shrinks_it(cohort, tmp_path):
-    common = ["--model", str(cohort["model"]), "--shards", str(cohort["shards"]), "--steps", "60",
-              "--source", "condition=rest", "--target", "condition=task", "--max-windows", "32"]
+    common = [
+        "--model",
+        str(cohort["model"]),
+        "--shards",
+        str(cohort["shards"]),
+        "--steps",
+        "60",
+        "--source",
+        "condition=rest",
+        "--target",
+        "condition=task",
+        "--max-windows",
+        "32",
+    ]
     loose, stdout = brainlm("perturb", *common, "--l1", "0.0", "--out", str(tmp_path / "a"))
     sparse, _ = brainlm("perturb", *common, "--l1", "5.0", "--out", str(tmp_path / "b"))
     assert loose["reached"] > 0.3 and loose["distance_after"] < loose["distance_before"]
@@ -141,8 +259,17 @@ def test_perturbation_moves_the_embedding_and_sparsity_shrinks_it(cohort, tmp_pa
 
 
 def test_attention_maps_per_condition(cohort, tmp_path):
-    metrics, _ = brainlm("attention", "--model", str(cohort["model"]), "--shards", str(cohort["shards"]),
-                         "--out", str(tmp_path / "t"), "--group-by", "condition")
+    metrics, _ = brainlm(
+        "attention",
+        "--model",
+        str(cohort["model"]),
+        "--shards",
+        str(cohort["shards"]),
+        "--out",
+        str(tmp_path / "t"),
+        "--group-by",
+        "condition",
+    )
     assert set(metrics["groups"]) == {"rest", "task"}
     for group in metrics["groups"].values():
         a = np.array(group["attention"])
@@ -155,20 +282,43 @@ def test_bad_inputs_get_clear_errors(cohort, tiny_shards, tmp_path):
     from brainlm.eval.common import load_context
     from brainlm.eval.finetune import FinetuneConfig, finetune
 
-    with pytest.raises(DimensionError, match="trained on 60 parcels but the shards .* have 7"):
+    with pytest.raises(DimensionError, match=r"trained on 60 parcels but the shards .* have 7"):
         load_context(str(cohort["model"]), str(tiny_shards))
     with pytest.raises(InputError, match="'shoe_size' is not a phenotype of these shards; columns: age"):
         finetune(str(cohort["model"]), str(cohort["shards"]), tmp_path, FinetuneConfig(target="shoe_size"))
     with pytest.raises(InputError, match="labelled training subjects"):
-        finetune(str(cohort["model"]), str(cohort["shards"]), tmp_path,
-                 FinetuneConfig(target="age", min_subjects=100))
-    proc = run_cli("-m", "brainlm.cli", "reconstruct", "--model", str(tmp_path / "nope"), "--shards",
-                   str(cohort["shards"]), "--out", str(tmp_path / "x"))
+        finetune(str(cohort["model"]), str(cohort["shards"]), tmp_path, FinetuneConfig(target="age", min_subjects=100))
+    proc = run_cli(
+        "-m",
+        "brainlm.cli",
+        "reconstruct",
+        "--model",
+        str(tmp_path / "nope"),
+        "--shards",
+        str(cohort["shards"]),
+        "--out",
+        str(tmp_path / "x"),
+    )
     assert proc.returncode == 2 and "expected an exported model folder" in proc.stderr
     no_val = tmp_path / "noval"
-    assert run_cli("-m", "data_prep", "build", "--inputs", str(cohort["root"] / "cohort"), "--out", str(no_val),
-                   "--val-frac", "0", "--test-frac", "0.2", "--quiet").returncode == 0
-    with pytest.raises(InputError, match="the 'val' split .* is empty"):
+    assert (
+        run_cli(
+            "-m",
+            "data_prep",
+            "build",
+            "--inputs",
+            str(cohort["root"] / "cohort"),
+            "--out",
+            str(no_val),
+            "--val-frac",
+            "0",
+            "--test-frac",
+            "0.2",
+            "--quiet",
+        ).returncode
+        == 0
+    )
+    with pytest.raises(InputError, match=r"the 'val' split .* is empty"):
         finetune(str(cohort["model"]), str(no_val), tmp_path, FinetuneConfig(target="age"))
 
 

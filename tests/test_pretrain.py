@@ -22,8 +22,22 @@ from tests.conftest import ROOT, free_port, run_cli
 pytestmark = pytest.mark.slow
 
 # A constant learning rate (no warmup, cosine from 1 to 1), so runs of different lengths share a schedule.
-COMMON = ["--model.num_timepoints", "40", "--optim.warmup_fraction", "0", "--optim.min_lr_ratio", "1",
-          "--optim.lr", "0.003", "--train.log_every", "1", "--train.val_every", "0", "--train.val_samples", "8"]
+COMMON = [
+    "--model.num_timepoints",
+    "40",
+    "--optim.warmup_fraction",
+    "0",
+    "--optim.min_lr_ratio",
+    "1",
+    "--optim.lr",
+    "0.003",
+    "--train.log_every",
+    "1",
+    "--train.val_every",
+    "0",
+    "--train.val_samples",
+    "8",
+]
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -36,13 +50,29 @@ def ds_config(tmp_path: Path, stage: int) -> Path:
 
 
 def deepspeed_cmd(args: list[str], ranks: int = 2, ds: Path | None = None) -> list[str]:
-    return [f"{VENV_BIN}/deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
-            "launcher/pretrain.py", "--deepspeed", str(ds or "ds_config.json"), *COMMON, *args]
+    return [
+        f"{VENV_BIN}/deepspeed",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "launcher/pretrain.py",
+        "--deepspeed",
+        str(ds or "ds_config.json"),
+        *COMMON,
+        *args,
+    ]
 
 
 def run(cmd: list[str], timeout: int = 300, **env) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **env})
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **env},
+    )
     return proc
 
 
@@ -65,9 +95,24 @@ def assert_same(a: dict[int, float], b: dict[int, float], steps: range, rtol: fl
 def baseline(tiny_shards, tmp_path_factory) -> Path:
     """2 ranks, ZeRO-1, through the deepspeed launcher: the reference run of this module."""
     out = tmp_path_factory.mktemp("runs") / "baseline"
-    proc = run(deepspeed_cmd(["--data.shards", str(tiny_shards), "--train.micro_batch_size", "4",
-                              "--train.max_steps", "40", "--train.ckpt_every", "10", "--train.out_dir", str(out),
-                              "--tracking.enabled", "false"]))
+    proc = run(
+        deepspeed_cmd(
+            [
+                "--data.shards",
+                str(tiny_shards),
+                "--train.micro_batch_size",
+                "4",
+                "--train.max_steps",
+                "40",
+                "--train.ckpt_every",
+                "10",
+                "--train.out_dir",
+                str(out),
+                "--tracking.enabled",
+                "false",
+            ]
+        )
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s), global batch 8 (4 x 1 x 2)" in proc.stdout
     line = next(x for x in proc.stdout.splitlines() if x.startswith("step     40/40 | loss"))
@@ -84,39 +129,78 @@ def test_two_rank_run_learns_checkpoints_and_exports(baseline):
     assert kept == ["step_00000020", "step_00000030", "step_00000040"]  # keep_last 3
     assert (baseline / "checkpoints" / "latest").read_text() == "step_00000040"
     assert {"model.safetensors", "config.json", "scaling.json", "extra.json"} <= {
-        p.name for p in (baseline / "model").iterdir()}
+        p.name for p in (baseline / "model").iterdir()
+    }
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_zero_stages_give_the_same_losses(stage, baseline, tiny_shards, tmp_path):
     out = tmp_path / f"zero{stage}"
-    proc = run(deepspeed_cmd(["--data.shards", str(tiny_shards), "--train.micro_batch_size", "4",
-                              "--train.max_steps", "10", "--train.ckpt_every", "0", "--train.out_dir", str(out),
-                              "--tracking.enabled", "false", "--data.num_workers", str(stage % 3)],
-                             ds=ds_config(tmp_path, stage)))
+    proc = run(
+        deepspeed_cmd(
+            [
+                "--data.shards",
+                str(tiny_shards),
+                "--train.micro_batch_size",
+                "4",
+                "--train.max_steps",
+                "10",
+                "--train.ckpt_every",
+                "0",
+                "--train.out_dir",
+                str(out),
+                "--tracking.enabled",
+                "false",
+                "--data.num_workers",
+                str(stage % 3),
+            ],
+            ds=ds_config(tmp_path, stage),
+        )
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"ZeRO {stage}" in proc.stdout
     assert_same(losses(out), losses(baseline), range(1, 11))
     # the exported weights are whole whatever the sharding
     from brainlm.model import BrainLM
 
-    assert BrainLM.from_pretrained(out / "model").num_params() == BrainLM.from_pretrained(
-        baseline / "model").num_params()
+    assert (
+        BrainLM.from_pretrained(out / "model").num_params() == BrainLM.from_pretrained(baseline / "model").num_params()
+    )
 
 
 def test_kill_one_rank_and_resume_reproduces_the_loss_curve(baseline, tiny_shards, tmp_path):
     out = tmp_path / "killed"
-    args = ["--data.shards", str(tiny_shards), "--train.micro_batch_size", "4", "--train.max_steps", "40",
-            "--train.ckpt_every", "10", "--train.out_dir", str(out), "--tracking.enabled", "false",
-            "--train.resume", "auto"]
-    proc = subprocess.Popen(deepspeed_cmd(args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}, start_new_session=True)
+    args = [
+        "--data.shards",
+        str(tiny_shards),
+        "--train.micro_batch_size",
+        "4",
+        "--train.max_steps",
+        "40",
+        "--train.ckpt_every",
+        "10",
+        "--train.out_dir",
+        str(out),
+        "--tracking.enabled",
+        "false",
+        "--train.resume",
+        "auto",
+    ]
+    proc = subprocess.Popen(
+        deepspeed_cmd(args),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while not (out / "checkpoints" / "step_00000010").exists():
         assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
         time.sleep(0.02)
-    victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if any("--local_rank=1" in a for a in p.cmdline())]
+    victims = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if any("--local_rank=1" in a for a in p.cmdline())
+    ]
     assert victims, "rank 1 not found"
     victims[0].send_signal(signal.SIGKILL)
     assert proc.wait(60) != 0
@@ -136,9 +220,27 @@ def test_one_rank_from_s3_matches_two_ranks_and_round_trips_mlflow(baseline, tin
     assert run_cli("-m", "data_prep", "push", str(tiny_shards), url).returncode == 0
     out = tmp_path / "one"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run([sys.executable, "launcher/pretrain.py", *COMMON, "--data.shards", url, "--train.micro_batch_size",
-                "8", "--train.max_steps", "10", "--train.out_dir", str(out), "--tracking.tracking_uri", uri,
-                "--tracking.register_as", "brainlm-test", "--data.num_workers", "2"])
+    proc = run(
+        [
+            sys.executable,
+            "launcher/pretrain.py",
+            *COMMON,
+            "--data.shards",
+            url,
+            "--train.micro_batch_size",
+            "8",
+            "--train.max_steps",
+            "10",
+            "--train.out_dir",
+            str(out),
+            "--tracking.tracking_uri",
+            uri,
+            "--tracking.register_as",
+            "brainlm-test",
+            "--data.num_workers",
+            "2",
+        ]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 rank(s), global batch 8 (8 x 1 x 1)" in proc.stdout
     assert_same(losses(out), losses(baseline), range(1, 11))
@@ -168,9 +270,21 @@ def test_one_rank_from_s3_matches_two_ranks_and_round_trips_mlflow(baseline, tin
 
 
 def test_unreachable_mlflow_warns_and_trains_on(tiny_shards, tmp_path):
-    proc = run([sys.executable, "launcher/pretrain.py", *COMMON, "--data.shards", str(tiny_shards),
-                "--train.max_steps", "3", "--train.out_dir", str(tmp_path / "r"),
-                "--tracking.tracking_uri", f"http://127.0.0.1:{free_port()}"])
+    proc = run(
+        [
+            sys.executable,
+            "launcher/pretrain.py",
+            *COMMON,
+            "--data.shards",
+            str(tiny_shards),
+            "--train.max_steps",
+            "3",
+            "--train.out_dir",
+            str(tmp_path / "r"),
+            "--tracking.tracking_uri",
+            f"http://127.0.0.1:{free_port()}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("unreachable") == 1 and "training goes on" in proc.stderr
     assert (tmp_path / "r" / "model" / "model.safetensors").exists()
@@ -179,25 +293,62 @@ def test_unreachable_mlflow_warns_and_trains_on(tiny_shards, tmp_path):
 def test_non_finite_loss_stops_with_a_clear_message(tiny_shards, tmp_path):
     cfg = json.loads((ROOT / "ds_config.json").read_text()) | {"gradient_clipping": 0.0}
     (tmp_path / "ds.json").write_text(json.dumps(cfg))
-    proc = run([sys.executable, "launcher/pretrain.py", "--deepspeed", str(tmp_path / "ds.json"), *COMMON,
-                "--optim.lr", "1e12", "--optim.grad_clip", "0", "--data.shards", str(tiny_shards),
-                "--train.max_steps", "30", "--train.out_dir", str(tmp_path / "r"), "--tracking.enabled", "false"])
+    proc = run(
+        [
+            sys.executable,
+            "launcher/pretrain.py",
+            "--deepspeed",
+            str(tmp_path / "ds.json"),
+            *COMMON,
+            "--optim.lr",
+            "1e12",
+            "--optim.grad_clip",
+            "0",
+            "--data.shards",
+            str(tiny_shards),
+            "--train.max_steps",
+            "30",
+            "--train.out_dir",
+            str(tmp_path / "r"),
+            "--tracking.enabled",
+            "false",
+        ]
+    )
     assert proc.returncode == 2
     assert "the loss is" in proc.stderr and "stopping" in proc.stderr and "Lower optim.base_lr" in proc.stderr
 
 
 def test_resume_into_a_different_model_is_refused(baseline, tiny_shards, tmp_path):
-    proc = run([sys.executable, "launcher/pretrain.py", *COMMON, "--data.shards", str(tiny_shards),
-                "--train.max_steps", "50", "--train.out_dir", str(baseline), "--train.resume", "auto",
-                "--model.hidden_size", "64", "--tracking.enabled", "false"])
+    proc = run(
+        [
+            sys.executable,
+            "launcher/pretrain.py",
+            *COMMON,
+            "--data.shards",
+            str(tiny_shards),
+            "--train.max_steps",
+            "50",
+            "--train.out_dir",
+            str(baseline),
+            "--train.resume",
+            "auto",
+            "--model.hidden_size",
+            "64",
+            "--tracking.enabled",
+            "false",
+        ]
+    )
     assert proc.returncode == 2
-    assert "written by a different model config" in proc.stderr and "model.hidden_size: checkpoint 32 vs now 64" in proc.stderr
+    assert (
+        "written by a different model config" in proc.stderr
+        and "model.hidden_size: checkpoint 32 vs now 64" in proc.stderr
+    )
 
 
 def test_bad_recipe_keys_and_values_name_the_flag():
     proc = run_cli("launcher/pretrain.py", "--train.max_step", "5")
     assert proc.returncode == 2 and "did you mean `train.max_steps`" in proc.stderr
-    with pytest.raises(ConfigError, match="`train.micro_batch_size` expects int"):
+    with pytest.raises(ConfigError, match=r"`train\.micro_batch_size` expects int"):
         load_recipe(None, ["--train.micro_batch_size", "eight"])
     with pytest.raises(ConfigError, match=r"`model.hidden_size` \(33\) must be divisible by `model.num_heads`"):
         load_recipe(None, ["--model.hidden_size", "33"])
@@ -208,8 +359,9 @@ def test_bad_recipe_keys_and_values_name_the_flag():
 
 
 def test_ds_config_auto_fill_and_conflicts():
-    cfg = load_recipe(None, parse_overrides(["--train.micro_batch_size=6", "--train.grad_accum=2",
-                                             "--optim.base_lr=0.001"]))
+    cfg = load_recipe(
+        None, parse_overrides(["--train.micro_batch_size=6", "--train.grad_accum=2", "--optim.base_lr=0.001"])
+    )
     ds = json.loads((ROOT / "ds_config.json").read_text())
     out = resolve_ds_config(ds, cfg, world_size=4, bf16_available=False)
     assert out["train_micro_batch_size_per_gpu"] == 6 and out["gradient_accumulation_steps"] == 2

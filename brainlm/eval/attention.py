@@ -29,8 +29,9 @@ def parcel_attention(model, windows_BRW: np.ndarray, coords_R3: torch.Tensor, ba
     return torch.cat(out).numpy()
 
 
-def attention(model: str, shards: str, out: str | Path, group_by: str = "condition", split: str = "test",
-              max_windows: int = 512) -> dict[str, Any]:
+def attention(
+    model: str, shards: str, out: str | Path, group_by: str = "condition", split: str = "test", max_windows: int = 512
+) -> dict[str, Any]:
     from brainlm.eval import plots
 
     ctx = load_context(model, shards)
@@ -47,20 +48,36 @@ def attention(model: str, shards: str, out: str | Path, group_by: str = "conditi
         attn = parcel_attention(ctx.model, windows, ctx.coords_R3).mean(axis=0)
         variance = windows.var(axis=2).mean(axis=0)
         top = top_report(attn, atlas.networks, atlas.labels, 0.1)
-        metrics["groups"][name] = {"windows": len(windows), "attention": attn.round(6).tolist(),
-                                   "signal_variance": variance.round(6).tolist(), **top}
-        plots.brain_figure(attn, atlas.coords(), out / f"attention_{group_by}-{name}.png",
-                           f"CLS attention per parcel, {group_by}={name}")
-        rows.append({"group": name, "windows": len(windows),
-                     "top networks": ", ".join(f"{k} {v}" for k, v in list(top.get("top_networks", {}).items())[:3])})
+        metrics["groups"][name] = {
+            "windows": len(windows),
+            "attention": attn.round(6).tolist(),
+            "signal_variance": variance.round(6).tolist(),
+            **top,
+        }
+        plots.brain_figure(
+            attn,
+            atlas.coords(),
+            out / f"attention_{group_by}-{name}.png",
+            f"CLS attention per parcel, {group_by}={name}",
+        )
+        rows.append(
+            {
+                "group": name,
+                "windows": len(windows),
+                "top networks": ", ".join(f"{k} {v}" for k, v in list(top.get("top_networks", {}).items())[:3]),
+            }
+        )
     names = sorted(groups)
     if len(names) == 2:
         a, b = (np.array(metrics["groups"][n]["attention"]) for n in names)
         diff = b - a
-        metrics["difference"] = {"of": f"{names[1]} - {names[0]}", **top_report(np.abs(diff), atlas.networks,
-                                                                                 atlas.labels, 0.1)}
-        plots.brain_figure(np.abs(diff), atlas.coords(), out / "attention_difference.png",
-                           f"|CLS attention {names[1]} - {names[0]}|")
+        metrics["difference"] = {
+            "of": f"{names[1]} - {names[0]}",
+            **top_report(np.abs(diff), atlas.networks, atlas.labels, 0.1),
+        }
+        plots.brain_figure(
+            np.abs(diff), atlas.coords(), out / "attention_difference.png", f"|CLS attention {names[1]} - {names[0]}|"
+        )
     write_metrics(out, metrics)
     print(table(rows, ["group", "windows", "top networks"], f"CLS attention by {group_by} ({split} split)"))
     return metrics

@@ -71,7 +71,9 @@ class Recording:
         return self.meta["subject"]
 
 
-def recordings(ctx: Context, split: str, limit: int | None = None, where: dict[str, str] | None = None) -> list[Recording]:
+def recordings(
+    ctx: Context, split: str, limit: int | None = None, where: dict[str, str] | None = None
+) -> list[Recording]:
     """The recordings of a split as non-overlapping model windows, in a fixed order.
 
     Crops of a recording are taken in start order, skipping any that overlap the previous one; each crop

@@ -12,7 +12,9 @@ import pandas as pd
 from brainlm.eval.common import embed_windows, load_context, recordings, write_metrics
 
 
-def embed(model: str, shards: str, out: str | Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Any]:
+def embed(
+    model: str, shards: str, out: str | Path, splits: tuple[str, ...] = ("train", "val", "test")
+) -> dict[str, Any]:
     ctx = load_context(model, shards)
     rows, cls_all, mean_all = [], [], []
     for split in splits:
@@ -23,16 +25,35 @@ def embed(model: str, shards: str, out: str | Path, splits: tuple[str, ...] = ("
             cls_all.append(cls.mean(axis=0))
             mean_all.append(mean.mean(axis=0))
             phenotypes = rec.meta.get("phenotypes", {})
-            rows.append({"recording": rec.id, "subject": rec.subject, "condition": rec.meta.get("condition"),
-                         "split": split, "windows": len(rec.windows_NRW), **phenotypes})
+            rows.append(
+                {
+                    "recording": rec.id,
+                    "subject": rec.subject,
+                    "condition": rec.meta.get("condition"),
+                    "split": split,
+                    "windows": len(rec.windows_NRW),
+                    **phenotypes,
+                }
+            )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "embeddings.npz", cls=np.stack(cls_all), mean=np.stack(mean_all),
-             recording=np.array([r["recording"] for r in rows]))
+    np.savez(
+        out / "embeddings.npz",
+        cls=np.stack(cls_all),
+        mean=np.stack(mean_all),
+        recording=np.array([r["recording"] for r in rows]),
+    )
     pd.DataFrame(rows).to_csv(out / "embeddings.tsv", sep="\t", index=False)
-    metrics = {"recordings": len(rows), "dim": int(cls_all[0].shape[0]), "windows": int(sum(r["windows"] for r in rows)),
-               "files": ["embeddings.npz", "embeddings.tsv"], "window": ctx.model.config.num_timepoints}
+    metrics = {
+        "recordings": len(rows),
+        "dim": int(cls_all[0].shape[0]),
+        "windows": int(sum(r["windows"] for r in rows)),
+        "files": ["embeddings.npz", "embeddings.tsv"],
+        "window": ctx.model.config.num_timepoints,
+    }
     write_metrics(out, metrics)
-    print(f"embedded {len(rows)} recordings ({metrics['windows']} windows of {metrics['window']} timepoints), "
-          f"D={metrics['dim']} -> {out / 'embeddings.npz'} (+ embeddings.tsv)")
+    print(
+        f"embedded {len(rows)} recordings ({metrics['windows']} windows of {metrics['window']} timepoints), "
+        f"D={metrics['dim']} -> {out / 'embeddings.npz'} (+ embeddings.tsv)"
+    )
     return metrics

@@ -189,7 +189,9 @@ def load_data(ctx: Context, cfg: FinetuneConfig) -> FinetuneData:
 # -- the model ------------------------------------------------------------------------------------------------
 
 
-def _predict(model: nn.Module, data: SplitData, coords: torch.Tensor, classification: bool, batch: int = 64) -> np.ndarray:
+def _predict(
+    model: nn.Module, data: SplitData, coords: torch.Tensor, classification: bool, batch: int = 64
+) -> np.ndarray:
     """Per recording: mean window prediction (or mean class probabilities)."""
     model.eval()
     outs = []
@@ -227,8 +229,13 @@ def train_one(
     classification = cfg.task == "classification"
     torch.manual_seed(seed)
     model = BrainLMForPrediction(
-        copy.deepcopy(ctx.model), len(data.classes) if classification else 1, cfg.pooling, cfg.head_hidden,
-        cfg.head_layers, cfg.dropout, cfg.freeze,
+        copy.deepcopy(ctx.model),
+        len(data.classes) if classification else 1,
+        cfg.pooling,
+        cfg.head_hidden,
+        cfg.head_layers,
+        cfg.dropout,
+        cfg.freeze,
     )
     groups = [{"params": list(model.head.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if not cfg.freeze:
@@ -324,10 +331,12 @@ def finetune(model: str, shards: str, out: str | Path, cfg: FinetuneConfig) -> d
         runs.append({"seed": seed, **test_scores, "best_epoch": int(np.argmin([h["val_loss"] for h in history]) + 1)})
         if best is None or val_best < best[0]:  # the saved model is the seed with the best validation error
             best = (val_best, net)
-    name = ("probe_mlp" if cfg.freeze else "finetuned")
+    name = "probe_mlp" if cfg.freeze else "finetuned"
     keys = ["accuracy", "auc"] if classification else ["mse", "r2", "pearson_r"]
-    summary = {name: {k: float(np.mean([r[k] for r in runs])) for k in keys}
-               | {f"{k}_std": float(np.std([r[k] for r in runs])) for k in keys}}
+    summary = {
+        name: {k: float(np.mean([r[k] for r in runs])) for k in keys}
+        | {f"{k}_std": float(np.std([r[k] for r in runs])) for k in keys}
+    }
     for base, s in baselines(data).items():
         summary[base] = s | {f"{k}_std": 0.0 for k in keys}
     primary = keys[0]
@@ -335,21 +344,37 @@ def finetune(model: str, shards: str, out: str | Path, cfg: FinetuneConfig) -> d
     winner = better(summary, key=lambda m: summary[m][primary])
     out = Path(out)
     best[1].save_pretrained(
-        out / "model", scaling=ctx.model.scaling,
-        extra={**(ctx.model.extra or {}), "finetune": asdict(cfg),
-               "transform": asdict(data.transform) if data.transform else None, "classes": data.classes},
+        out / "model",
+        scaling=ctx.model.scaling,
+        extra={
+            **(ctx.model.extra or {}),
+            "finetune": asdict(cfg),
+            "transform": asdict(data.transform) if data.transform else None,
+            "classes": data.classes,
+        },
     )
     metrics = {
-        "target": cfg.target, "task": cfg.task, "transform": cfg.transform, "config": asdict(cfg),
+        "target": cfg.target,
+        "task": cfg.task,
+        "transform": cfg.transform,
+        "config": asdict(cfg),
         "subjects": {s: len({r.subject for r in d.recordings}) for s, d in data.splits.items()},
         "recordings": {s: len(d.recordings) for s, d in data.splits.items()},
-        "seeds": runs, "table": summary, "winner": winner, "primary_metric": primary,
+        "seeds": runs,
+        "table": summary,
+        "winner": winner,
+        "primary_metric": primary,
         "model_dir": str(out / "model"),
     }
     write_metrics(out, metrics)
     rows = [{"method": m, **{k: f"{v[k]:.4f} +- {v[k + '_std']:.4f}" for k in keys}} for m, v in summary.items()]
-    print(table(rows, ["method", *keys],
-                f"{cfg.target} ({cfg.task}, {cfg.transform if not classification else 'classes ' + str(data.classes)}) "
-                f"on {metrics['recordings']['test']} test recordings of {metrics['subjects']['test']} subjects; "
-                f"{'higher' if classification else 'lower'} is better; winner: {winner}"))
+    print(
+        table(
+            rows,
+            ["method", *keys],
+            f"{cfg.target} ({cfg.task}, {cfg.transform if not classification else 'classes ' + str(data.classes)}) "
+            f"on {metrics['recordings']['test']} test recordings of {metrics['subjects']['test']} subjects; "
+            f"{'higher' if classification else 'lower'} is better; winner: {winner}",
+        )
+    )
     return metrics

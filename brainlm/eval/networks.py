@@ -48,7 +48,9 @@ def _zscore_columns(x: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def attention_features(model, windows_BRW: np.ndarray, coords_R3: torch.Tensor, layer: int = -1, batch: int = 32) -> np.ndarray:
+def attention_features(
+    model, windows_BRW: np.ndarray, coords_R3: torch.Tensor, layer: int = -1, batch: int = 32
+) -> np.ndarray:
     """[R, windows x heads]: CLS attention mass on each parcel's tokens, per window and head."""
     model.eval()
     N = model.config.num_patches
@@ -73,8 +75,16 @@ def fc_rows(windows_BRW: np.ndarray) -> np.ndarray:
     return fc
 
 
-def networks(model: str, shards: str, out: str | Path, split: str = "test", label_key: str = "network",
-             max_windows: int = 256, k: int = 5, n_splits: int = 5) -> dict[str, Any]:
+def networks(
+    model: str,
+    shards: str,
+    out: str | Path,
+    split: str = "test",
+    label_key: str = "network",
+    max_windows: int = 256,
+    k: int = 5,
+    n_splits: int = 5,
+) -> dict[str, Any]:
     from brainlm.eval import plots
 
     ctx = load_context(model, shards)
@@ -112,22 +122,47 @@ def networks(model: str, shards: str, out: str | Path, split: str = "test", labe
     best_baseline = max(("raw", "fc_rows"), key=lambda m: results[m]["accuracy"])
     winner = max(results, key=lambda m: results[m]["accuracy"])
     out = Path(out)
-    plots.confusion_figure(labels, preds["attention"], order, out / "confusion_attention.png",
-                           f"networks from CLS attention: accuracy {results['attention']['accuracy']:.2f}")
-    plots.confusion_figure(labels, preds[best_baseline], order, out / f"confusion_{best_baseline}.png",
-                           f"networks from {best_baseline}: accuracy {results[best_baseline]['accuracy']:.2f}")
+    plots.confusion_figure(
+        labels,
+        preds["attention"],
+        order,
+        out / "confusion_attention.png",
+        f"networks from CLS attention: accuracy {results['attention']['accuracy']:.2f}",
+    )
+    plots.confusion_figure(
+        labels,
+        preds[best_baseline],
+        order,
+        out / f"confusion_{best_baseline}.png",
+        f"networks from {best_baseline}: accuracy {results[best_baseline]['accuracy']:.2f}",
+    )
     metrics = {
-        "split": split, "windows": int(len(windows)), "parcels": int(len(parcels)), "networks": order,
-        "left_out": left_out, "chance_majority": chance, "k": k, "folds": n_splits,
+        "split": split,
+        "windows": len(windows),
+        "parcels": len(parcels),
+        "networks": order,
+        "left_out": left_out,
+        "chance_majority": chance,
+        "k": k,
+        "folds": n_splits,
         "features": "CLS attention, last encoder layer, per head, summed over each parcel's patches; "
-                    "attention_all_layers averages the layers",
-        "results": results, "winner": winner, "best_baseline": best_baseline,
+        "attention_all_layers averages the layers",
+        "results": results,
+        "winner": winner,
+        "best_baseline": best_baseline,
     }
     write_metrics(out, metrics)
-    rows = [{"features": m, "accuracy": r["accuracy"], **{n[:10]: r["per_network"][n] for n in order}}
-            for m, r in results.items()]
+    rows = [
+        {"features": m, "accuracy": r["accuracy"], **{n[:10]: r["per_network"][n] for n in order}}
+        for m, r in results.items()
+    ]
     rows.append({"features": "chance", "accuracy": chance})
-    print(table(rows, ["features", "accuracy", *[n[:10] for n in order]],
-                f"network identification, {len(parcels)} parcels in {len(order)} networks, kNN (k={k}) "
-                f"{n_splits}-fold CV over parcels, {len(windows)} {split} windows; winner: {winner}"))
+    print(
+        table(
+            rows,
+            ["features", "accuracy", *[n[:10] for n in order]],
+            f"network identification, {len(parcels)} parcels in {len(order)} networks, kNN (k={k}) "
+            f"{n_splits}-fold CV over parcels, {len(windows)} {split} windows; winner: {winner}",
+        )
+    )
     return metrics

@@ -68,13 +68,15 @@ def magnitude(theta: torch.Tensor, form: str) -> np.ndarray:
     return (t.mean(dim=1) if form == "additive" else t.sum(dim=1)).numpy()
 
 
-def optimise(ctx: Context, source: np.ndarray, target: np.ndarray, cfg: PerturbConfig,
-             report=None) -> tuple[torch.Tensor, dict[str, float]]:
+def optimise(
+    ctx: Context, source: np.ndarray, target: np.ndarray, cfg: PerturbConfig, report=None
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Learn theta; returns it and how far the embedding moved (reached = 1 - d_after / d_before)."""
     model = ctx.model.eval().requires_grad_(False)
     cfgm = model.config
     R, N = source.shape[1], cfgm.num_patches
     x = torch.from_numpy(source)
+
     def embedding(signal_BRT: torch.Tensor) -> torch.Tensor:
         cls_BD, tokens_BLD = model.encode(signal_BRT, ctx.coords_R3)
         return (cls_BD if cfg.pooling == "cls" else tokens_BLD.mean(dim=1)).mean(dim=0)
@@ -97,8 +99,12 @@ def optimise(ctx: Context, source: np.ndarray, target: np.ndarray, cfg: PerturbC
     with torch.no_grad():
         final = embedding(apply(x, theta, cfg.form, cfgm.patch_size))
     after = float(((final - goal) ** 2).sum())
-    return theta.detach(), {"distance_before": scale, "distance_after": after, "reached": 1 - after / scale,
-                            "mean_abs_theta": float(theta.detach().abs().mean())}
+    return theta.detach(), {
+        "distance_before": scale,
+        "distance_after": after,
+        "reached": 1 - after / scale,
+        "mean_abs_theta": float(theta.detach().abs().mean()),
+    }
 
 
 def variance_baseline(source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -139,20 +145,42 @@ def perturb(model: str, shards: str, out: str | Path, cfg: PerturbConfig) -> dic
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "theta.npy", theta.numpy())
-    plots.brain_figure(mag, atlas.coords(), out / "perturbation_brain.png",
-                       f"|theta| per parcel: {cfg.source} -> {cfg.target}")
+    plots.brain_figure(
+        mag, atlas.coords(), out / "perturbation_brain.png", f"|theta| per parcel: {cfg.source} -> {cfg.target}"
+    )
     if atlas.networks:
-        plots.bar_figure(model_top["network_mean"], out / "perturbation_networks.png",
-                         "mean |theta| per network", "|theta|")
-    metrics = {"config": asdict(cfg), "source_windows": len(source), "target_windows": len(target), **reach,
-               "magnitude": mag.round(6).tolist(), "model": model_top, "baseline_variance": base_top}
+        plots.bar_figure(
+            model_top["network_mean"], out / "perturbation_networks.png", "mean |theta| per network", "|theta|"
+        )
+    metrics = {
+        "config": asdict(cfg),
+        "source_windows": len(source),
+        "target_windows": len(target),
+        **reach,
+        "magnitude": mag.round(6).tolist(),
+        "model": model_top,
+        "baseline_variance": base_top,
+    }
     write_metrics(out, metrics)
-    print(f"perturbation {cfg.source} -> {cfg.target} ({cfg.form}, l1 {cfg.l1}): the embedding moved "
-          f"{reach['reached']:.1%} of the way to the target; {len(source)} source, {len(target)} target windows")
+    print(
+        f"perturbation {cfg.source} -> {cfg.target} ({cfg.form}, l1 {cfg.l1}): the embedding moved "
+        f"{reach['reached']:.1%} of the way to the target; {len(source)} source, {len(target)} target windows"
+    )
     if atlas.networks:
-        rows = [{"network": n, "model top share": model_top["top_share"][n],
-                 "baseline top share": base_top["top_share"][n], "base rate": model_top["base_rate"][n]}
-                for n in sorted(model_top["top_share"], key=lambda n: -model_top["top_share"][n])]
-        print(table(rows, ["network", "model top share", "baseline top share", "base rate"],
-                    f"networks of the top {cfg.top_fraction:.0%} parcels"))
+        rows = [
+            {
+                "network": n,
+                "model top share": model_top["top_share"][n],
+                "baseline top share": base_top["top_share"][n],
+                "base rate": model_top["base_rate"][n],
+            }
+            for n in sorted(model_top["top_share"], key=lambda n: -model_top["top_share"][n])
+        ]
+        print(
+            table(
+                rows,
+                ["network", "model top share", "baseline top share", "base rate"],
+                f"networks of the top {cfg.top_fraction:.0%} parcels",
+            )
+        )
     return metrics

@@ -88,8 +88,16 @@ def brain_figure(values_R: np.ndarray, coords_R3: np.ndarray, path: str | Path, 
 
     fig = plt.figure(figsize=(10, 3.2))
     v = np.asarray(values_R, dtype=float)
-    plotting.plot_markers(v, np.asarray(coords_R3), node_size=(12 + 60 * (v - v.min()) / (np.ptp(v) + 1e-12)),
-                          node_cmap="magma", title=title, figure=fig, display_mode="lzry", colorbar=True)
+    plotting.plot_markers(
+        v,
+        np.asarray(coords_R3),
+        node_size=(12 + 60 * (v - v.min()) / (np.ptp(v) + 1e-12)),
+        node_cmap="magma",
+        title=title,
+        figure=fig,
+        display_mode="lzry",
+        colorbar=True,
+    )
     return _save(fig, path)
 
 

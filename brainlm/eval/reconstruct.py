@@ -127,8 +127,13 @@ def ctx_split(ctx: Context, split: str) -> str:
 
 
 def reconstruct(
-    model: str, shards: str, out: str | Path, split: str = "test", mask_ratio: float | None = None,
-    strategies: tuple[str, ...] = MASKINGS, limit: int | None = None,
+    model: str,
+    shards: str,
+    out: str | Path,
+    split: str = "test",
+    mask_ratio: float | None = None,
+    strategies: tuple[str, ...] = MASKINGS,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Run the protocol; writes metrics.json and figures into ``out``; returns the metrics."""
     from brainlm.eval import plots
@@ -141,8 +146,15 @@ def reconstruct(
     B, R, _ = x.shape
     mean_R, ridge = fit_baselines(ctx, mask_ratio=ratio)
     metrics: dict[str, Any] = {
-        "split": split, "windows": B, "parcels": R, "timepoints": cfg.num_timepoints, "mask_ratio": ratio,
-        "ridge_lambda": ridge.lam, "pooled_r2": {}, "per_parcel_r2": {}, "model": str(ctx.model_dir),
+        "split": split,
+        "windows": B,
+        "parcels": R,
+        "timepoints": cfg.num_timepoints,
+        "mask_ratio": ratio,
+        "ridge_lambda": ridge.lam,
+        "pooled_r2": {},
+        "per_parcel_r2": {},
+        "model": str(ctx.model_dir),
     }
     rows = []
     per_parcel_random = {}
@@ -161,22 +173,37 @@ def reconstruct(
             pooled, per = r2_parts(pred, x_np, tmask)
             metrics["pooled_r2"][masking][name] = pooled
             metrics["per_parcel_r2"][masking][name] = {
-                "mean": float(np.nanmean(per)), "median": float(np.nanmedian(per)), "values": per.round(5).tolist()
+                "mean": float(np.nanmean(per)),
+                "median": float(np.nanmedian(per)),
+                "values": per.round(5).tolist(),
             }
             if masking == "random":
                 per_parcel_random[name] = per
         best_baseline = max((m for m in METHODS if m != "model"), key=lambda m: metrics["pooled_r2"][masking][m])
-        rows.append({"masking": masking, **metrics["pooled_r2"][masking],
-                     "winner": "model" if metrics["pooled_r2"][masking]["model"] > metrics["pooled_r2"][masking][best_baseline]
-                     else best_baseline})
+        rows.append(
+            {
+                "masking": masking,
+                **metrics["pooled_r2"][masking],
+                "winner": "model"
+                if metrics["pooled_r2"][masking]["model"] > metrics["pooled_r2"][masking][best_baseline]
+                else best_baseline,
+            }
+        )
         if masking == strategies[0]:
-            plots.reconstruction_figure(ctx.model, x[:1], ctx.coords_R3, Path(out) / "reconstruction.png",
-                                        mask_BL=mask_BL[:1])
+            plots.reconstruction_figure(
+                ctx.model, x[:1], ctx.coords_R3, Path(out) / "reconstruction.png", mask_BL=mask_BL[:1]
+            )
     if per_parcel_random:
-        plots.distribution_figure(per_parcel_random, Path(out) / "per_parcel_r2.png",
-                                  "per-parcel masked R^2 (random masking)")
+        plots.distribution_figure(
+            per_parcel_random, Path(out) / "per_parcel_r2.png", "per-parcel masked R^2 (random masking)"
+        )
     metrics["table"] = rows
     write_metrics(out, metrics)
-    print(table(rows, ["masking", *METHODS, "winner"],
-                f"masked-patch R^2 on {B} {split} windows (pooled over masked values, unclipped; mask ratio {ratio})"))
+    print(
+        table(
+            rows,
+            ["masking", *METHODS, "winner"],
+            f"masked-patch R^2 on {B} {split} windows (pooled over masked values, unclipped; mask ratio {ratio})",
+        )
+    )
     return metrics

@@ -97,6 +97,12 @@ class Checkpointer:
                 f"{path} was written by a different model config ({details}); resume with the same model "
                 "settings, or start a fresh run in another train.out_dir"
             )
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if meta.get("world_size", world) != world:
+            raise CheckpointError(
+                f"{path} was written by {meta['world_size']} rank(s) but this run has {world}; ZeRO shards and "
+                "the per-rank RNG are laid out per rank: resume with the same number of nodes x GPUs"
+            )
         ds.load_checkpoint(engine, str(path.parent), path.name)
         rng = torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])

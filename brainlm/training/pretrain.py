@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -44,6 +45,9 @@ class RunResult:
 
 
 def git_sha() -> str:
+    """The checkout's commit, or $BRAINLM_GIT_SHA (set when the container image is built without .git)."""
+    if os.environ.get("BRAINLM_GIT_SHA"):
+        return os.environ["BRAINLM_GIT_SHA"]
     try:
         return (
             subprocess.run(
