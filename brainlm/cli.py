@@ -1,6 +1,6 @@
 """The ``brainlm`` console command: one subcommand per analysis, each a plain function.
 
-    brainlm reconstruct | embed | finetune | networks | perturb | attention | registry ...
+brainlm reconstruct | embed | finetune | networks | perturb | attention | registry ...
 """
 
 from __future__ import annotations
@@ -50,6 +50,81 @@ def _attention(a: argparse.Namespace) -> None:
     attention(a.model, a.shards, a.out, a.group_by, a.split, a.max_windows)
 
 
+def _registry_store() -> None:
+    from brainlm.registry import tracking_store
+
+    print(f"MLflow store: {tracking_store()}", file=sys.stderr, flush=True)
+
+
+def _registry_list(a: argparse.Namespace) -> None:
+    from brainlm.eval.common import table
+    from brainlm.registry import list_models, list_versions
+
+    _registry_store()
+    if a.name:
+        rows = [
+            r
+            | {
+                "aliases": ", ".join(r["aliases"]),
+                "run_id": r["run_id"][:12],
+                "manifest_sha256": r["manifest_sha256"][:12],
+            }
+            for r in list_versions(a.name)
+        ]
+        columns = ["version", "aliases", "created", "run_id", "manifest_sha256", "from"]
+        print(table(rows, columns, f"{a.name}: versions"))
+        return
+    rows = [r | {"aliases": ", ".join(f"{k} -> {v}" for k, v in r["aliases"].items())} for r in list_models()]
+    if not rows:
+        print("no registered models")
+        return
+    print(table(rows, ["name", "versions", "newest", "aliases", "updated"], "registered models"))
+
+
+def _registry_show(a: argparse.Namespace) -> None:
+    import json
+
+    from brainlm.registry import describe
+
+    _registry_store()
+    info = describe(a.name, a.version, a.alias)
+    if a.json:
+        print(json.dumps(info, indent=1, default=str))
+        return
+    print(
+        f"{info['name']} version {info['version']}  aliases: {', '.join(info['aliases']) or '-'}  "
+        f"created {info['created']}"
+    )
+    print(
+        f"  run {info['run_id']} ({info.get('run_name', '?')})"
+        + (f" in sweep {info['sweep'].get('run_name', '')} ({info['sweep']['run_id']})" if info.get("sweep") else "")
+    )
+    print(f"  uri models:/{info['name']}/{info['version']}  source {info['source']}")
+    for title in ("tags", "metrics", "params"):
+        if info[title]:
+            print(f"{title}{' (lineage)' if title == 'tags' else ''}:")
+            width = max(len(k) for k in info[title])
+            for k, v in info[title].items():
+                print(f"  {k.ljust(width)}  {f'{v:.6g}' if isinstance(v, float) else v}")
+
+
+def _registry_promote(a: argparse.Namespace) -> None:
+    from brainlm.registry import promote
+
+    _registry_store()
+    before = promote(a.name, a.version, a.alias)
+    was = f"(was version {before})" if before is not None else "(a new alias)"
+    print(f"{a.name}@{a.alias} -> version {a.version} {was}; use it as models:/{a.name}@{a.alias}")
+
+
+def _registry_download(a: argparse.Namespace) -> None:
+    from brainlm.registry import download
+
+    _registry_store()
+    out = download(a.uri, a.out)
+    print(f"{a.uri} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+
+
 def _add_config(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One flag per dataclass field, its docstring as help: the CLI and the sweeps share one schema."""
     from brainlm.config import field_docs
@@ -65,8 +140,13 @@ def _add_config(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (
         if kind[0] is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs.get(f.name))
         else:
-            p.add_argument(flag, type=kind[0], default=default, required=f.default is dataclasses.MISSING,
-                           help=f"{docs.get(f.name, '')} (default {default})")
+            p.add_argument(
+                flag,
+                type=kind[0],
+                default=default,
+                required=f.default is dataclasses.MISSING,
+                help=f"{docs.get(f.name, '')} (default {default})",
+            )
 
 
 def _config(cls: type, a: argparse.Namespace):
@@ -83,13 +163,19 @@ def parser() -> argparse.ArgumentParser:
     from brainlm.eval.finetune import FinetuneConfig
     from brainlm.eval.perturb import PerturbConfig
 
-    p = argparse.ArgumentParser(prog="brainlm", description="Analyses with pretrained BrainLM models. Each writes "
-                                "metrics.json and figures into --out and prints a table with baselines beside it.")
+    p = argparse.ArgumentParser(
+        prog="brainlm",
+        description="Analyses with pretrained BrainLM models. Each writes "
+        "metrics.json and figures into --out and prints a table with baselines beside it.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("reconstruct", help="masked-patch R^2 on held-out recordings, beside baselines",
-                       description="Masked-patch R^2 with fixed windows and seeded masks, per masking strategy, "
-                       "beside zero / parcel-mean / interpolation / ridge-imputation baselines.")
+    r = sub.add_parser(
+        "reconstruct",
+        help="masked-patch R^2 on held-out recordings, beside baselines",
+        description="Masked-patch R^2 with fixed windows and seeded masks, per masking strategy, "
+        "beside zero / parcel-mean / interpolation / ridge-imputation baselines.",
+    )
     _io(r)
     r.add_argument("--split", default="test", help="split to evaluate (default test)")
     r.add_argument("--mask-ratio", type=float, help="default: the model's")
@@ -97,22 +183,31 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, help="evaluate at most this many windows")
     r.set_defaults(func=_reconstruct)
 
-    e = sub.add_parser("embed", help="deterministic CLS and mean-token embeddings per recording",
-                       description="Embeddings per recording, averaged over its non-overlapping windows.")
+    e = sub.add_parser(
+        "embed",
+        help="deterministic CLS and mean-token embeddings per recording",
+        description="Embeddings per recording, averaged over its non-overlapping windows.",
+    )
     _io(e)
     e.add_argument("--splits", default="train,val,test", help="splits to embed (default train,val,test)")
     e.set_defaults(func=_embed)
 
-    f = sub.add_parser("finetune", help="predict a phenotype; SVR, FC-ridge and probe baselines beside it",
-                       description="Fine-tune (or probe) an MLP head on the embedding to predict a phenotype, "
-                       "subject-level splits, mean +- std over seeds, baselines in the same table.")
+    f = sub.add_parser(
+        "finetune",
+        help="predict a phenotype; SVR, FC-ridge and probe baselines beside it",
+        description="Fine-tune (or probe) an MLP head on the embedding to predict a phenotype, "
+        "subject-level splits, mean +- std over seeds, baselines in the same table.",
+    )
     _io(f)
     _add_config(f, FinetuneConfig)
     f.set_defaults(func=_finetune)
 
-    n = sub.add_parser("networks", help="zero-shot functional network identification from CLS attention",
-                       description="kNN over parcels on CLS-attention features, cross-validated, beside raw "
-                       "time series and FC-row features.")
+    n = sub.add_parser(
+        "networks",
+        help="zero-shot functional network identification from CLS attention",
+        description="kNN over parcels on CLS-attention features, cross-validated, beside raw "
+        "time series and FC-row features.",
+    )
     _io(n)
     n.add_argument("--labels", default="network", help="the atlas label set to identify (default network)")
     n.add_argument("--split", default="test", help="split whose windows give the features (default test)")
@@ -120,20 +215,53 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--k", type=int, default=5, help="neighbours (default 5)")
     n.set_defaults(func=_networks)
 
-    b = sub.add_parser("perturb", help="in-silico perturbation from a source state to a target state",
-                       description="Learn a sparse perturbation of the source recordings whose embedding "
-                       "matches the target state's; report where it concentrates.")
+    b = sub.add_parser(
+        "perturb",
+        help="in-silico perturbation from a source state to a target state",
+        description="Learn a sparse perturbation of the source recordings whose embedding "
+        "matches the target state's; report where it concentrates.",
+    )
     _io(b)
     _add_config(b, PerturbConfig)
     b.set_defaults(func=_perturb)
 
-    t = sub.add_parser("attention", help="CLS attention maps per parcel and group",
-                       description="CLS attention per parcel averaged within groups, brain figures.")
+    t = sub.add_parser(
+        "attention",
+        help="CLS attention maps per parcel and group",
+        description="CLS attention per parcel averaged within groups, brain figures.",
+    )
     _io(t)
     t.add_argument("--group-by", default="condition", help="metadata or phenotype to group by (default condition)")
     t.add_argument("--split", default="test", help="split (default test)")
     t.add_argument("--max-windows", type=int, default=512, help="windows per group (default 512)")
     t.set_defaults(func=_attention)
+
+    g = sub.add_parser(
+        "registry",
+        help="registered models: list, show, promote (move an alias), download",
+        description="The MLflow model registry (the store is MLFLOW_TRACKING_URI). Every command "
+        "that takes --model accepts models:/NAME@ALIAS and models:/NAME/VERSION.",
+    )
+    gs = g.add_subparsers(dest="action", required=True)
+    gl = gs.add_parser("list", help="registered models with their versions and aliases (or one model's versions)")
+    gl.add_argument("name", nargs="?", help="list this model's versions")
+    gl.set_defaults(func=_registry_list)
+    gw = gs.add_parser("show", help="one version: aliases, lineage tags, its run's params and metrics")
+    gw.add_argument("name", help="registered model name")
+    pick = gw.add_mutually_exclusive_group()
+    pick.add_argument("--version", help="version number or latest (default: the newest)")
+    pick.add_argument("--alias", help="alias, e.g. champion")
+    gw.add_argument("--json", action="store_true", help="print JSON")
+    gw.set_defaults(func=_registry_show)
+    gp = gs.add_parser("promote", help="point an alias at a version (e.g. champion -> 3)")
+    gp.add_argument("name", help="registered model name")
+    gp.add_argument("version", help="version number")
+    gp.add_argument("alias", help="alias to move or create (not latest: MLflow reserves it)")
+    gp.set_defaults(func=_registry_promote)
+    gd = gs.add_parser("download", help="fetch a model version into a folder")
+    gd.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    gd.add_argument("--out", required=True, help="folder for model.safetensors, config.json, ...")
+    gd.set_defaults(func=_registry_download)
     return p
 
 

@@ -39,3 +39,7 @@ class StoreError(BrainLMError):
 
 class CheckpointError(BrainLMError):
     """A checkpoint is missing, incomplete, or was written by a different model config."""
+
+
+class SweepInterrupted(BrainLMError):
+    """A sweep stopped before every trial ended (Ctrl+C); ``--resume`` continues it."""

@@ -74,6 +74,15 @@ class FinetuneConfig:
             raise ConfigError(f"`--transform` must be one of {', '.join(TRANSFORMS)}, got {self.transform!r}")
         if self.pooling not in ("cls", "mean"):
             raise ConfigError(f"`--pooling` must be cls or mean, got {self.pooling!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"`--dropout` must be in [0, 1), got {self.dropout}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.backbone_lr_scale < 0:
+            raise ConfigError(
+                f"`--lr` must be > 0 and `--weight-decay`, `--backbone-lr-scale` >= 0; got {self.lr}, "
+                f"{self.weight_decay}, {self.backbone_lr_scale}"
+            )
+        if self.head_hidden is not None and self.head_hidden < 1:
+            raise ConfigError(f"`--head-hidden` must be at least 1, got {self.head_hidden}")
         for name in ("epochs", "batch_size", "seeds", "head_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`--{name.replace('_', '-')}` must be at least 1, got {getattr(self, name)}")
@@ -266,6 +275,12 @@ def train_one(
             report(epoch, history[-1])
         if val_loss < best:
             best, best_state = val_loss, copy.deepcopy(model.state_dict())
+    if best_state is None:
+        from brainlm.training.pretrain import NonFiniteLossError
+
+        raise NonFiniteLossError(
+            f"the validation loss was not finite in any of {cfg.epochs} epochs (lr {cfg.lr}); lower --lr"
+        )
     model.load_state_dict(best_state)
     test = data.splits["test"]
     return model, scores(_predict(model, test, ctx.coords_R3, classification), test.y, classification), history
@@ -320,6 +335,22 @@ def baselines(data: FinetuneData) -> dict[str, dict[str, float]]:
 # -- the command ----------------------------------------------------------------------------------------------
 
 
+def save_finetuned(model: BrainLMForPrediction, data: FinetuneData, path: str | Path) -> None:
+    """The fine-tuned model folder: backbone + head like a pretrained one, plus the fine-tuning config, the target
+    transform and the classes in extra.json."""
+    ctx = data.ctx
+    model.save_pretrained(
+        path,
+        scaling=ctx.model.scaling,
+        extra={
+            **(ctx.model.extra or {}),
+            "finetune": asdict(data.cfg),
+            "transform": asdict(data.transform) if data.transform else None,
+            "classes": data.classes,
+        },
+    )
+
+
 def finetune(model: str, shards: str, out: str | Path, cfg: FinetuneConfig) -> dict[str, Any]:
     ctx = load_context(model, shards)
     data = load_data(ctx, cfg)
@@ -343,16 +374,7 @@ def finetune(model: str, shards: str, out: str | Path, cfg: FinetuneConfig) -> d
     better = max if classification else min
     winner = better(summary, key=lambda m: summary[m][primary])
     out = Path(out)
-    best[1].save_pretrained(
-        out / "model",
-        scaling=ctx.model.scaling,
-        extra={
-            **(ctx.model.extra or {}),
-            "finetune": asdict(cfg),
-            "transform": asdict(data.transform) if data.transform else None,
-            "classes": data.classes,
-        },
-    )
+    save_finetuned(best[1], data, out / "model")
     metrics = {
         "target": cfg.target,
         "task": cfg.task,

@@ -109,3 +109,34 @@ def bar_figure(values: dict[str, float], path: str | Path, title: str, ylabel: s
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+def scaling_figure(rows: list[dict], path: str | Path) -> Path:
+    """Validation masked R^2 against training FLOPs (one line per shape) and against parameters (one line per
+    budget): which shape wins at which compute."""
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and np.isfinite(v)
+
+    done = [r for r in rows if number(r["val_masked_r2"])]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for w, d, m in sorted({(r["width"], r["depth"], r["mask_ratio"]) for r in done}):
+        pts = sorted(
+            (r["flops"], r["val_masked_r2"]) for r in done if (r["width"], r["depth"], r["mask_ratio"]) == (w, d, m)
+        )
+        left.plot(*zip(*pts, strict=True), marker="o", label=f"w{w} d{d} m{m}")
+    left.set_xscale("log")
+    left.set_xlabel("training FLOPs spent")
+    left.set_ylabel("validation masked R^2")
+    left.set_title("R^2 against compute (one line per shape)")
+    left.legend(fontsize=7)
+    for b in sorted({r["budget"] for r in done}):
+        pts = sorted((r["params"], r["val_masked_r2"]) for r in done if r["budget"] == b)
+        right.plot(*zip(*pts, strict=True), marker="o", label=f"budget {b:.2g}")
+    right.set_xscale("log")
+    right.set_xlabel("parameters")
+    right.set_title("R^2 against parameters (one line per budget)")
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)

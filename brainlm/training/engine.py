@@ -45,7 +45,9 @@ def init_distributed() -> DistContext:
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather_into_tensor")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    if not cuda:  # ranks on one machine share its cores; oversubscribed threads run slower, not faster
+    if not cuda and not os.environ.get("OMP_NUM_THREADS"):
+        # Ranks on one machine share its cores: oversubscribed threads run slower, not faster. A thread count
+        # given from outside (OMP_NUM_THREADS, as Ray sets for a trial) wins.
         local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     rank, world = dist.get_rank(), dist.get_world_size()
