@@ -121,6 +121,7 @@ def resolve_model(uri: str | Path, cache: str | Path | None = None) -> Path:
         return path
     cache = Path(cache or os.environ.get("BRAINLM_CACHE", Path.home() / ".cache" / "brainlm")) / "models"
     target = cache / uri.replace(":/", "_").replace("/", "_").replace("@", "_")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file of a small folder
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
     except Exception as err:

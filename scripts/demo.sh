@@ -21,7 +21,7 @@ echo "== 3/4 pretraining: deepspeed --num_gpus 2 launcher/pretrain.py --deepspee
 mkdir -p "$DEMO_DIR/runs"
 deepspeed --num_gpus 2 --master_port "$PORT" launcher/pretrain.py --deepspeed ds_config.json \
   --config configs/pretrain/debug.yaml --data.shards "$DEMO_DIR/shards" --train.out_dir "$DEMO_DIR/runs/debug" \
-  2>&1 | grep -v '^\[20[0-9-]* [0-9:,]*\] \[INFO\]'
+  2>&1 | grep --line-buffered -v '^\[20[0-9-]* [0-9:,]*\] \[INFO\]'
 
 echo "== 4/4 reconstruction on the held-out test split, the model from the registry"
 brainlm reconstruct --model models:/brainlm-debug@current --shards "$DEMO_DIR/shards" \

@@ -15,7 +15,7 @@ python -m data_prep build --inputs "$OUT/cohort" --out "$OUT/shards" --workers 2
 deepspeed --num_gpus 2 --master_port "$PORT" launcher/pretrain.py --deepspeed ds_config.json \
   --config configs/pretrain/debug.yaml --data.shards "$OUT/shards" --train.out_dir "$OUT/runs/debug-long" \
   --train.max_steps "$STEPS" --train.log_every 200 --train.val_every 1000 --train.ckpt_every 1000 \
-  --tracking.register_as brainlm-results 2>&1 | grep -v '^\[20[0-9-]* [0-9:,]*\] \[INFO\]'
+  --tracking.register_as brainlm-results 2>&1 | grep --line-buffered -v '^\[20[0-9-]* [0-9:,]*\] \[INFO\]'
 M=models:/brainlm-results@current
 S="$OUT/shards"
 brainlm reconstruct --model $M --shards "$S" --out "$OUT/eval/reconstruct"
