@@ -103,9 +103,24 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # spawn: workers must not inherit boto3 clients, threads or locks from the parent.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+class Workers:
+    """``map`` in this process (one worker) or in a process pool started on first use and shared by every stage of
+    the build (each worker imports the stack once: about a second, several with nilearn)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.pool = n, None
+
+    def map(self, fn, jobs):
+        if self.n == 1:
+            return map(fn, jobs)
+        if self.pool is None:
+            # spawn: workers must not inherit boto3 clients, threads or locks from the parent.
+            self.pool = ProcessPoolExecutor(max_workers=self.n, mp_context=multiprocessing.get_context("spawn"))
+        return self.pool.map(fn, jobs, chunksize=1)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def _bar(total: int, desc: str, unit: str, enabled: bool, **kw) -> tqdm:
@@ -166,7 +181,7 @@ def _parcellate_one(job: tuple[RecordingSpec, AtlasSource, dict, str, str]) -> d
     return record
 
 
-def parcellate(cfg: BuildConfig, specs: list[RecordingSpec], atlas: AtlasSource) -> list[dict]:
+def parcellate(cfg: BuildConfig, specs: list[RecordingSpec], atlas: AtlasSource, workers: Workers) -> list[dict]:
     """Stage 1. Returns one record per spec (reused when its fingerprint matches)."""
     store = open_store(cfg.out)
     params = {
@@ -188,17 +203,10 @@ def parcellate(cfg: BuildConfig, specs: list[RecordingSpec], atlas: AtlasSource)
         jobs.append((spec, atlas, params, store.url, fp))
     if jobs:
         bar = _bar(len(jobs), "parcellate", "rec", cfg.progress)
-        if cfg.workers == 1:
-            results = map(_parcellate_one, jobs)
-        else:
-            pool = _pool(cfg.workers)
-            results = pool.map(_parcellate_one, jobs, chunksize=1)
-        for rec in results:
+        for rec in workers.map(_parcellate_one, jobs):
             records[rec["id"]] = rec
             bar.update()
         bar.close()
-        if cfg.workers > 1:
-            pool.shutdown()
     reused = len(specs) - len(jobs)
     if reused:
         print(f"parcellate: reused {reused} recording(s) parcellated by an earlier run", file=sys.stderr)
@@ -437,7 +445,7 @@ def _write_shard(job: tuple[dict, dict, dict, int, str]) -> dict:
     return side
 
 
-def write_shards(cfg: BuildConfig, plan: dict) -> dict[str, int]:
+def write_shards(cfg: BuildConfig, plan: dict, workers: Workers) -> dict[str, int]:
     """Stage 3: write every shard that is not already current. Returns counts."""
     store = open_store(cfg.out)
     if store.exists(MANIFEST):
@@ -461,17 +469,13 @@ def write_shards(cfg: BuildConfig, plan: dict) -> dict[str, int]:
     if jobs:
         bar = _bar(sum(len(s["items"]) for s in todo), "shards", "crop", cfg.progress)
         start = time.time()
-        pool = _pool(cfg.workers) if cfg.workers > 1 else None
-        results = pool.map(_write_shard, jobs, chunksize=1) if pool else map(_write_shard, jobs)
-        for side in results:
+        for side in workers.map(_write_shard, jobs):
             written += side["bytes"]
             bar.update(side["samples"])
             bar.set_postfix_str(
                 f"{written / 2**20:.0f} MiB, {written / 2**20 / max(time.time() - start, 1e-9):.1f} MiB/s"
             )
         bar.close()
-        if pool:
-            pool.shutdown()
     return {"written": len(todo), "skipped": len(plan["shards"]) - len(todo), "bytes": written}
 
 
@@ -549,27 +553,31 @@ def build(cfg: BuildConfig) -> Manifest | None:
     )
 
     part = _parse_part(cfg.part)
-    if cfg.stage in ("all", "parcellate", "plan"):
-        mine = [s for i, s in enumerate(specs) if part is None or i % part[1] == part[0]]
-        records = parcellate(cfg, mine, atlas)
-        if cfg.stage == "parcellate":
-            return None
-        if part is not None:  # the other parts' records (parcellating whatever they left undone)
-            records = parcellate(cfg, specs, atlas)
-        plan = make_plan(cfg, records, atlas, phenotypes)
-        store.write_bytes(PLAN, json.dumps(plan).encode())
-        if cfg.stage == "plan":
-            return None
-    else:
-        if not store.exists(PLAN):
-            raise BuildError(f"no plan under {store.url}; run the plan stage first (or --stage all)")
-        plan = json.loads(store.read_bytes(PLAN))
-    if cfg.stage in ("all", "shards"):
-        counts = write_shards(cfg, plan)
-        print(
-            f"shards: wrote {counts['written']}, skipped {counts['skipped']} already current (checksum match)",
-            file=sys.stderr,
-        )
-        if cfg.stage == "shards":
-            return None
-    return write_manifest(cfg, plan, atlas)
+    workers = Workers(cfg.workers)
+    try:
+        if cfg.stage in ("all", "parcellate", "plan"):
+            mine = [s for i, s in enumerate(specs) if part is None or i % part[1] == part[0]]
+            records = parcellate(cfg, mine, atlas, workers)
+            if cfg.stage == "parcellate":
+                return None
+            if part is not None:  # the other parts' records (parcellating whatever they left undone)
+                records = parcellate(cfg, specs, atlas, workers)
+            plan = make_plan(cfg, records, atlas, phenotypes)
+            store.write_bytes(PLAN, json.dumps(plan).encode())
+            if cfg.stage == "plan":
+                return None
+        else:
+            if not store.exists(PLAN):
+                raise BuildError(f"no plan under {store.url}; run the plan stage first (or --stage all)")
+            plan = json.loads(store.read_bytes(PLAN))
+        if cfg.stage in ("all", "shards"):
+            counts = write_shards(cfg, plan, workers)
+            print(
+                f"shards: wrote {counts['written']}, skipped {counts['skipped']} already current (checksum match)",
+                file=sys.stderr,
+            )
+            if cfg.stage == "shards":
+                return None
+        return write_manifest(cfg, plan, atlas)
+    finally:
+        workers.close()

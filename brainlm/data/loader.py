@@ -159,6 +159,8 @@ class TrainLoader:
     def __next__(self) -> dict:
         parts = [next(self.iterator) for _ in range(max(self.workers, 1))]
         self.position += 1
+        if len(parts) == 1:  # one reader: already in slot order, no copy needed
+            return parts[0]
         return {
             "signal": torch.cat([p["signal"] for p in parts])[self.order],
             "seed": torch.cat([p["seed"] for p in parts])[self.order],
