@@ -446,6 +446,8 @@ class SweepRuns:
         with contextlib.suppress(MlflowException):  # a new name or a new alias
             before = int(self.client.get_model_version_by_alias(name, alias).version)
         mlflow.set_tracking_uri(self.uri)
+        # start_run(run_id) refuses a run outside the process's active experiment (set by anything before).
+        mlflow.set_experiment(experiment_id=self.client.get_run(run_id).info.experiment_id)
         with warnings.catch_warnings(), mlflow.start_run(run_id=run_id):
             warnings.simplefilter("ignore")
             version = log_and_register(model_dir, name, alias, tags)
