@@ -35,7 +35,7 @@ def _finetune(a: argparse.Namespace) -> None:
 def _networks(a: argparse.Namespace) -> None:
     from brainlm.eval.networks import networks
 
-    networks(a.model, a.shards, a.out, a.split, a.labels, a.max_windows, a.k)
+    networks(a.model, a.shards, a.out, a.split, a.labels, a.max_recordings, a.k)
 
 
 def _perturb(a: argparse.Namespace) -> None:
@@ -204,14 +204,14 @@ def parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser(
         "networks",
-        help="zero-shot functional network identification from CLS attention",
-        description="kNN over parcels on CLS-attention features, cross-validated, beside raw "
-        "time series and FC-row features.",
+        help="zero-shot functional network identification from CLS attention and tokens",
+        description="Per-recording parcel features (CLS attention, encoder tokens) classified by kNN fitted "
+        "on other recordings and other parcels, beside raw time series, FC rows and coordinates.",
     )
     _io(n)
     n.add_argument("--labels", default="network", help="the atlas label set to identify (default network)")
-    n.add_argument("--split", default="test", help="split whose windows give the features (default test)")
-    n.add_argument("--max-windows", type=int, default=256, help="windows used (default 256)")
+    n.add_argument("--split", default="test", help="split whose recordings give the features (default test)")
+    n.add_argument("--max-recordings", type=int, default=60, help="recordings used, half reference (default 60)")
     n.add_argument("--k", type=int, default=5, help="neighbours (default 5)")
     n.set_defaults(func=_networks)
 
