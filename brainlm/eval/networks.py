@@ -78,7 +78,7 @@ def recording_features(model, windows_NRW: np.ndarray, coords_R3: torch.Tensor, 
     for i in range(0, len(windows_NRW), batch):
         x = torch.from_numpy(windows_NRW[i : i + batch])
         a_BYHL = model.cls_attention(x, coords_R3)
-        B, Y, H, L = a_BYHL.shape
+        B, Y, H, _ = a_BYHL.shape
         attn.append(a_BYHL.reshape(B, Y * H, R, N).sum(dim=-1))  # [B, Y*H, R]
         _, t_BLD = model.encode(x, coords_R3)
         tokens.append(t_BLD.reshape(B, R, N, -1).mean(dim=2))  # [B, R, D]
