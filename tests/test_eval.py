@@ -181,8 +181,10 @@ def test_finetune_finds_age_and_nothing_in_the_null_trait(cohort, tmp_path):
     ]
     age, stdout = brainlm("finetune", *args, "--target", "age", "--out", str(tmp_path / "age"))
     null, _ = brainlm("finetune", *args, "--target", "null_trait", "--out", str(tmp_path / "null"))
-    assert set(age["table"]) == {"probe_mlp", "chance", "svr_raw", "fc_ridge", "probe"} and "winner" in stdout
-    assert age["table"]["fc_ridge"]["r2"] > 0.5  # the coupling that carries age is in the FC
+    assert set(age["table"]) == {"probe_mlp", "chance", "svr_raw", "fc_ridge", "probe", "probe_latent_fc"}
+    assert "winner" in stdout
+    assert age["table"]["fc_ridge"]["r2"] > 0.5  # the coupling that carries age is in the FC ...
+    assert age["table"]["probe_latent_fc"]["r2"] > 0.2, age["table"]  # ... and in the model's latent connectivity
     best_null = max(v["r2"] for k, v in null["table"].items() if k != "chance")
     assert best_null < 0.2, null["table"]  # a model that "predicts" the null trait would be leaking
     assert age["table"]["probe_mlp"]["r2"] > null["table"]["probe_mlp"]["r2"]

@@ -132,6 +132,26 @@ def embed_windows(model: BrainLM, windows_NRW: np.ndarray, coords_R3: torch.Tens
     return torch.cat(cls).numpy(), torch.cat(mean).numpy()
 
 
+@torch.no_grad()
+def latent_connectivity(model: BrainLM, windows_NRW: np.ndarray, coords_R3: torch.Tensor, batch: int = 32):
+    """The model's connectivity: correlation between parcels of their encoder-token sequences (patches x D),
+    averaged over the windows; upper triangle, Fisher z. A mean- or CLS-pooled embedding averages signed,
+    zero-mean signals away, so it cannot carry the coupling between networks; this second-order pooling can.
+    """
+    model.eval()
+    R = windows_NRW.shape[1]
+    total = torch.zeros(R, R, dtype=torch.float64)
+    for i in range(0, len(windows_NRW), batch):
+        _, tokens_BLD = model.encode(torch.from_numpy(windows_NRW[i : i + batch]), coords_R3)
+        x = tokens_BLD.reshape(len(tokens_BLD), R, -1).double()  # [B, R, N*D]
+        x = x - x.mean(dim=2, keepdim=True)
+        x = x / (x.norm(dim=2, keepdim=True) + 1e-12)
+        total += (x @ x.transpose(1, 2)).sum(dim=0)
+    c = (total / len(windows_NRW)).numpy()
+    iu = np.triu_indices(R, k=1)
+    return np.arctanh(np.clip(c[iu], -0.999999, 0.999999))
+
+
 def fixed_masks(model: BrainLM, count: int, num_parcels: int, ratio: float, masking: str) -> torch.Tensor:
     """One seeded mask per sample index: identical across runs and models of the same shape."""
     L = num_parcels * model.config.num_patches

@@ -12,6 +12,9 @@ In the same table, on the same recordings:
 - fc_ridge:  ridge / logistic regression on functional connectivity (upper triangle of the parcel
              correlation matrix, Fisher z), the baseline that third parties found hard to beat
 - probe:     ridge / logistic regression on the frozen pretrained CLS embedding
+- probe_latent_fc: the same on the frozen model's latent connectivity (parcel x parcel correlation of the
+             encoder tokens; ``common.latent_connectivity``): what the representation holds beyond its pooled
+             embedding
 """
 
 from __future__ import annotations
@@ -27,7 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from brainlm.eval.common import Context, Recording, embed_windows, load_context, recordings, table, write_metrics
+from brainlm.eval.common import (
+    Context,
+    Recording,
+    embed_windows,
+    latent_connectivity,
+    load_context,
+    recordings,
+    table,
+    write_metrics,
+)
 from brainlm.exceptions import ConfigError, InputError
 from brainlm.model.heads import BrainLMForPrediction
 
@@ -309,6 +321,7 @@ def baselines(data: FinetuneData) -> dict[str, dict[str, float]]:
         "svr_raw": lambda r: r.windows_NRW[0].ravel(),
         "fc_ridge": fc_features,
         "probe": lambda r: embed_windows(ctx.model, r.windows_NRW, ctx.coords_R3)[0].mean(axis=0),
+        "probe_latent_fc": lambda r: latent_connectivity(ctx.model, r.windows_NRW, ctx.coords_R3),
     }
     out = {}
     if classification:
