@@ -664,6 +664,19 @@ def _write_summary(
     return [md, out / f"{stem}.tsv", out / f"{stem}.json"]
 
 
+def _trials_figure(
+    rows: list[TrialRow], x: str, y: str, path: Path, title: str, best: TrialRow | None
+) -> Path:
+    """``y`` against ``x`` for every trial from its reported history (dashed: stopped early by ASHA)."""
+    from brainlm.eval import plots
+
+    histories = {
+        r.trial_id: [(h[x], h[y]) for h in r.history if _number(h.get(x)) and _number(h.get(y))] for r in rows
+    }
+    outcomes = {r.trial_id: r.outcome for r in rows}
+    return plots.trials_figure(histories, outcomes, path, x, y, title, best.trial_id if best else None)
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, (np.floating, np.integer)):
         return v.item()
@@ -902,6 +915,7 @@ def finetune_sweep(
     }
     out = _out_dir(opts)
     files = _write_summary(out, "summary", title, table_rows, columns, summary, notes)
+    files.append(_trials_figure(rows, "epoch", "val_loss", out / "trials.png", title, best))
     best_metrics = {f"best_{k}": v for k, v in (summary["best_metrics"] or {}).items() if _number(v)}
     _finish_parent(
         runs,
@@ -1119,6 +1133,7 @@ def perturb_sweep(
         _write_summary(
             out, "summary", title, table_rows, ["trial", "outcome", *params, *metric_cols, "best"], summary, notes
         )
+        + [_trials_figure(rows, "step", "score", out / "trials.png", title, best)]
         + files
     )
     _finish_parent(

@@ -29,3 +29,5 @@ brainlm networks --model $M --shards "$S" --out "$OUT/eval/networks"
 brainlm perturb --model $M --shards "$S" --out "$OUT/eval/perturb" --split train --max-windows 256
 brainlm perturb --model $M --shards "$S" --out "$OUT/eval/perturb-gain" --split train --max-windows 256 --form gain_offset
 brainlm attention --model $M --shards "$S" --out "$OUT/eval/attention" --group-by condition
+python launcher/tune.py finetune --model $M --shards "$S" --target age --samples 6 --epochs 8 --num-cpus 2 \
+  --cpus-per-trial 1 --name results-age --out "$OUT/sweeps/results-age"

@@ -169,9 +169,9 @@ def test_finetune_sweep_runs_trials_survives_a_failing_one_and_logs_to_mlflow(en
 
     client, parent, children = mlflow_runs(env, "ft")
     assert parent.info.status == "FINISHED" and parent.data.params["fixed.target"] == "age"
-    assert parent.data.metrics["trials_error"] == 1 and "summary/summary.md" in [
-        a.path for a in client.list_artifacts(parent.info.run_id, "summary")
-    ]
+    artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "summary")]
+    assert parent.data.metrics["trials_error"] == 1 and {"summary/summary.md", "summary/trials.png"} <= set(artifacts)
+    assert (env["root"] / "sweeps" / "ft" / "trials.png").stat().st_size > 5000  # val_loss per trial over epochs
     assert len(children) == 3
     by_outcome = {c.data.tags["brainlm.outcome"]: c for c in children}
     assert (
@@ -242,6 +242,7 @@ def test_perturbation_sweep_scores_trials(env):
     detail = json.loads((out / "best_perturbation.json").read_text())
     assert len(detail["magnitude"]) == 7 and detail["top_parcels"]
     assert "brainlm perturb --model" in summary["rerun"]
+    assert (out / "trials.png").stat().st_size > 5000  # score per trial over steps
     import boto3
 
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=env["bucket"], Prefix="ray/pt/")["Contents"]]

@@ -140,3 +140,30 @@ def scaling_figure(rows: list[dict], path: str | Path) -> Path:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def trials_figure(
+    histories: dict[str, list[tuple[float, float]]],
+    outcomes: dict[str, str],
+    path: str | Path,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    best: str | None = None,
+) -> Path:
+    """A sweep's metric per trial over its reports: one line per trial, stopped trials dashed, the best bold."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for trial, pts in sorted(histories.items()):
+        if not pts:
+            continue
+        x, y = zip(*pts, strict=True)
+        style = {"lw": 2.5, "color": "black", "zorder": 3} if trial == best else {"lw": 1, "alpha": 0.8}
+        ls = "--" if outcomes.get(trial) == "stopped" else "-"
+        ax.plot(x, y, ls, marker="o", ms=3, label=f"{trial}{' (best)' if trial == best else ''}", **style)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if len(histories) <= 16:
+        ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
