@@ -664,15 +664,11 @@ def _write_summary(
     return [md, out / f"{stem}.tsv", out / f"{stem}.json"]
 
 
-def _trials_figure(
-    rows: list[TrialRow], x: str, y: str, path: Path, title: str, best: TrialRow | None
-) -> Path:
+def _trials_figure(rows: list[TrialRow], x: str, y: str, path: Path, title: str, best: TrialRow | None) -> Path:
     """``y`` against ``x`` for every trial from its reported history (dashed: stopped early by ASHA)."""
     from brainlm.eval import plots
 
-    histories = {
-        r.trial_id: [(h[x], h[y]) for h in r.history if _number(h.get(x)) and _number(h.get(y))] for r in rows
-    }
+    histories = {r.trial_id: [(h[x], h[y]) for h in r.history if _number(h.get(x)) and _number(h.get(y))] for r in rows}
     outcomes = {r.trial_id: r.outcome for r in rows}
     return plots.trials_figure(histories, outcomes, path, x, y, title, best.trial_id if best else None)
 
@@ -1129,13 +1125,12 @@ def perturb_sweep(
             f"best trial {best.trial_id}: top parcels {', '.join(detail.get('top_parcels', [])[:10])}; "
             f"figures and the full report: {rerun}",
         )
-    files = (
-        _write_summary(
-            out, "summary", title, table_rows, ["trial", "outcome", *params, *metric_cols, "best"], summary, notes
-        )
-        + [_trials_figure(rows, "step", "score", out / "trials.png", title, best)]
-        + files
-    )
+    columns = ["trial", "outcome", *params, *metric_cols, "best"]
+    files = [
+        *_write_summary(out, "summary", title, table_rows, columns, summary, notes),
+        _trials_figure(rows, "step", "score", out / "trials.png", title, best),
+        *files,
+    ]
     _finish_parent(
         runs,
         parent,
