@@ -24,7 +24,7 @@ for target in age clinical_score null_trait; do
   brainlm finetune --model $M --shards "$S" --out "$OUT/eval/finetune-$target" --target $target --epochs 15 --seeds 3
   brainlm finetune --model $M --shards "$S" --out "$OUT/eval/probe-$target" --target $target --freeze --epochs 15 --seeds 3
 done
-brainlm finetune --model $M --shards "$S" --out "$OUT/eval/finetune-sex" --target sex --task classification --epochs 15 --seeds 3
+brainlm finetune --model $M --shards "$S" --out "$OUT/eval/probe-sex" --target sex --task classification --freeze --epochs 15 --seeds 3
 brainlm networks --model $M --shards "$S" --out "$OUT/eval/networks"
 brainlm perturb --model $M --shards "$S" --out "$OUT/eval/perturb" --split train --max-windows 256
 brainlm perturb --model $M --shards "$S" --out "$OUT/eval/perturb-gain" --split train --max-windows 256 --form gain_offset

@@ -197,6 +197,33 @@ def test_finetune_finds_age_and_nothing_in_the_null_trait(cohort, tmp_path):
     assert model.backbone.extra["transform"]["kind"] == "zscore"
 
 
+def test_finetune_classifies_sex_with_probabilities_and_the_fc_baseline(cohort, tmp_path):
+    metrics, stdout = brainlm(
+        "finetune",
+        "--model",
+        str(cohort["model"]),
+        "--shards",
+        str(cohort["shards"]),
+        "--out",
+        str(tmp_path / "sex"),
+        "--target",
+        "sex",
+        "--task",
+        "classification",
+        "--freeze",
+        "--epochs",
+        "3",
+        "--seeds",
+        "1",
+    )
+    t = metrics["table"]
+    assert metrics["primary_metric"] == "accuracy" and "higher is better" in stdout
+    assert set(t) == {"probe_mlp", "chance", "svr_raw", "fc_ridge", "probe", "probe_latent_fc"}
+    assert all(0.0 <= v["accuracy"] <= 1.0 and 0.0 <= v["auc"] <= 1.0 for v in t.values())
+    assert t["chance"]["auc"] == 0.5
+    assert t["fc_ridge"]["auc"] > 0.7, t  # sex shifts a network coupling: the FC sees it
+
+
 def test_target_transforms_invert():
     from brainlm.eval.finetune import Transform
 

@@ -310,6 +310,7 @@ def fc_features(rec: Recording) -> np.ndarray:
 
 
 def baselines(data: FinetuneData) -> dict[str, dict[str, float]]:
+    from sklearn.calibration import CalibratedClassifierCV
     from sklearn.linear_model import LogisticRegressionCV, RidgeCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -334,7 +335,8 @@ def baselines(data: FinetuneData) -> dict[str, dict[str, float]]:
         x_train = np.stack([feat(r) for r in train.recordings])
         x_test = np.stack([feat(r) for r in test.recordings])
         if name == "svr_raw":
-            est = make_pipeline(StandardScaler(), SVC(probability=True, random_state=0) if classification else SVR())
+            svm = CalibratedClassifierCV(SVC(random_state=0), ensemble=False) if classification else SVR()
+            est = make_pipeline(StandardScaler(), svm)
         elif classification:
             est = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=8, max_iter=2000))
         else:
