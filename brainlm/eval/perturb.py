@@ -10,8 +10,8 @@ loss = ||mean_b E(G(X_b)) - mean E(target)||^2 / ||mean E(source) - mean E(targe
 E is the model's representation of a window (``--pooling``): ``parcels`` (default) keeps the parcel axis, each
 parcel's encoder tokens averaged over its patches ([R, D]); ``cls`` and ``mean`` pool to one D-vector. A pooled
 D-vector is a weak target: the optimiser reaches it with a small theta spread over every parcel (on the
-synthetic cohort, 94% of the way with no preference for the visual parcels the task drives), whereas matching
-the per-parcel representation puts the perturbation where the states differ (docs/results.md).
+synthetic cohort, 98% of the way with none of the top parcels in the visual network the task drives), whereas
+matching the per-parcel representation puts the perturbation where the states differ (docs/results.md).
 
 The model is frozen; the same theta applies to every source window. Per-parcel magnitude: mean |theta| over
 patches (additive) or |g| + |o| (gain_offset). Baseline (model-free): each parcel's standardised difference
