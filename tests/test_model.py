@@ -290,6 +290,10 @@ def test_cls_attention_is_the_cls_row_of_full_attention(batch):
     torch.testing.assert_close(full_BYHS.sum(-1), torch.ones(B, 2, 2))
     torch.testing.assert_close(full_BYHS, expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(attn_BYHL, full_BYHS[..., 1:])  # CLS column dropped, not renormalised
+    with torch.no_grad():
+        same, tokens_BLD = model.cls_attention(*batch, return_tokens=True)
+        torch.testing.assert_close(tokens_BLD, model.encode(*batch)[1])  # the tokens encode returns, one pass
+    assert torch.equal(same, attn_BYHL)
 
 
 # ---------------------------------------------------------------- accounting

@@ -77,10 +77,9 @@ def recording_features(model, windows_NRW: np.ndarray, coords_R3: torch.Tensor, 
     attn, tokens = [], []
     for i in range(0, len(windows_NRW), batch):
         x = torch.from_numpy(windows_NRW[i : i + batch])
-        a_BYHL = model.cls_attention(x, coords_R3)
+        a_BYHL, t_BLD = model.cls_attention(x, coords_R3, return_tokens=True)
         B, Y, H, _ = a_BYHL.shape
         attn.append(a_BYHL.reshape(B, Y * H, R, N).sum(dim=-1))  # [B, Y*H, R]
-        _, t_BLD = model.encode(x, coords_R3)
         tokens.append(t_BLD.reshape(B, R, N, -1).mean(dim=2))  # [B, R, D]
     a_FR = torch.cat(attn).mean(dim=0) * R  # 1 = the attention a parcel would get if CLS attended uniformly
     signal = np.concatenate(list(windows_NRW), axis=1)[parcels]  # [P, windows x W]

@@ -328,13 +328,16 @@ class BrainLM(nn.Module):
         x_B1LD = self.norm(x_B1LD)
         return x_B1LD[:, 0], x_B1LD[:, 1:]
 
-    def cls_attention(self, signal_BRT: Tensor, coords_R3: Tensor, *, include_cls: bool = False) -> Tensor:
+    def cls_attention(
+        self, signal_BRT: Tensor, coords_R3: Tensor, *, include_cls: bool = False, return_tokens: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """CLS attention of every encoder layer and head over the L tokens, unmasked: attn_BYHL.
 
         Row = the CLS query's softmax over all 1 + L keys (CLS first), computed from the CLS query alone
         (no L x L matrix) while the blocks run their fused attention. By default the CLS column is
         dropped without renormalising, so a row sums to 1 - (CLS-to-CLS weight); `include_cls=True`
-        returns the full [B, Y, H, 1 + L] rows, which sum to 1."""
+        returns the full [B, Y, H, 1 + L] rows, which sum to 1. `return_tokens=True` also returns the
+        tokens `encode` would (tokens_BLD) from the same pass: (attn, tokens_BLD)."""
         B, _, _ = self._check_inputs(signal_BRT, coords_R3)
         x_B1LD = torch.cat([self.cls_token.expand(B, -1, -1), self._embed(signal_BRT, coords_R3)], dim=1)
         rows = []
@@ -342,7 +345,8 @@ class BrainLM(nn.Module):
             x_B1LD, weights_BH1L = block(x_B1LD, return_cls_attention=True)
             rows.append(weights_BH1L)
         attn_BYH1L = torch.stack(rows, dim=1)
-        return attn_BYH1L if include_cls else attn_BYH1L[..., 1:]
+        attn = attn_BYH1L if include_cls else attn_BYH1L[..., 1:]
+        return (attn, self.norm(x_B1LD)[:, 1:]) if return_tokens else attn
 
     # ------------------------------------------------------------------ accounting
 
