@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "deepspeed": ["brainlm/training/engine.py"],
     "mlflow": ["brainlm/training/tracking.py", "brainlm/registry.py"],
-    "ray": ["launcher/tune.py", "brainlm/tuning.py"],
+    "ray": ["launcher/tune.py", "brainlm/tuning/"],
     "boto3": ["brainlm/data/store.py"],
     "botocore": ["brainlm/data/store.py"],
     "nibabel": ["data_prep/", "brainlm/eval/plots.py"],

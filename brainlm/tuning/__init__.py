@@ -1,0 +1,51 @@
+"""Ray Tune sweeps (``python launcher/tune.py finetune|perturb|scale``): the Ray side of brainlm.
+
+- ``finetune_sweep``: ASHA over FinetuneConfig knobs; every trial runs ``train_one`` (what ``brainlm finetune``
+  runs) on data loaded once by ``load_data`` on the driver and shared through Ray's object store; the best
+  trial's model is registered as ``brainlm-finetuned-<target>`` with alias ``champion``.
+- ``perturb_sweep``: ASHA over PerturbConfig knobs; every trial runs ``optimise`` (what ``brainlm perturb``
+  runs), scored by ``perturb_score``.
+- ``scale_sweep``: a grid of width x depth x mask ratio x compute budget; every trial runs
+  ``brainlm.training.pretrain.run`` (what ``launcher/pretrain.py`` runs) for budget / (FLOPs per sample x
+  global batch) steps; ends in a figure and tables of validation masked R^2 against compute and parameters.
+
+A scaling trial is one process (a world of one) on the resources it is given. To spread one trial over several
+GPUs on a cluster, run ``scale_trial``'s call of ``pretrain.run`` inside a Ray Train ``TorchTrainer`` (one worker
+per GPU, ``ScalingConfig(num_workers=N, use_gpu=True)``) and pass the trainer to the Tuner instead of the
+function: every worker calls ``pretrain.run`` with RANK / WORLD_SIZE / MASTER_ADDR from Ray Train, exactly as
+under torchrun, and rank 0 reports. Not built here: one CPU process per trial is what a laptop needs.
+
+Search spaces are YAML files whose keys are config fields (``load_space``). MLflow: one parent run per sweep
+and a child per trial, written from the driver only (``MLflowTrials``, through ``brainlm.registry.SweepRuns``):
+trials send results back, so parallel trials never contend for a sqlite store.
+
+Modules: ``space`` (search spaces), ``session`` (Ray session, Tuner, MLflow, summaries), ``finetune``, ``perturb``,
+``scale`` (one per sweep kind). ray is imported in this package and in launcher/tune.py only.
+"""
+
+from brainlm.tuning.finetune import finetune_sweep, finetune_trial
+from brainlm.tuning.perturb import perturb_score, perturb_sweep, perturb_trial
+from brainlm.tuning.scale import Shape, plan_shape, scale_sweep, scale_trial
+from brainlm.tuning.session import MLflowTrials, SweepOptions, ray_session
+from brainlm.tuning.space import FINETUNE_FIXED, PERTURB_FIXED, SPACES, Dist, apply_config, load_space
+
+__all__ = [
+    "FINETUNE_FIXED",
+    "PERTURB_FIXED",
+    "SPACES",
+    "Dist",
+    "MLflowTrials",
+    "Shape",
+    "SweepOptions",
+    "apply_config",
+    "finetune_sweep",
+    "finetune_trial",
+    "load_space",
+    "perturb_score",
+    "perturb_sweep",
+    "perturb_trial",
+    "plan_shape",
+    "ray_session",
+    "scale_sweep",
+    "scale_trial",
+]

@@ -1,0 +1,254 @@
+"""Perturbation sweeps: ASHA over PerturbConfig knobs, every trial running ``optimise``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from brainlm.eval.common import load_context, parse_where, recordings, table
+from brainlm.eval.perturb import PerturbConfig, magnitude, optimise, top_report
+from brainlm.exceptions import BrainLMError, ConfigError
+from brainlm.training.pretrain import NonFiniteLossError
+from brainlm.tuning.session import (
+    Headline,
+    SweepOptions,
+    _best,
+    _counts,
+    _default_name,
+    _error_notes,
+    _finish_parent,
+    _fit,
+    _fmt_config,
+    _git_sha,
+    _jsonable,
+    _number,
+    _out_dir,
+    _rows,
+    _show,
+    _storage,
+    _trial_table,
+    _trials_figure,
+    _write_summary,
+    ray_session,
+)
+from brainlm.tuning.space import PERTURB_FIXED, apply_config, check_flags_vs_space, load_space
+
+# -- perturbation sweeps ------------------------------------------------------------------------------------
+
+
+def perturb_score(reached: float, mean_abs_theta: float, budget: float) -> float:
+    """reached - max(0, mean|theta| - budget) / budget.
+
+    ``reached`` is the share of the source-to-target embedding distance the perturbation closes (1: the
+    target is reached, 0: nothing moved). The penalty is zero while the perturbation stays within the
+    sparsity budget (mean |theta|, in robust-scaled signal units) and grows with the relative excess: twice the
+    budget costs 1, the whole range of ``reached``. Higher is better."""
+    return float(reached - max(0.0, mean_abs_theta - budget) / budget)
+
+
+def perturb_trial(
+    config: dict[str, Any],
+    ctx,
+    source: np.ndarray,
+    target: np.ndarray,
+    base: PerturbConfig,
+    budget: float,
+    threads: int,
+) -> None:
+    """One trial: ``optimise`` with the trial's PerturbConfig; reports every 20 steps (for ASHA), then the
+    final score with theta and the per-parcel report as the checkpoint."""
+    torch.set_num_threads(max(1, threads))
+    cfg = apply_config(base, config)
+
+    def report(step: int, m: dict[str, float]) -> None:
+        if not math.isfinite(m["match"]):
+            raise NonFiniteLossError(
+                f"step {step}: the matching loss is {m['match']}; these settings diverge "
+                f"({_fmt_config(config)}): lower lr"
+            )
+        reached = 1.0 - m["match"]
+        tune.report(
+            {
+                "step": step,
+                "reached": reached,
+                "mean_abs_theta": m["l1"],
+                "score": perturb_score(reached, m["l1"], budget),
+            }
+        )
+
+    theta, reach = optimise(ctx, source, target, cfg, report)
+    mag = magnitude(theta, cfg.form)
+    atlas = ctx.manifest.atlas
+    top = top_report(mag, atlas.networks, atlas.labels, cfg.top_fraction)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "theta.npy", theta.numpy())
+        (Path(tmp) / "perturbation.json").write_text(
+            json.dumps(
+                {
+                    "config": dataclasses.asdict(cfg),
+                    **reach,
+                    "magnitude": mag.round(6).tolist(),
+                    "parcels": atlas.labels,
+                    **top,
+                },
+                indent=1,
+                default=_jsonable,
+            )
+        )
+        tune.report(
+            {"score": perturb_score(reach["reached"], reach["mean_abs_theta"], budget), **reach, "finished": 1},
+            checkpoint=tune.Checkpoint.from_directory(tmp),
+        )
+
+
+def perturb_sweep(
+    model: str, shards: str, base: PerturbConfig, space_path: str | Path, opts: SweepOptions, budget: float = 0.1
+) -> dict[str, Any]:
+    """ASHA over the knobs of ``space_path``, scored by ``perturb_score``; logs to MLflow."""
+    from brainlm.registry import SweepRuns, lineage, tracking_store
+
+    if budget <= 0:
+        raise ConfigError(f"--theta-budget must be > 0, got {budget}")
+    space = load_space(space_path, PerturbConfig, base, PERTURB_FIXED)
+    check_flags_vs_space(space, base, space_path)
+    opts.name = opts.name or _default_name("perturb")
+    pre = lineage(model)
+    ctx = load_context(model, shards)
+
+    def windows(expr: str) -> np.ndarray:
+        recs = recordings(ctx, base.split, where=parse_where(expr))
+        return np.concatenate([r.windows_NRW for r in recs])[: base.max_windows]
+
+    source, target = windows(base.source), windows(base.target)
+    max_steps = int(space["steps"].largest()) if "steps" in space else base.steps
+    headline = Headline("score", "max", "step", ("reached", "mean_abs_theta"))
+    runs = SweepRuns(opts.experiment)
+    print(f"MLflow store: {tracking_store()}; experiment {opts.experiment}", flush=True)
+    print(
+        f"perturb sweep {opts.name}: {base.source} -> {base.target} ({len(source)} source, {len(target)} target "
+        f"windows), {opts.samples} sample(s) of {space_path}; score = reached - max(0, mean|theta| - {budget:g}) / "
+        f"{budget:g}, higher is better",
+        flush=True,
+    )
+    with ray_session(opts):
+        parent = runs.open_parent(
+            opts.name,
+            f"{_storage(opts)}/{opts.name}",
+            {
+                "kind": "perturb",
+                "model": model,
+                "shards": str(shards),
+                "fixed": dataclasses.asdict(base),
+                "space": {k: str(d) for k, d in space.items()},
+                "samples": opts.samples,
+                "theta_budget": budget,
+            },
+            {"brainlm.kind": "perturb", "manifest_sha256": ctx.manifest.plan_sha256, "git_sha": _git_sha(), **pre},
+            opts.resume,
+        )
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                perturb_trial,
+                ctx=ctx,
+                source=source,
+                target=target,
+                base=base,
+                budget=budget,
+                threads=int(max(1, opts.cpus_per_trial)),
+            ),
+            {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
+        )
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            max_t=max_steps,
+            grace_period=min(opts.grace_period or 40, max_steps),
+            reduction_factor=opts.reduction_factor,
+            stop_last_trials=False,
+        )  # a trial's last report (the model) comes after max_t
+        results = _fit(
+            trainable,
+            {k: d.to_tune() for k, d in space.items()},
+            headline,
+            scheduler,
+            opts,
+            runs,
+            {"model": model, "shards": str(shards), **dataclasses.asdict(base)},
+        )
+    rows = _rows(results)
+    best = _best(rows, "score", "max")
+    params = list(space)
+    metric_cols = ["step", "score", "reached", "mean_abs_theta"]
+    table_rows = _trial_table(rows, params, metric_cols)
+    for row, r in zip(table_rows, rows, strict=True):
+        if r.outcome == "finished":
+            row["step"] = int(apply_config(base, r.config).steps)
+        row["best"] = "*" if best is not None and r.trial_id == best.trial_id else ""
+    counts = _counts(rows)
+    title = (
+        f"perturb sweep {opts.name}: {base.source} -> {base.target}, {counts['trials']} trials "
+        f"({counts['finished']} finished, {counts['stopped']} stopped early by ASHA, {counts['error']} errored); "
+        "score: higher is better"
+    )
+    notes = _error_notes(rows)
+    out = _out_dir(opts)
+    files: list[Path] = []
+    summary: dict[str, Any] = {
+        "name": opts.name,
+        "kind": "perturb",
+        "counts": counts,
+        "theta_budget": budget,
+        "best_trial": best.trial_id if best else None,
+        "best_config": best.config if best else None,
+        "parent_run_id": parent,
+    }
+    if best is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(best.checkpoint.to_directory(tmp))
+            detail = json.loads((folder / "perturbation.json").read_text())
+            (out / "best_perturbation.json").write_text(json.dumps(detail, indent=1))
+            np.save(out / "best_theta.npy", np.load(folder / "theta.npy"))
+        files += [out / "best_perturbation.json", out / "best_theta.npy"]
+        cfg = apply_config(base, best.config)
+        rerun = (
+            f"brainlm perturb --model {model} --shards {shards} --out runs/perturb/{opts.name} "
+            f"--source {cfg.source} --target {cfg.target} --form {cfg.form} --pooling {cfg.pooling} "
+            f"--l1 {cfg.l1:.6g} --lr {cfg.lr:.6g} --steps {cfg.steps}"
+        )
+        summary["best_metrics"] = {k: best.metrics.get(k) for k in ("score", "reached", "mean_abs_theta")}
+        summary["top_parcels"] = detail.get("top_parcels")
+        summary["rerun"] = rerun
+        notes.insert(
+            0,
+            f"best trial {best.trial_id}: top parcels {', '.join(detail.get('top_parcels', [])[:10])}; "
+            f"figures and the full report: {rerun}",
+        )
+    columns = ["trial", "outcome", *params, *metric_cols, "best"]
+    files = [
+        *_write_summary(out, "summary", title, table_rows, columns, summary, notes),
+        _trials_figure(rows, "step", "score", out / "trials.png", title, best),
+        *files,
+    ]
+    _finish_parent(
+        runs,
+        parent,
+        rows,
+        files,
+        {f"best_{k}": v for k, v in (summary.get("best_metrics") or {}).items() if _number(v)},
+        {"best_trial": summary["best_trial"] or "none"},
+    )
+    print("\n" + table(_show(table_rows), ["trial", "outcome", *params, *metric_cols, "best"], title))
+    for note in notes:
+        print(note)
+    print(f"summary: {files[0]} (and .tsv, .json); MLflow parent run {parent} in experiment {opts.experiment}")
+    if best is None:
+        raise BrainLMError(f"no trial of sweep {opts.name} finished; see the errors above and {out / 'summary.md'}")
+    return summary
