@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 
 from brainlm.eval.common import load_context, table
 from brainlm.eval.finetune import FinetuneConfig, FinetuneData, load_data, save_finetuned, train_one
@@ -20,6 +19,7 @@ from brainlm.training.pretrain import NonFiniteLossError
 from brainlm.tuning.session import (
     Headline,
     SweepOptions,
+    _asha,
     _best,
     _counts,
     _default_name,
@@ -139,18 +139,11 @@ def finetune_sweep(
             tune.with_parameters(finetune_trial, data=data, threads=int(max(1, opts.cpus_per_trial))),
             {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
         )
-        scheduler = ASHAScheduler(
-            time_attr="epoch",
-            max_t=base.epochs,
-            grace_period=min(opts.grace_period or 1, base.epochs),
-            reduction_factor=opts.reduction_factor,
-            stop_last_trials=False,
-        )  # a trial's last report (the model) comes after max_t
         results = _fit(
             trainable,
             {k: d.to_tune() for k, d in space.items()},
             headline,
-            scheduler,
+            _asha("epoch", base.epochs, 1, opts),
             opts,
             runs,
             {"model": model, "shards": str(shards), **dataclasses.asdict(base)},

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 
 from brainlm.eval.common import load_context, parse_where, recordings, table
 from brainlm.eval.perturb import PerturbConfig, magnitude, optimise, top_report
@@ -21,6 +20,7 @@ from brainlm.training.pretrain import NonFiniteLossError
 from brainlm.tuning.session import (
     Headline,
     SweepOptions,
+    _asha,
     _best,
     _counts,
     _default_name,
@@ -167,18 +167,11 @@ def perturb_sweep(
             ),
             {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
         )
-        scheduler = ASHAScheduler(
-            time_attr="step",
-            max_t=max_steps,
-            grace_period=min(opts.grace_period or 40, max_steps),
-            reduction_factor=opts.reduction_factor,
-            stop_last_trials=False,
-        )  # a trial's last report (the model) comes after max_t
         results = _fit(
             trainable,
             {k: d.to_tune() for k, d in space.items()},
             headline,
-            scheduler,
+            _asha("step", max_steps, 40, opts),
             opts,
             runs,
             {"model": model, "shards": str(shards), **dataclasses.asdict(base)},

@@ -23,6 +23,7 @@ import ray
 import torch
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
+from ray.tune.schedulers import ASHAScheduler
 
 from brainlm.exceptions import ConfigError, SweepInterrupted
 
@@ -298,6 +299,18 @@ def _show(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 def _fmt_config(config: dict[str, Any]) -> str:
     return " ".join(f"{k}={_fmt(v)}" for k, v in sorted(config.items()))
+
+
+def _asha(time_attr: str, max_t: int, default_grace: int, opts: SweepOptions) -> ASHAScheduler:
+    """ASHA on ``time_attr`` up to ``max_t``; the trials that reach it are not stopped, because a trial's last
+    report (its model) comes after max_t."""
+    return ASHAScheduler(
+        time_attr=time_attr,
+        max_t=max_t,
+        grace_period=min(opts.grace_period or default_grace, max_t),
+        reduction_factor=opts.reduction_factor,
+        stop_last_trials=False,
+    )
 
 
 def _fit(
