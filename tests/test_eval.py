@@ -106,7 +106,7 @@ def test_reconstruction_beats_the_simple_baselines_by_registry_uri(cohort, tmp_p
     )
     r2 = metrics["pooled_r2"]["random"]
     assert r2["model"] > max(r2["zero"], r2["mean"], r2["interp"]) + 0.1, r2
-    assert set(r2) == {"model", "zero", "mean", "interp", "ridge"} and "winner" in stdout
+    assert set(r2) == {"model", "zero", "mean", "interp", "ridge", "spatiotemporal"} and "winner" in stdout
     per = metrics["per_parcel_r2"]["random"]["model"]
     assert len(per["values"]) == 60 and per["median"] == pytest.approx(np.nanmedian(per["values"]), abs=1e-4)
     assert (tmp_path / "r" / "reconstruction.png").stat().st_size > 1000
@@ -127,12 +127,11 @@ def test_reconstruction_beats_the_simple_baselines_by_registry_uri(cohort, tmp_p
 
 def test_fixed_masks_are_seeded_and_follow_their_strategy():
     from brainlm.eval.common import fixed_masks
-    from brainlm.model import BrainLM, get_preset
 
-    model = BrainLM(get_preset("debug", num_parcels=7, num_timepoints=40))
-    a, b = fixed_masks(model, 5, 7, 0.5, "random"), fixed_masks(model, 5, 7, 0.5, "random")
+    N = 2  # 40 timepoints in patches of 20
+    a, b = fixed_masks(5, 7, N, 0.5, "random"), fixed_masks(5, 7, N, 0.5, "random")
     assert torch.equal(a, b) and not torch.equal(a[0], a[1])
-    future = fixed_masks(model, 3, 7, 0.5, "future").reshape(3, 7, 2)
+    future = fixed_masks(3, 7, N, 0.5, "future").reshape(3, 7, 2)
     assert future[:, :, 1].all() and not future[:, :, 0].any()
 
 
@@ -332,9 +331,14 @@ def test_attention_maps_per_condition(cohort, tmp_path):
 def test_bad_inputs_get_clear_errors(cohort, tiny_shards, tmp_path):
     from brainlm.eval.common import load_context
     from brainlm.eval.finetune import FinetuneConfig, finetune
+    from brainlm.model import BrainLM, get_preset
 
-    with pytest.raises(DimensionError, match=r"trained on 60 parcels but the shards .* have 7"):
-        load_context(str(cohort["model"]), str(tiny_shards))
+    with_table = tmp_path / "table-model"
+    BrainLM(get_preset("debug", num_parcels=60, learned_parcel_embedding=True)).save_pretrained(with_table)
+    with pytest.raises(DimensionError, match=r"trained on 60 parcels with a learned per-parcel table .* have 7"):
+        load_context(str(with_table), str(tiny_shards))
+    # A model that places parcels by their coordinates only runs on another atlas (transfer).
+    assert load_context(str(cohort["model"]), str(tiny_shards)).coords_R3.shape == (7, 3)
     with pytest.raises(InputError, match="'shoe_size' is not a phenotype of these shards; columns: age"):
         finetune(str(cohort["model"]), str(cohort["shards"]), tmp_path, FinetuneConfig(target="shoe_size"))
     with pytest.raises(InputError, match="labelled training subjects"):

@@ -15,6 +15,7 @@ from brainlm.data.format import Manifest, load_manifest
 from brainlm.data.loader import fixed_samples, sample_seed
 from brainlm.exceptions import DimensionError, InputError
 from brainlm.model import BrainLM
+from brainlm.model.mae import sample_mask
 
 MASK_SEED = 20_240_424  # fixed evaluation masks: the same in every run, for every model
 MASKING_CODES = {"random": 0, "tube": 1, "parcel": 2, "future": 3}
@@ -36,14 +37,20 @@ def load_context(model_uri: str, shards: str) -> Context:
     model = BrainLM.from_pretrained(model_dir)
     manifest, root = load_manifest(shards)
     R_model, R_data = model.config.num_parcels, manifest.atlas.num_parcels
-    if R_model != R_data:
+    trained = (model.extra or {}).get("atlas", {})
+    if R_model != R_data and model.config.learned_parcel_embedding:
         raise DimensionError(
-            f"the model {model_uri} was trained on {R_model} parcels but the shards {shards} have "
-            f"{R_data} ({manifest.atlas.name}); use shards built with the model's atlas"
+            f"the model {model_uri} was trained on {R_model} parcels with a learned per-parcel table "
+            f"(model.learned_parcel_embedding) but the shards {shards} have {R_data} ({manifest.atlas.name}); "
+            "use shards built with the model's atlas"
         )
-    trained = (model.extra or {}).get("atlas", {}).get("labels")
-    if trained and trained != manifest.atlas.labels:
-        print(f"warning: the shards' parcel labels differ from the ones {model_uri} was trained on", flush=True)
+    if trained.get("labels") and trained["labels"] != manifest.atlas.labels:
+        # The model places parcels by their MNI coordinates, so another atlas is another set of positions.
+        print(
+            f"note: {model_uri} was trained on the atlas {trained.get('name')!r} ({R_model} parcels); the shards use "
+            f"{manifest.atlas.name!r} ({R_data} parcels): parcels are placed by their coordinates (transfer)",
+            flush=True,
+        )
     coords = torch.tensor(manifest.atlas.coords(), dtype=torch.float32)
     return Context(model, manifest, root, coords, model_dir)
 
@@ -152,13 +159,12 @@ def latent_connectivity(model: BrainLM, windows_NRW: np.ndarray, coords_R3: torc
     return np.arctanh(np.clip(c[iu], -0.999999, 0.999999))
 
 
-def fixed_masks(model: BrainLM, count: int, num_parcels: int, ratio: float, masking: str) -> torch.Tensor:
+def fixed_masks(count: int, num_parcels: int, num_patches: int, ratio: float, masking: str) -> torch.Tensor:
     """One seeded mask per sample index: identical across runs and models of the same shape."""
-    L = num_parcels * model.config.num_patches
     rows = []
     for i in range(count):
         g = torch.Generator().manual_seed(sample_seed(MASK_SEED, MASKING_CODES[masking], i))
-        rows.append(model.random_masking(torch.empty(1, L, 0), ratio, num_parcels, masking, generator=g)[1])
+        rows.append(sample_mask(1, num_parcels, num_patches, ratio, masking, generator=g))
     return torch.cat(rows)
 
 

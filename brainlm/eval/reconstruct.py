@@ -2,92 +2,27 @@
 
 Protocol: every crop of the evaluation split (first window of each), one seeded mask per window and masking
 strategy (identical across runs and models), R^2 over the masked values only, unclipped: pooled over all
-of them (the paper's single number) and per parcel. Baselines, each from the same visible values:
-
-- zero:    predict 0 (the training median after robust scaling)
-- mean:    each parcel's training mean
-- interp:  linear interpolation in time between the parcel's visible patches (edges held)
-- ridge:   linear spatial imputation: the masked parcels at each patch from the visible parcels at the same
-           timepoints, E[x_M | x_V] = mu_M + C_MV (C_VV + lam I)^-1 (x_V - mu_V), C and mu fitted on the
-           training split and lam chosen on the validation split. The strong one.
+of them (the paper's single number) and per parcel. Baselines (brainlm/eval/baselines.py), each from the same
+visible values: zero, the parcel's training mean, linear interpolation in time, ridge (the visible parcels at the
+same timepoint) and spatiotemporal (those and the parcel's own visible neighbouring patches): the last two are
+conditional expectations under a Gaussian model fitted on the training split, their ridge strength chosen on the
+validation split for each masking strategy. The strongest of them is the bar the model must clear.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, r2_parts, time_mask
 from brainlm.eval.common import Context, fixed_masks, load_context, split_windows, table, write_metrics
 from brainlm.model.config import MASKINGS
 
-METHODS = ("model", "zero", "mean", "interp", "ridge")
-
-
-def time_mask(mask_BL: torch.Tensor, R: int, N: int, P: int) -> np.ndarray:
-    """Token mask -> [B, R, T] bool (True = masked timepoint)."""
-    return mask_BL.reshape(-1, R, N, 1).expand(-1, R, N, P).reshape(-1, R, N * P).numpy().astype(bool)
-
-
-class Ridge:
-    """Gaussian conditional expectation with a ridge on the visible block, fitted on training windows."""
-
-    def __init__(self, train_BRT: np.ndarray, lam: float = 0.1) -> None:
-        flat = train_BRT.transpose(1, 0, 2).reshape(train_BRT.shape[1], -1).astype(np.float64)
-        self.mu = flat.mean(axis=1)
-        self.cov = np.cov(flat)
-        self.lam = lam
-
-    def predict(self, x_BRT: np.ndarray, tmask_BRT: np.ndarray, P: int) -> np.ndarray:
-        out = x_BRT.astype(np.float64).copy()
-        B, R, T = x_BRT.shape
-        scale = np.trace(self.cov) / R
-        for b in range(B):
-            for n in range(T // P):
-                sl = slice(n * P, (n + 1) * P)
-                masked = tmask_BRT[b, :, n * P]
-                if not masked.any():
-                    continue
-                vis = ~masked
-                if not vis.any():
-                    out[b, :, sl] = self.mu[:, None]
-                    continue
-                c_vv = self.cov[np.ix_(vis, vis)] + self.lam * scale * np.eye(int(vis.sum()))
-                w = np.linalg.solve(c_vv, self.cov[np.ix_(vis, masked)])  # [V, M]
-                out[b, masked, sl] = self.mu[masked, None] + w.T @ (x_BRT[b, vis, sl] - self.mu[vis, None])
-        return out
-
-
-def interpolate(x_BRT: np.ndarray, tmask_BRT: np.ndarray, fallback_R: np.ndarray) -> np.ndarray:
-    out = x_BRT.astype(np.float64).copy()
-    t = np.arange(x_BRT.shape[2])
-    for b in range(x_BRT.shape[0]):
-        for r in range(x_BRT.shape[1]):
-            m = tmask_BRT[b, r]
-            if not m.any():
-                continue
-            if m.all():
-                out[b, r] = fallback_R[r]
-            else:
-                out[b, r, m] = np.interp(t[m], t[~m], x_BRT[b, r, ~m])
-    return out
-
-
-def r2_parts(pred: np.ndarray, x: np.ndarray, tmask: np.ndarray) -> tuple[float, np.ndarray]:
-    """Pooled R^2 over masked values, and R^2 per parcel (NaN where a parcel has no masked value)."""
-    err = (pred - x) ** 2
-    pooled_sst = ((x[tmask] - x[tmask].mean()) ** 2).sum()
-    pooled = 1 - err[tmask].sum() / pooled_sst
-    per = np.full(x.shape[1], np.nan)
-    for r in range(x.shape[1]):
-        m = tmask[:, r]
-        if m.sum() > 1:
-            v = x[:, r][m]
-            sst = ((v - v.mean()) ** 2).sum()
-            per[r] = 1 - err[:, r][m].sum() / sst if sst > 0 else np.nan
-    return float(pooled), per
+METHODS = ("model", "zero", "mean", "interp", "ridge", "spatiotemporal")
 
 
 @torch.no_grad()
@@ -100,25 +35,53 @@ def model_predict(ctx: Context, x_BRT: torch.Tensor, mask_BL: torch.Tensor, batc
     return torch.cat(out).numpy().astype(np.float64)
 
 
-def fit_baselines(ctx: Context, train_limit: int = 512, val_limit: int = 64, mask_ratio: float = 0.5):
-    """Training mean and a ridge whose strength is chosen on validation windows (random masking)."""
+LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclass
+class Baselines:
+    """The fitted baselines and, per masking strategy, the ridge strength each linear one chose on validation."""
+
+    mean_R: np.ndarray
+    gaussian: GaussianImputer
+    val_BRT: np.ndarray
+    mask_ratio: float
+    lambdas: dict[str, dict[str, float]]
+
+    def predict(self, name: str, x_BRT: np.ndarray, tmask_BRT: np.ndarray, P: int, masking: str) -> np.ndarray:
+        if name == "zero":
+            return np.zeros(x_BRT.shape)
+        if name == "mean":
+            return np.broadcast_to(self.mean_R[None, :, None], x_BRT.shape)
+        if name == "interp":
+            return interpolate(x_BRT, tmask_BRT, self.mean_R)
+        method = getattr(self.gaussian, LINEAR[name])
+        return method(x_BRT, tmask_BRT, P, self.lambda_of(name, masking, P))
+
+    def lambda_of(self, name: str, masking: str, P: int) -> float:
+        """The ridge strength of a linear baseline for a masking strategy, chosen on validation windows."""
+        chosen = self.lambdas.setdefault(name, {})
+        if masking not in chosen:
+            R, T = self.val_BRT.shape[1:]
+            mask_BL = fixed_masks(len(self.val_BRT), R, T // P, self.mask_ratio, masking)
+            tmask = time_mask(mask_BL, R, T // P, P)
+            method = getattr(self.gaussian, LINEAR[name])
+            scores = {lam: r2_parts(method(self.val_BRT, tmask, P, lam), self.val_BRT, tmask)[0] for lam in LAMBDAS}
+            chosen[masking] = max(scores, key=scores.get)
+        return chosen[masking]
+
+
+LINEAR = {"ridge": "spatial", "spatiotemporal": "spatiotemporal"}
+
+
+def fit_baselines(ctx: Context, train_limit: int = 512, val_limit: int = 64, mask_ratio: float = 0.5) -> Baselines:
+    """Means and the Gaussian model from training windows; ridge strengths are chosen on validation windows."""
     train, _ = split_windows(ctx, ctx_split(ctx, "train"), train_limit)
     train_np = train.numpy()
-    mean_R = train_np.mean(axis=(0, 2))
-    ridge = Ridge(train_np)
-    val_split = ctx_split(ctx, "val")
-    val, _ = split_windows(ctx, val_split, val_limit)
-    cfg = ctx.model.config
-    R = val.shape[1]
-    tmask = time_mask(fixed_masks(ctx.model, val.shape[0], R, mask_ratio, "random"), R, cfg.num_patches, cfg.patch_size)
-    best = None
-    for lam in (1e-3, 1e-2, 1e-1, 1.0):
-        ridge.lam = lam
-        score = r2_parts(ridge.predict(val.numpy(), tmask, cfg.patch_size), val.numpy().astype(np.float64), tmask)[0]
-        if best is None or score > best[0]:
-            best = (score, lam)
-    ridge.lam = best[1]
-    return mean_R, ridge
+    val, _ = split_windows(ctx, ctx_split(ctx, "val"), val_limit)
+    P = ctx.model.config.patch_size
+    gaussian = GaussianImputer(train_np, max_lag=(2 * REACH + 1) * P)
+    return Baselines(train_np.mean(axis=(0, 2)), gaussian, val.numpy().astype(np.float64), mask_ratio, {})
 
 
 def ctx_split(ctx: Context, split: str) -> str:
@@ -144,30 +107,26 @@ def reconstruct(
     x, _ = split_windows(ctx, split, limit)
     x_np = x.numpy().astype(np.float64)
     B, R, _ = x.shape
-    mean_R, ridge = fit_baselines(ctx, mask_ratio=ratio)
+    baselines = fit_baselines(ctx, mask_ratio=ratio)
     metrics: dict[str, Any] = {
         "split": split,
         "windows": B,
         "parcels": R,
         "timepoints": cfg.num_timepoints,
         "mask_ratio": ratio,
-        "ridge_lambda": ridge.lam,
+        "baseline_lambda": baselines.lambdas,
         "pooled_r2": {},
         "per_parcel_r2": {},
         "model": str(ctx.model_dir),
     }
     rows = []
     per_parcel_random = {}
+    N, P = x.shape[2] // cfg.patch_size, cfg.patch_size
     for masking in strategies:
-        mask_BL = fixed_masks(ctx.model, B, R, ratio, masking)
-        tmask = time_mask(mask_BL, R, cfg.num_patches, cfg.patch_size)
-        preds = {
-            "model": model_predict(ctx, x, mask_BL),
-            "zero": np.zeros_like(x_np),
-            "mean": np.broadcast_to(mean_R[None, :, None], x_np.shape),
-            "interp": interpolate(x_np, tmask, mean_R),
-            "ridge": ridge.predict(x_np, tmask, cfg.patch_size),
-        }
+        mask_BL = fixed_masks(B, R, N, ratio, masking)
+        tmask = time_mask(mask_BL, R, N, P)
+        preds = {"model": model_predict(ctx, x, mask_BL)}
+        preds |= {name: baselines.predict(name, x_np, tmask, P, masking) for name in METHODS[1:]}
         metrics["pooled_r2"][masking], metrics["per_parcel_r2"][masking] = {}, {}
         for name, pred in preds.items():
             pooled, per = r2_parts(pred, x_np, tmask)
@@ -179,14 +138,14 @@ def reconstruct(
             }
             if masking == "random":
                 per_parcel_random[name] = per
-        best_baseline = max((m for m in METHODS if m != "model"), key=lambda m: metrics["pooled_r2"][masking][m])
+        pooled = metrics["pooled_r2"][masking]
+        best_baseline = max(METHODS[1:], key=lambda m: pooled[m])
         rows.append(
             {
                 "masking": masking,
-                **metrics["pooled_r2"][masking],
-                "winner": "model"
-                if metrics["pooled_r2"][masking]["model"] > metrics["pooled_r2"][masking][best_baseline]
-                else best_baseline,
+                **pooled,
+                "margin": pooled["model"] - pooled[best_baseline],
+                "winner": "model" if pooled["model"] > pooled[best_baseline] else best_baseline,
             }
         )
         if masking == strategies[0]:
@@ -202,7 +161,7 @@ def reconstruct(
     print(
         table(
             rows,
-            ["masking", *METHODS, "winner"],
+            ["masking", *METHODS, "margin", "winner"],
             f"masked-patch R^2 on {B} {split} windows (pooled over masked values, unclipped; mask ratio {ratio})",
         )
     )

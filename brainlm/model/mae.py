@@ -69,6 +69,41 @@ def num_kept(num_parcels: int, num_patches: int, mask_ratio: float, masking: str
     return kept_units * {"random": 1, "tube": R, "future": R, "parcel": N}[masking]
 
 
+def sample_mask(
+    batch: int,
+    num_parcels: int,
+    num_patches: int,
+    mask_ratio: float,
+    masking: str = "random",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """mask_BL (True = removed) for `batch` samples of R x N tokens, parcel-major, by `masking`.
+
+    random: each sample masks its own random tokens (MAE: argsort of uniform noise); tube: the same random patch
+    indices in every parcel; parcel: whole random parcels; future: the last patches of every parcel. Every row
+    masks the same count (`num_kept`). `generator` must live on `device`."""
+    if masking not in MASKINGS:
+        raise ConfigError(f"`model.masking` must be one of {', '.join(MASKINGS)}; got {masking!r}")
+    B, R, N = batch, num_parcels, num_patches
+    L = R * N
+    K = num_kept(R, N, mask_ratio, masking)
+
+    def random_units(units: int, kept: int) -> Tensor:
+        """mask_BU with `units - kept` random True per row."""
+        ids_shuffle_BU = torch.argsort(torch.rand(B, units, device=device, generator=generator), dim=1)
+        mask_BU = torch.ones(B, units, dtype=torch.bool, device=device)
+        return mask_BU.scatter_(1, ids_shuffle_BU[:, :kept], False)
+
+    if masking == "random":
+        return random_units(L, K)
+    if masking == "parcel":
+        return random_units(R, K // N)[:, :, None].expand(B, R, N).reshape(B, L)
+    # tube: random patch indices; future: the last ones.
+    mask_BN = random_units(N, K // R) if masking == "tube" else (torch.arange(N, device=device) >= K // R).expand(B, N)
+    return mask_BN[:, None, :].expand(B, R, N).reshape(B, L)
+
+
 class BrainLM(nn.Module):
     """BrainLM's masked autoencoder: encoder over CLS + visible tokens, light decoder over all tokens."""
 
@@ -185,37 +220,13 @@ class BrainLM(nn.Module):
         masking: str | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Remove tokens by `masking` (default: the config's): (kept_BKD, mask_BL, ids_restore_BL).
-
-        random: each sample masks its own random tokens (MAE); tube: the same random patch indices in
-        every parcel; parcel: whole random parcels; future: the last patches of every parcel. The count
-        follows `num_kept`, so every row has the same K. `generator` must live on the tokens' device.
-        """
-        masking = masking or self.config.masking
-        if masking not in MASKINGS:
-            raise ConfigError(f"`model.masking` must be one of {', '.join(MASKINGS)}; got {masking!r}")
+        """Remove tokens by `masking` (default: the config's; see `sample_mask`): (kept_BKD, mask_BL,
+        ids_restore_BL). `generator` must live on the tokens' device."""
         B, L, _ = tokens_BLD.shape
         R, N = num_parcels, L // num_parcels
-        K = num_kept(R, N, mask_ratio, masking)
-        device = tokens_BLD.device
-
-        def random_units(units: int, kept: int) -> Tensor:
-            """mask_BU with `units - kept` random True per row (MAE: argsort of uniform noise)."""
-            ids_shuffle_BU = torch.argsort(torch.rand(B, units, device=device, generator=generator), dim=1)
-            mask_BU = torch.ones(B, units, dtype=torch.bool, device=device)
-            return mask_BU.scatter_(1, ids_shuffle_BU[:, :kept], False)
-
-        if masking == "random":
-            mask_BL = random_units(L, K)
-        elif masking == "parcel":
-            mask_BL = random_units(R, K // N)[:, :, None].expand(B, R, N).reshape(B, L)
-        else:
-            if masking == "tube":
-                mask_BN = random_units(N, K // R)
-            else:  # future
-                mask_BN = (torch.arange(N, device=device) >= K // R).expand(B, N)
-            mask_BL = mask_BN[:, None, :].expand(B, R, N).reshape(B, L)
-        return self._apply_mask(tokens_BLD, mask_BL, K)
+        masking = masking or self.config.masking
+        mask_BL = sample_mask(B, R, N, mask_ratio, masking, generator, tokens_BLD.device)
+        return self._apply_mask(tokens_BLD, mask_BL, num_kept(R, N, mask_ratio, masking))
 
     @staticmethod
     def _apply_mask(tokens_BLD: Tensor, mask_BL: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:

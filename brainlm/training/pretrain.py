@@ -21,6 +21,7 @@ from brainlm.data.loader import TrainLoader, fixed_samples, sample_seed
 from brainlm.eval.metrics import R2Sums
 from brainlm.exceptions import BrainLMError, ConfigError, ShardError
 from brainlm.model import BrainLM
+from brainlm.model.mae import sample_mask
 from brainlm.training import engine as ds
 from brainlm.training.checkpoint import Checkpointer
 from brainlm.training.schedule import warmup_cosine
@@ -59,13 +60,12 @@ def git_sha() -> str:
         return "unknown"
 
 
-def seeded_masks(model: BrainLM, seeds_B: torch.Tensor, num_parcels: int, mask_ratio: float) -> torch.Tensor:
+def seeded_masks(seeds_B: torch.Tensor, num_parcels: int, num_patches: int, mask_ratio: float, masking: str):
     """One mask per sample from its own seed: masks do not depend on batch composition or world size."""
-    L = num_parcels * model.config.num_patches
     rows = []
     for s in seeds_B.tolist():
         g = torch.Generator().manual_seed(int(s))
-        rows.append(model.random_masking(torch.empty(1, L, 0), mask_ratio, num_parcels, generator=g)[1])
+        rows.append(sample_mask(1, num_parcels, num_patches, mask_ratio, masking, generator=g))
     return torch.cat(rows)
 
 
@@ -102,7 +102,7 @@ def _run(cfg: PretrainConfig, ds_config: dict | str | Path, ctx: ds.DistContext)
         )
     # The atlas decides the parcel count.
     model_cfg = dataclasses.replace(cfg.model, num_parcels=manifest.atlas.num_parcels)
-    R = model_cfg.num_parcels
+    R, N = model_cfg.num_parcels, model_cfg.num_patches
     torch.manual_seed(t_cfg.seed)  # identical initial weights on every rank
     model = BrainLM(model_cfg)
     world = ctx.world_size
@@ -187,7 +187,7 @@ def _run(cfg: PretrainConfig, ds_config: dict | str | Path, ctx: ds.DistContext)
             batch = next(loader)
             wait_time += time.time() - t0
             signal = batch["signal"].to(ctx.device, dtype=dtype, non_blocking=True)
-            mask_BL = seeded_masks(model, batch["seed"], R, model_cfg.mask_ratio).to(ctx.device)
+            mask_BL = seeded_masks(batch["seed"], R, N, model_cfg.mask_ratio, model_cfg.masking).to(ctx.device)
             out = engine(signal, coords_R3, mask_BL=mask_BL)
             engine.backward(out.loss)
             engine.step()
@@ -291,7 +291,9 @@ def _validate(engine, model: BrainLM, signal, seeds, coords_R3, mask_ratio: floa
     R = signal.shape[1]
     for i in range(0, signal.shape[0], 8):
         x = signal[i : i + 8].to(ctx.device, dtype=dtype)
-        mask = seeded_masks(model, seeds[i : i + 8], R, mask_ratio).to(ctx.device)
+        mask = seeded_masks(seeds[i : i + 8], R, model.config.num_patches, mask_ratio, model.config.masking).to(
+            ctx.device
+        )
         out = engine(x, coords_R3, mask_BL=mask)
         sums.add(out.pred_BLP.float(), model.patchify(x.float()), out.mask_BL)
     total = sums.tensor().to(ctx.device)

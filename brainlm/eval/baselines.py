@@ -1,0 +1,178 @@
+"""Model-free reconstruction baselines: what a masked autoencoder must beat.
+
+Every baseline sees the same visible values as the model and predicts the masked ones; the linear ones come from
+one stationary Gaussian model of the training split's windows: per-parcel means mu and lagged covariances
+C(tau)_ij = Cov(x_i(t), x_j(t + tau)). Shapes: B windows, R parcels, T timepoints, P per patch, N = T / P.
+
+- zero            0 (the training median after robust scaling)
+- mean            each parcel's training mean
+- interp          linear interpolation in time between the parcel's visible timepoints (edges held)
+- ridge           spatial imputation: each masked timepoint from the visible parcels at the same timepoint,
+                  E[x_M(t) | x_V(t)] = mu_M + C_MV (C_VV + lam s I)^-1 (x_V(t) - mu_V)
+- spatiotemporal  the visible parcels at the same timepoint *and* the parcel's own visible neighbouring patches
+                  (the nearest visible patch before and after, up to REACH patches away): the same conditional
+                  expectation over the joint vector [x_V(t), x_r(S)], whose covariance comes from the lagged C(tau)
+
+lam is chosen on the validation split; s = trace(C(0)) / R makes it scale-free.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MAX_SYSTEM_BYTES = 256 * 2**20  # batched solves are chunked to about this much memory
+REACH = 2  # the spatio-temporal baseline looks this many patches away for a visible patch of the parcel
+
+
+def time_mask(mask_BL: torch.Tensor, R: int, N: int, P: int) -> np.ndarray:
+    """Token mask -> [B, R, T] bool (True = masked timepoint)."""
+    return mask_BL.reshape(-1, R, N, 1).expand(-1, R, N, P).reshape(-1, R, N * P).numpy().astype(bool)
+
+
+def interpolate(x_BRT: np.ndarray, tmask_BRT: np.ndarray, fallback_R: np.ndarray) -> np.ndarray:
+    """Linear interpolation in time between each parcel's visible timepoints; a fully masked parcel gets
+    ``fallback_R``."""
+    out = x_BRT.astype(np.float64).copy()
+    t = np.arange(x_BRT.shape[2])
+    for b in range(x_BRT.shape[0]):
+        for r in range(x_BRT.shape[1]):
+            m = tmask_BRT[b, r]
+            if not m.any():
+                continue
+            if m.all():
+                out[b, r] = fallback_R[r]
+            else:
+                out[b, r, m] = np.interp(t[m], t[~m], x_BRT[b, r, ~m])
+    return out
+
+
+class GaussianImputer:
+    """A stationary Gaussian model of windows [R, T], fitted on training windows: means and lagged covariances up to
+    ``max_lag`` timepoints ((2 REACH + 1) patches: the farthest pair the spatio-temporal baseline conditions on)."""
+
+    def __init__(self, train_BRT: np.ndarray, max_lag: int) -> None:
+        x = train_BRT.astype(np.float64)
+        B, R, T = x.shape
+        flat_RX = x.transpose(1, 0, 2).reshape(R, -1)
+        self.mu_R = flat_RX.mean(axis=1)
+        self.cov_RR = np.cov(flat_RX)
+        self.scale = float(np.trace(self.cov_RR)) / R
+        xc = x - self.mu_R[None, :, None]
+        lags = min(max_lag, T)
+        # lagged_[tau][i, j] = Cov(x_i(t), x_j(t + tau)), pooled over every pair of timepoints tau apart.
+        lagged = [
+            np.einsum("bit,bjt->ij", xc[:, :, : T - tau], xc[:, :, tau:]) / max(B * (T - tau) - 1, 1)
+            for tau in range(lags)
+        ]
+        lagged[0] = self.cov_RR
+        # full_[lag + offset] for lag in (-lags, lags): negative lags are the transposes.
+        self.offset = lags - 1
+        negative = [c.T for c in lagged[:0:-1]]
+        self.full = np.stack([*negative, *lagged]).astype(np.float32)
+
+    # -- spatial -------------------------------------------------------------------------------------------
+
+    def spatial(self, x_BRT: np.ndarray, tmask_BRT: np.ndarray, P: int, lam: float) -> np.ndarray:
+        """Each masked timepoint from the visible parcels at the same timepoint (the ``ridge`` baseline)."""
+        out = x_BRT.astype(np.float64).copy()
+        B, _, T = x_BRT.shape
+        for b in range(B):
+            for n in range(T // P):
+                sl = slice(n * P, (n + 1) * P)
+                masked = tmask_BRT[b, :, n * P]
+                if not masked.any():
+                    continue
+                vis = ~masked
+                if not vis.any():
+                    out[b, :, sl] = self.mu_R[:, None]
+                    continue
+                c_vv = self.cov_RR[np.ix_(vis, vis)] + lam * self.scale * np.eye(int(vis.sum()))
+                w_VM = np.linalg.solve(c_vv, self.cov_RR[np.ix_(vis, masked)])
+                out[b, masked, sl] = self.mu_R[masked, None] + w_VM.T @ (x_BRT[b, vis, sl] - self.mu_R[vis, None])
+        return out
+
+    # -- spatio-temporal -----------------------------------------------------------------------------------
+
+    def spatiotemporal(self, x_BRT: np.ndarray, tmask_BRT: np.ndarray, P: int, lam: float) -> np.ndarray:
+        """Each masked timepoint from the visible parcels at that timepoint and the parcel's own visible
+        neighbouring patches (the ``spatiotemporal`` baseline)."""
+        x = x_BRT.astype(np.float64)
+        out = x.copy()
+        B, _, T = x.shape
+        N = T // P
+        tokens_BRN = tmask_BRT[:, :, ::P]
+        for b in range(B):
+            for n in range(N):
+                masked = np.flatnonzero(tokens_BRN[b, :, n])
+                if not len(masked):
+                    continue
+                vis = np.flatnonzero(~tokens_BRN[b, :, n])
+                # The nearest visible patch of each masked parcel before and after n (0: none within reach).
+                before, after = np.zeros(len(masked), int), np.zeros(len(masked), int)
+                for d in range(REACH, 0, -1):
+                    if n - d >= 0:
+                        before[~tokens_BRN[b, masked, n - d]] = d
+                    if n + d < N:
+                        after[~tokens_BRN[b, masked, n + d]] = d
+                for db, da in sorted(set(zip(before.tolist(), after.tolist(), strict=True))):
+                    group = masked[(before == db) & (after == da)]
+                    patches = ([n - db] if db else []) + ([n + da] if da else [])
+                    S = np.concatenate([np.arange(m * P, (m + 1) * P) for m in patches] or [np.zeros(0, int)])
+                    out[b, group, n * P : (n + 1) * P] = self._condition(x[b], group, vis, S, n * P, P, lam)
+        return out
+
+    def _condition(
+        self, x_RT: np.ndarray, group: np.ndarray, vis: np.ndarray, S: np.ndarray, t0: int, P: int, lam: float
+    ) -> np.ndarray:
+        """E[x_r(t) | x_V(t), x_r(S)] for r in ``group``, t in [t0, t0 + P): [G, P]."""
+        G, V, s = len(group), len(vis), len(S)
+        if V == 0 and s == 0:
+            return np.repeat(self.mu_R[group, None], P, axis=1)
+        t_P = np.arange(t0, t0 + P)
+        mu = self.mu_R
+        full, off = self.full, self.offset
+        out = np.empty((G, P))
+        F = V + s
+        chunk = max(1, int(MAX_SYSTEM_BYTES // (8 * P * F * (F + 1))))
+        for lo in range(0, G, chunk):
+            rs = group[lo : lo + chunk]
+            g = len(rs)
+            A = np.zeros((g, P, F, F))
+            y = np.zeros((g, P, F))
+            f = np.zeros((g, P, F))
+            if V:
+                A[:, :, :V, :V] = self.cov_RR[np.ix_(vis, vis)]
+                y[:, :, :V] = self.cov_RR[np.ix_(vis, rs)].T[:, None, :]
+                f[:, :, :V] = (x_RT[vis][:, t_P] - mu[vis, None]).T[None]
+            if s:
+                # Cov(x_V(t), x_r(S)) = C(S - t)[V, r]
+                lag_PS = S[None, :] - t_P[:, None] + off
+                vr = full[:, vis][:, :, rs]  # [lags, V, g]
+                A_gPVS = vr[lag_PS].transpose(3, 0, 2, 1)  # [P, S, V, g] -> [g, P, V, S]
+                if V:
+                    A[:, :, :V, V:] = A_gPVS
+                    A[:, :, V:, :V] = A_gPVS.transpose(0, 1, 3, 2)
+                diag = full[:, rs, rs]  # [lags, g]: C_rr(lag)
+                A[:, :, V:, V:] = diag[S[None, :] - S[:, None] + off].transpose(2, 0, 1)[:, None]
+                y[:, :, V:] = diag[t_P[:, None] - S[None, :] + off].transpose(2, 0, 1)  # Cov(x_r(S), x_r(t))
+                f[:, :, V:] = (x_RT[rs][:, S] - mu[rs, None])[:, None, :]
+            A += lam * self.scale * np.eye(F)
+            w = np.linalg.solve(A, y[..., None])[..., 0]
+            out[lo : lo + g] = mu[rs, None] + (w * f).sum(-1)
+        return out
+
+
+def r2_parts(pred: np.ndarray, x: np.ndarray, tmask: np.ndarray) -> tuple[float, np.ndarray]:
+    """Pooled R^2 over masked values, and R^2 per parcel (NaN where a parcel has no masked value)."""
+    err = (pred - x) ** 2
+    pooled_sst = ((x[tmask] - x[tmask].mean()) ** 2).sum()
+    pooled = 1 - err[tmask].sum() / pooled_sst
+    per = np.full(x.shape[1], np.nan)
+    for r in range(x.shape[1]):
+        m = tmask[:, r]
+        if m.sum() > 1:
+            v = x[:, r][m]
+            sst = ((v - v.mean()) ** 2).sum()
+            per[r] = 1 - err[:, r][m].sum() / sst if sst > 0 else np.nan
+    return float(pooled), per

@@ -1,0 +1,77 @@
+"""The model-free reconstruction baselines: exact conditional expectations, and what each one can see."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, r2_parts, time_mask
+from brainlm.eval.common import fixed_masks
+
+
+def ar_windows(B: int, R: int, T: int, rho: float, coupling: float, seed: int = 0) -> np.ndarray:
+    """[B, R, T] windows of a stationary process: AR(1) in time, parcels sharing one common AR(1) source."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((B, R, T + 50))
+    common = np.zeros((B, T + 50))
+    for t in range(1, T + 50):
+        common[:, t] = rho * common[:, t - 1] + rng.normal(size=B)
+        out[:, :, t] = rho * out[:, :, t - 1] + rng.normal(size=(B, R))
+    return (out + coupling * common[:, None])[:, :, 50:]
+
+
+def test_spatiotemporal_is_the_exact_gaussian_conditional():
+    """Against the conditional computed from the full space-time covariance, entry by entry."""
+    R, T, P = 3, 12, 4
+    x = ar_windows(400, R, T, 0.8, 0.7)
+    g = GaussianImputer(x, max_lag=T)
+    test = ar_windows(2, R, T, 0.8, 0.7, seed=1)
+    mask = torch.zeros(2, R * (T // P), dtype=torch.bool)
+    mask[0, [1, 4, 5]] = True  # parcel 0 patch 1 (both neighbours visible), parcel 1 patches 1-2 (one gap)
+    mask[1, [0, 3, 6, 7]] = True  # patch 0 of every parcel (no neighbour before), parcel 2 patches 0-1
+    tmask = time_mask(mask, R, T // P, P)
+    lam = 0.05
+    pred = g.spatiotemporal(test, tmask, P, lam)
+
+    def cov(i: int, t: int, j: int, s: int) -> float:
+        return g.full[s - t + g.offset][i, j]
+
+    for b in range(2):
+        for r in range(R):
+            for t in range(T):
+                if not tmask[b, r, t]:
+                    assert pred[b, r, t] == test[b, r, t]  # visible values pass through
+                    continue
+                n = t // P
+                feats = [(j, t) for j in range(R) if not tmask[b, j, t]]
+                for side in (range(n - 1, max(n - 1 - REACH, -1), -1), range(n + 1, min(n + 1 + REACH, T // P))):
+                    m = next((m for m in side if not tmask[b, r, m * P]), None)  # the nearest visible patch
+                    feats += [(r, s) for s in range(m * P, (m + 1) * P)] if m is not None else []
+                A = np.array([[cov(i, ti, j, tj) for j, tj in feats] for i, ti in feats]) + lam * g.scale * np.eye(
+                    len(feats)
+                )
+                y = np.array([cov(i, ti, r, t) for i, ti in feats])
+                f = np.array([test[b, i, ti] - g.mu_R[i] for i, ti in feats])
+                expected = g.mu_R[r] + np.linalg.solve(A, y) @ f
+                assert pred[b, r, t] == pytest.approx(expected, abs=1e-5)
+
+
+def test_spatiotemporal_uses_the_parcels_own_neighbouring_patches():
+    """Weak coupling, strong autocorrelation: time carries the signal, so the spatio-temporal baseline beats the
+    spatial ridge under random and tube masking, and equals it under parcel masking (no neighbour is visible)."""
+    R, T, P = 6, 40, 4
+    train, test = ar_windows(200, R, T, 0.95, 0.3), ar_windows(40, R, T, 0.95, 0.3, seed=1)
+    g = GaussianImputer(train, max_lag=5 * P)
+    scores = {}
+    for masking in ("random", "tube", "parcel"):
+        tmask = time_mask(fixed_masks(len(test), R, T // P, 0.5, masking), R, T // P, P)
+        scores[masking] = {
+            "ridge": r2_parts(g.spatial(test, tmask, P, 0.01), test, tmask)[0],
+            "st": r2_parts(g.spatiotemporal(test, tmask, P, 0.01), test, tmask)[0],
+            "interp": r2_parts(interpolate(test, tmask, g.mu_R), test, tmask)[0],
+        }
+    assert scores["random"]["st"] > scores["random"]["ridge"] + 0.1
+    # Tube masking hides every parcel at once: only time helps, and the conditional beats interpolation in time.
+    assert scores["tube"]["st"] > scores["tube"]["interp"] > scores["tube"]["ridge"] + 0.5
+    assert scores["parcel"]["st"] == pytest.approx(scores["parcel"]["ridge"], abs=1e-9)
