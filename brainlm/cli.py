@@ -50,6 +50,40 @@ def _attention(a: argparse.Namespace) -> None:
     attention(a.model, a.shards, a.out, a.group_by, a.split, a.max_windows)
 
 
+def _import_brainlm(a: argparse.Namespace) -> None:
+    import dataclasses
+
+    from brainlm.model.convert import convert_brainlm
+
+    conv = convert_brainlm(a.src)
+    extra: dict = {"source": conv.source, "notes": conv.notes}
+    if a.atlas_table:
+        from data_prep.atlas import atlas_from_table
+
+        atlas, _ = atlas_from_table(a.atlas_table)
+        R = conv.model.config.num_parcels
+        if atlas.num_parcels != R:
+            raise BrainLMError(
+                f"--atlas-table {a.atlas_table} has {atlas.num_parcels} parcels but the release was trained on {R}; "
+                "give the table of the atlas it was trained on (A424 for the paper's models)"
+            )
+        extra["atlas"] = dataclasses.asdict(atlas)
+    conv.model.save_pretrained(a.out, extra=extra)
+    c = conv.model.config
+    print(
+        f"imported {a.src} -> {a.out}: {conv.source['params_millions']}M parameters, {c.num_parcels} parcels x "
+        f"{c.num_timepoints} timepoints, patches of {c.patch_size}"
+    )
+    print("dropped (unused by the release's forward):")
+    for key, why in conv.dropped.items():
+        print(f"  {key}: {why}")
+    print("what the release does not say:")
+    for note in conv.notes:
+        print(f"  - {note}")
+    if not a.atlas_table:
+        print("  - No atlas given: pass coordinates yourself, or re-run with --atlas-table (e.g. A424's).")
+
+
 def _registry_store() -> None:
     from brainlm.registry import tracking_store
 
@@ -235,6 +269,18 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--split", default="test", help="split (default test)")
     t.add_argument("--max-windows", type=int, default=512, help="windows per group (default 512)")
     t.set_defaults(func=_attention)
+
+    i = sub.add_parser(
+        "import-brainlm",
+        help="convert the released BrainLM weights (BrainLMForPretraining, e.g. old_13M) into a model folder",
+        description="Read a Hugging Face BrainLMForPretraining folder (config.json + model.safetensors or "
+        "pytorch_model.bin, read as weights only) and write our model folder. Every key is mapped; unused ones are "
+        "listed. The released weights are CC BY-NC-ND: convert them locally, never redistribute the result.",
+    )
+    i.add_argument("src", help="the release's folder (config.json + weights)")
+    i.add_argument("--out", required=True, help="model folder to write")
+    i.add_argument("--atlas-table", help="the atlas the release was trained on (name, x, y, z[, network]), e.g. A424")
+    i.set_defaults(func=_import_brainlm)
 
     g = sub.add_parser(
         "registry",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, r2_parts, time_mask
-from brainlm.eval.common import fixed_masks
+from brainlm.eval.metrics import fixed_masks
 
 
 def ar_windows(B: int, R: int, T: int, rho: float, coupling: float, seed: int = 0) -> np.ndarray:

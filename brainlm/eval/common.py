@@ -12,13 +12,9 @@ import numpy as np
 import torch
 
 from brainlm.data.format import Manifest, load_manifest
-from brainlm.data.loader import fixed_samples, sample_seed
+from brainlm.data.loader import fixed_samples
 from brainlm.exceptions import DimensionError, InputError
 from brainlm.model import BrainLM
-from brainlm.model.mae import sample_mask
-
-MASK_SEED = 20_240_424  # fixed evaluation masks: the same in every run, for every model
-MASKING_CODES = {"random": 0, "tube": 1, "parcel": 2, "future": 3}
 
 
 @dataclass
@@ -157,15 +153,6 @@ def latent_connectivity(model: BrainLM, windows_NRW: np.ndarray, coords_R3: torc
     c = (total / len(windows_NRW)).numpy()
     iu = np.triu_indices(R, k=1)
     return np.arctanh(np.clip(c[iu], -0.999999, 0.999999))
-
-
-def fixed_masks(count: int, num_parcels: int, num_patches: int, ratio: float, masking: str) -> torch.Tensor:
-    """One seeded mask per sample index: identical across runs and models of the same shape."""
-    rows = []
-    for i in range(count):
-        g = torch.Generator().manual_seed(sample_seed(MASK_SEED, MASKING_CODES[masking], i))
-        rows.append(sample_mask(1, num_parcels, num_patches, ratio, masking, generator=g))
-    return torch.cat(rows)
 
 
 def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:

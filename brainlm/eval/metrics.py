@@ -1,10 +1,30 @@
-"""Masked-reconstruction R^2, accumulated in sums so it can be pooled across batches and ranks."""
+"""The evaluation protocol's fixed masks and the masked-reconstruction R^2, accumulated in sums so it can be pooled
+across batches and ranks. Pretraining's validation and ``brainlm reconstruct`` share both: the same window of the
+same split gets the same mask in either, so a learning curve and the final table measure one thing."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from brainlm.data.loader import sample_seed
+from brainlm.model.mae import sample_mask
+
+MASK_SEED = 20_240_424  # fixed evaluation masks: the same in every run, for every model
+MASKING_CODES = {"random": 0, "tube": 1, "parcel": 2, "future": 3}
+
+
+def fixed_masks(
+    indices: int | list[int], num_parcels: int, num_patches: int, ratio: float, masking: str
+) -> torch.Tensor:
+    """mask_BL of evaluation windows by their index in the split (``indices``: a count means 0 .. count - 1), each
+    from its own seed: identical across runs, batchings, world sizes and models of the same shape."""
+    rows = []
+    for i in range(indices) if isinstance(indices, int) else indices:
+        g = torch.Generator().manual_seed(sample_seed(MASK_SEED, MASKING_CODES[masking], i))
+        rows.append(sample_mask(1, num_parcels, num_patches, ratio, masking, generator=g))
+    return torch.cat(rows)
 
 
 @dataclass

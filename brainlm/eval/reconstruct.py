@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, r2_parts, time_mask
-from brainlm.eval.common import Context, fixed_masks, load_context, split_windows, table, write_metrics
+from brainlm.eval.common import Context, load_context, split_windows, table, write_metrics
+from brainlm.eval.metrics import fixed_masks
 from brainlm.model.config import MASKINGS
 
 METHODS = ("model", "zero", "mean", "interp", "ridge", "spatiotemporal")

@@ -11,6 +11,11 @@ from brainlm.exceptions import ConfigError
 MASKINGS = ("random", "tube", "parcel", "future")
 SPATIAL_ENCODINGS = ("linear", "fourier")
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
+BLOCK_NORMS = ("pre", "post")
+TEMPORAL_LAYOUTS = ("halves", "interleaved")
+DECODER_HEADS = ("linear", "mlp")
+DECODER_ATTENTIONS = ("joint", "factorized")
+NON_NEGATIVE = {"value_conv_kernel"}  # int fields where 0 means off
 
 
 @dataclass
@@ -60,6 +65,21 @@ class ModelConfig:
     """Dropout on the residual branches (attention projection and MLP), in [0, 1)."""
     layer_norm_eps: float = 1e-6
     """LayerNorm epsilon."""
+    block_norm: str = "pre"
+    """pre: LayerNorm before attention and MLP (ViT, MAE) | post: after each residual sum (BERT; the released
+    BrainLM weights)."""
+    value_conv_kernel: int = 0
+    """0 (off) | an odd k: a depthwise (per-head) convolution over the token axis on the attention values, added to
+    the attention output (the released BrainLM's Nystromformer layer: k = 65). It sees the token order."""
+    temporal_layout: str = "halves"
+    """Columns of the patch-index sinusoid: halves ([sin | cos], MAE) | interleaved (sin, cos alternating; the
+    released BrainLM weights)."""
+    decoder_attention: str = "joint"
+    """joint: every decoder token attends to every other (MAE) | factorized: attention along time within each
+    parcel, then across parcels within each patch (divided space-time attention; ties the decoder to the
+    coordinates' parcel count at run time, not to an atlas)."""
+    decoder_head: str = "linear"
+    """linear: Linear(E -> P) (MAE) | mlp: Linear(E -> E/2) -> LeakyReLU(0.1) -> Linear(E/2 -> P) (the paper)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # f.type is a string: annotations are postponed above
@@ -67,8 +87,9 @@ class ModelConfig:
             if value is None and f.type == "int | None":
                 continue
             if f.type.startswith("int"):
-                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                    raise ConfigError(f"`model.{f.name}` must be a positive integer, got {value!r}")
+                least, what = (0, "a non-negative") if f.name in NON_NEGATIVE else (1, "a positive")
+                if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                    raise ConfigError(f"`model.{f.name}` must be {what} integer, got {value!r}")
             elif f.type == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
                 raise ConfigError(f"`model.{f.name}` must be a number, got {value!r}")
             elif f.type == "bool" and not isinstance(value, bool):
@@ -92,10 +113,18 @@ class ModelConfig:
             raise ConfigError(f"`model.dropout` must be in [0, 1), got {self.dropout!r}")
         if not self.layer_norm_eps > 0.0:
             raise ConfigError(f"`model.layer_norm_eps` must be positive, got {self.layer_norm_eps!r}")
+        if self.value_conv_kernel and self.value_conv_kernel % 2 == 0:
+            raise ConfigError(
+                f"`model.value_conv_kernel` must be 0 or odd (a centred kernel), got {self.value_conv_kernel}"
+            )
         for name, choices in (
             ("masking", MASKINGS),
             ("spatial_encoding", SPATIAL_ENCODINGS),
             ("attention_backend", ATTENTION_BACKENDS),
+            ("block_norm", BLOCK_NORMS),
+            ("temporal_layout", TEMPORAL_LAYOUTS),
+            ("decoder_head", DECODER_HEADS),
+            ("decoder_attention", DECODER_ATTENTIONS),
         ):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"`model.{name}` must be one of {', '.join(choices)}; got {getattr(self, name)!r}")

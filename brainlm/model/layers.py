@@ -74,15 +74,23 @@ def attention(
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection."""
+    """Multi-head self-attention with a fused qkv projection; optionally a depthwise convolution of the values over
+    the token axis added to the output (the released BrainLM's Nystromformer layer: one kernel per head)."""
 
-    def __init__(self, dim: int, num_heads: int, backend: str = "sdpa", dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, backend: str = "sdpa", dropout: float = 0.0, value_conv_kernel: int = 0
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.backend = backend
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout) if dropout else nn.Identity()
+        k = value_conv_kernel
+        # [B, H, L, d] as an image with H channels: a (k, 1) kernel runs along the tokens, each head its own.
+        self.value_conv = (
+            nn.Conv2d(num_heads, num_heads, (k, 1), padding=(k // 2, 0), groups=num_heads, bias=False) if k else None
+        )
 
     def forward(self, x_BLD: Tensor, return_cls_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Attention output; with `return_cls_attention` also token 0's weights over all keys, w_BHL."""
@@ -92,6 +100,8 @@ class Attention(nn.Module):
         # [B, L, 3, H, d] layout of the qkv output, one copy instead of a stack plus a permuting copy.
         q_BHLd, k_BHLd, v_BHLd = (t.transpose(1, 2) for t in self.qkv(x_BLD).view(B, L, 3, H, D // H).unbind(2))
         out_BHLd = attention(q_BHLd, k_BHLd, v_BHLd, self.backend)
+        if self.value_conv is not None:
+            out_BHLd = out_BHLd + self.value_conv(v_BHLd)
         # SDPA's CPU and GPU kernels return a [B, L, H, d] buffer viewed as [B, H, L, d]: this reshape is
         # then a free view rather than a copy.
         out_BLD = self.proj_drop(self.proj(out_BHLd.transpose(1, 2).reshape(B, L, D)))
@@ -117,7 +127,8 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block; optionally recomputes its activations in the backward pass."""
+    """Transformer block, pre-LayerNorm (ViT, MAE) or post-LayerNorm (BERT, the released BrainLM: the norm after
+    each residual sum); optionally recomputes its activations in the backward pass."""
 
     def __init__(
         self,
@@ -128,37 +139,91 @@ class Block(nn.Module):
         dropout: float = 0.0,
         eps: float = 1e-6,
         activation_checkpointing: bool = False,
+        norm: str = "pre",
+        value_conv_kernel: int = 0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, backend, dropout)
+        self.attn = Attention(dim, num_heads, backend, dropout, value_conv_kernel)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_dim, dropout)
         self.activation_checkpointing = activation_checkpointing
+        self.post_norm = norm == "post"
 
-    def _forward(self, x_BLD: Tensor) -> Tensor:
-        x_BLD = x_BLD + self.attn(self.norm1(x_BLD))
-        return x_BLD + self.mlp(self.norm2(x_BLD))
+    def _forward(self, x_BLD: Tensor, return_cls_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        attn_in = x_BLD if self.post_norm else self.norm1(x_BLD)
+        attn = self.attn(attn_in, return_cls_attention=return_cls_attention)
+        attn_BLD, weights = attn if return_cls_attention else (attn, None)
+        if self.post_norm:
+            x_BLD = self.norm1(x_BLD + attn_BLD)
+            x_BLD = self.norm2(x_BLD + self.mlp(x_BLD))
+        else:
+            x_BLD = x_BLD + attn_BLD
+            x_BLD = x_BLD + self.mlp(self.norm2(x_BLD))
+        return (x_BLD, weights) if return_cls_attention else x_BLD
 
     def forward(self, x_BLD: Tensor, return_cls_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """The block's output; with `return_cls_attention` also token 0's attention weights, w_BHL."""
         if return_cls_attention:
-            attn_BLD, weights_BHL = self.attn(self.norm1(x_BLD), return_cls_attention=True)
-            x_BLD = x_BLD + attn_BLD
-            return x_BLD + self.mlp(self.norm2(x_BLD)), weights_BHL
+            return self._forward(x_BLD, return_cls_attention=True)
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
             # Non-reentrant: works with inputs that do not require grad and keeps the dropout RNG state.
             return checkpoint(self._forward, x_BLD, use_reentrant=False)
         return self._forward(x_BLD)
 
 
-def sincos_1d(positions_N: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Fixed sinusoidal encoding [N, dim] of (possibly fractional) positions: [sin | cos], as MAE."""
+class FactorizedBlock(nn.Module):
+    """Divided space-time attention over the full token grid (TimeSformer's): attention along time within each
+    parcel, then across parcels within each patch index, then the MLP; pre-LayerNorm. Token 0 (CLS) takes part in
+    neither attention, only in the MLP.
+
+    Why: the second attention compares parcels by what the first gathered along time, so a masked patch can be filled
+    from the parcels that co-fluctuate with its parcel in this very window: the recording's own connectivity, which
+    a fixed linear imputation (one covariance for every subject) cannot adapt to."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        backend: str = "sdpa",
+        dropout: float = 0.0,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.norm_t = nn.LayerNorm(dim, eps=eps)
+        self.attn_t = Attention(dim, num_heads, backend, dropout)
+        self.norm_s = nn.LayerNorm(dim, eps=eps)
+        self.attn_s = Attention(dim, num_heads, backend, dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_dim, dropout)
+
+    def forward(self, x_B1LD: Tensor, num_parcels: int) -> Tensor:
+        """CLS + R x N parcel-major tokens in, the same out."""
+        B, S, D = x_B1LD.shape
+        R = num_parcels
+        cls_B1D, x_BRND = x_B1LD[:, :1], x_B1LD[:, 1:].reshape(B, R, (S - 1) // R, D)
+        N = x_BRND.shape[2]
+        t_XND = x_BRND.reshape(B * R, N, D)
+        x_BRND = (t_XND + self.attn_t(self.norm_t(t_XND))).reshape(B, R, N, D)
+        s_XRD = x_BRND.transpose(1, 2).reshape(B * N, R, D)
+        x_BNRD = (s_XRD + self.attn_s(self.norm_s(s_XRD))).reshape(B, N, R, D)
+        x_B1LD = torch.cat([cls_B1D, x_BNRD.transpose(1, 2).reshape(B, R * N, D)], dim=1)
+        return x_B1LD + self.mlp(self.norm2(x_B1LD))
+
+
+def sincos_1d(positions_N: Tensor, dim: int, max_period: float = 10000.0, layout: str = "halves") -> Tensor:
+    """Fixed sinusoidal encoding [N, dim] of (possibly fractional) positions. ``halves``: [sin | cos] (MAE);
+    ``interleaved``: sin in even, cos in odd columns (the PyTorch tutorial's, as the released BrainLM has it)."""
     half = dim // 2
     omega = torch.arange(half, dtype=torch.float64, device=positions_N.device) / max(half, 1)
     omega = 1.0 / max_period**omega
     angles_NF = positions_N.to(torch.float64)[:, None] * omega[None, :]
-    enc_ND = torch.cat([torch.sin(angles_NF), torch.cos(angles_NF)], dim=1).float()
+    sin_NF, cos_NF = torch.sin(angles_NF), torch.cos(angles_NF)
+    if layout == "interleaved":
+        enc_ND = torch.stack([sin_NF, cos_NF], dim=-1).flatten(1).float()
+    else:
+        enc_ND = torch.cat([sin_NF, cos_NF], dim=1).float()
     if dim % 2:
         enc_ND = F.pad(enc_ND, (0, 1))
     return enc_ND

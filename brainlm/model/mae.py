@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from brainlm.exceptions import CheckpointError, ConfigError, DimensionError, InputError
 from brainlm.model.config import MASKINGS, ModelConfig
-from brainlm.model.layers import Block, FourierCoordEncoder, sincos_1d
+from brainlm.model.layers import Block, FactorizedBlock, FourierCoordEncoder, sincos_1d
 
 # MNI coordinates are in mm, spanning about +-100. The paper fed them raw to Linear(3 -> D); we divide by
 # 100 first. The function class is the same (a rescaled weight), but the embedding starts at the scale of
@@ -123,6 +123,8 @@ class BrainLM(nn.Module):
             dropout=c.dropout,
             eps=c.layer_norm_eps,
             activation_checkpointing=c.activation_checkpointing,
+            norm=c.block_norm,
+            value_conv_kernel=c.value_conv_kernel,
         )
         self.blocks = nn.ModuleList(Block(D, c.num_heads, c.mlp_dim, **block_args) for _ in range(c.num_layers))
         self.norm = nn.LayerNorm(D, eps=c.layer_norm_eps)
@@ -132,12 +134,23 @@ class BrainLM(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, E))
         self.decoder_spatial_embed = _spatial_encoder(c.spatial_encoding, E)
         self.decoder_parcel_embed = nn.Parameter(torch.zeros(c.num_parcels, E)) if c.learned_parcel_embedding else None
-        self.decoder_blocks = nn.ModuleList(
-            Block(E, c.decoder_num_heads, c.decoder_mlp_dim, **block_args) for _ in range(c.decoder_num_layers)
-        )
+        if c.decoder_attention == "factorized":
+            fact_args = dict(backend=c.attention_backend, dropout=c.dropout, eps=c.layer_norm_eps)
+            blocks = (
+                FactorizedBlock(E, c.decoder_num_heads, c.decoder_mlp_dim, **fact_args)
+                for _ in range(c.decoder_num_layers)
+            )
+        else:
+            blocks = (
+                Block(E, c.decoder_num_heads, c.decoder_mlp_dim, **block_args) for _ in range(c.decoder_num_layers)
+            )
+        self.decoder_blocks = nn.ModuleList(blocks)
         self.decoder_norm = nn.LayerNorm(E, eps=c.layer_norm_eps)
-        # A plain Linear head, as MAE's decoder_pred (the paper used E -> 256 -> LeakyReLU -> P).
-        self.decoder_pred = nn.Linear(E, c.patch_size)
+        # A plain Linear head, as MAE's decoder_pred; or the paper's E -> E/2 -> LeakyReLU(0.1) -> P.
+        if c.decoder_head == "mlp":
+            self.decoder_pred = nn.Sequential(nn.Linear(E, E // 2), nn.LeakyReLU(0.1), nn.Linear(E // 2, c.patch_size))
+        else:
+            self.decoder_pred = nn.Linear(E, c.patch_size)
 
         self.scaling: dict[str, Any] | None = None  # the robust-scaling statistics, set by from_pretrained
         self.extra: dict[str, Any] | None = None
@@ -201,7 +214,7 @@ class BrainLM(nn.Module):
         if parcel_RD is not None:
             spatial_RD = spatial_RD + parcel_RD
         positions_N = torch.arange(num_patches, device=coords_R3.device)
-        temporal_ND = sincos_1d(positions_N, dim).to(dtype)
+        temporal_ND = sincos_1d(positions_N, dim, layout=self.config.temporal_layout).to(dtype)
         return (spatial_RD[:, None, :] + temporal_ND[None, :, :]).flatten(0, 1)
 
     def _embed(self, signal_BRT: Tensor, coords_R3: Tensor) -> Tensor:
@@ -294,8 +307,9 @@ class BrainLM(nn.Module):
         x_BLE = x_BLE + self._pos_embed(coords_R3, N, self.decoder_spatial_embed, self.decoder_parcel_embed, E)
         x_B1LE = torch.cat([x_B1KE[:, :1], x_BLE], dim=1)
 
+        R = coords_R3.shape[0]
         for block in self.decoder_blocks:
-            x_B1LE = block(x_B1LE)
+            x_B1LE = block(x_B1LE, R) if isinstance(block, FactorizedBlock) else block(x_B1LE)
         return self.decoder_pred(self.decoder_norm(x_B1LE))[:, 1:]  # drop CLS
 
     def forward_loss(self, signal_BRT: Tensor, pred_BLP: Tensor, mask_BL: Tensor) -> Tensor:
@@ -385,7 +399,10 @@ class BrainLM(nn.Module):
 
         def blocks(S: int, width: int, mlp: int, layers: int) -> int:
             linear = 2 * S * width * (3 * width + width + 2 * mlp)  # qkv, proj, fc1, fc2
-            return layers * (linear + 2 * 2 * S * S * width)  # + QK^T and AV over all heads
+            conv = 2 * S * width * c.value_conv_kernel  # the depthwise value convolution, if any
+            return layers * (linear + conv + 2 * 2 * S * S * width)  # + QK^T and AV over all heads
+
+        head = E * (E // 2) + (E // 2) * P if c.decoder_head == "mlp" else E * P
 
         forward = (
             2 * L * P * D  # patch embedding (before masking, as MAE)
@@ -394,7 +411,7 @@ class BrainLM(nn.Module):
             + 2 * (1 + K) * D * E  # decoder_embed
             + spatial(E)
             + blocks(1 + L, E, c.decoder_mlp_dim, c.decoder_num_layers)
-            + 2 * (1 + L) * E * P  # decoder_pred
+            + 2 * (1 + L) * head  # decoder_pred
         )
         return 3.0 * forward
 

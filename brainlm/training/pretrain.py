@@ -18,7 +18,7 @@ import torch.distributed as dist
 from brainlm.config import PretrainConfig, global_batch, lr_of, resolve_ds_config, warmup_steps
 from brainlm.data.format import load_manifest
 from brainlm.data.loader import TrainLoader, fixed_samples, sample_seed
-from brainlm.eval.metrics import R2Sums
+from brainlm.eval.metrics import MASK_SEED, MASKING_CODES, R2Sums
 from brainlm.exceptions import BrainLMError, ConfigError, ShardError
 from brainlm.model import BrainLM
 from brainlm.model.mae import sample_mask
@@ -26,8 +26,6 @@ from brainlm.training import engine as ds
 from brainlm.training.checkpoint import Checkpointer
 from brainlm.training.schedule import warmup_cosine
 from brainlm.training.tracking import Tracker, default_tracking_uri
-
-VAL_SEED = 1_000_003  # validation masks use their own seed stream, fixed for the run
 
 
 class NonFiniteLossError(BrainLMError):
@@ -280,7 +278,9 @@ def _validation_set(cfg: PretrainConfig, manifest, root: str, window: int, ctx: 
     signal, _ = fixed_samples(manifest, root, split, count, window)
     usable = signal.shape[0] // ctx.world_size * ctx.world_size  # equal work per rank (ZeRO-3 needs it)
     idx = list(range(ctx.rank, usable, ctx.world_size))
-    seeds = torch.tensor([sample_seed(VAL_SEED, 0, i) for i in idx], dtype=torch.int64)
+    # The evaluation protocol's masks (brainlm reconstruct): window i of the split gets the same mask in both.
+    code = MASKING_CODES[cfg.model.masking]
+    seeds = torch.tensor([sample_seed(MASK_SEED, code, i) for i in idx], dtype=torch.int64)
     return signal[idx], seeds
 
 
