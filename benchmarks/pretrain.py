@@ -298,9 +298,10 @@ def memory_child(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from brainlm.config import load_recipe, resolve_ds_config
     from brainlm.model import BrainLM, get_preset
     from brainlm.training import engine as ds
+    from brainlm.training.ds_config import resolve_ds_config
+    from brainlm.training.recipe import load_recipe
 
     ctx = ds.init_distributed()
     cfg = load_recipe(None, {"model.preset": args.memory_preset, "train.micro_batch_size": 1})

@@ -85,14 +85,14 @@ def _import_brainlm(a: argparse.Namespace) -> None:
 
 
 def _registry_store() -> None:
-    from brainlm.registry import tracking_store
+    from brainlm.tracking.env import tracking_store
 
     print(f"MLflow store: {tracking_store()}", file=sys.stderr, flush=True)
 
 
 def _registry_list(a: argparse.Namespace) -> None:
     from brainlm.eval.common import table
-    from brainlm.registry import list_models, list_versions
+    from brainlm.tracking.registry import list_models, list_versions
 
     _registry_store()
     if a.name:
@@ -118,7 +118,7 @@ def _registry_list(a: argparse.Namespace) -> None:
 def _registry_show(a: argparse.Namespace) -> None:
     import json
 
-    from brainlm.registry import describe
+    from brainlm.tracking.registry import describe
 
     _registry_store()
     info = describe(a.name, a.version, a.alias)
@@ -143,7 +143,7 @@ def _registry_show(a: argparse.Namespace) -> None:
 
 
 def _registry_promote(a: argparse.Namespace) -> None:
-    from brainlm.registry import promote
+    from brainlm.tracking.registry import promote
 
     _registry_store()
     before = promote(a.name, a.version, a.alias)
@@ -152,7 +152,7 @@ def _registry_promote(a: argparse.Namespace) -> None:
 
 
 def _registry_download(a: argparse.Namespace) -> None:
-    from brainlm.registry import download
+    from brainlm.tracking.registry import download
 
     _registry_store()
     out = download(a.uri, a.out)
@@ -161,7 +161,7 @@ def _registry_download(a: argparse.Namespace) -> None:
 
 def _add_config(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One flag per dataclass field, its docstring as help: the CLI and the sweeps share one schema."""
-    from brainlm.config import field_docs
+    from brainlm.training.recipe import field_docs
 
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     docs = {k: v.replace("%", "%%") for k, v in docs.items()}  # argparse formats help with %

@@ -43,3 +43,7 @@ class CheckpointError(BrainLMError):
 
 class SweepInterrupted(BrainLMError):
     """A sweep stopped before every trial ended (Ctrl+C); ``--resume`` continues it."""
+
+
+class NonFiniteLossError(BrainLMError):
+    """The loss became NaN or infinite (pretraining, fine-tuning, a perturbation)."""

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from brainlm.config import help_text, load_recipe
 from brainlm.exceptions import BrainLMError
+from brainlm.training.recipe import help_text, load_recipe
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from brainlm.cli import _add_config
-from brainlm.config import parse_overrides
 from brainlm.eval.finetune import FinetuneConfig
 from brainlm.eval.perturb import PerturbConfig
 from brainlm.exceptions import BrainLMError, ConfigError, SweepInterrupted
+from brainlm.training.recipe import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 

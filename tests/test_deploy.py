@@ -364,7 +364,7 @@ def test_the_pretraining_pod_runs_the_readme_command_under_the_deepspeed_launche
             assert args.hostfile and args.master_addr and args.master_port
 
         # the arguments after the script are a valid recipe (where the recipe file exists)
-        from brainlm.config import load_recipe
+        from brainlm.training.recipe import load_recipe
 
         recipe = env["BRAINLM_RECIPE"]
         if not (ROOT / recipe).exists():

@@ -224,7 +224,7 @@ def test_finetune_classifies_sex_with_probabilities_and_the_fc_baseline(cohort, 
 
 
 def test_target_transforms_invert():
-    from brainlm.eval.finetune import Transform
+    from brainlm.model.heads import Transform
 
     y = np.array([0.0, 3.0, 10.0, 55.5])
     for kind in ("zscore", "minmax", "logminmax", "none"):

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # library -> the files (or folders) allowed to import it
 ALLOWED = {
     "deepspeed": ["brainlm/training/engine.py"],
-    "mlflow": ["brainlm/training/tracking.py", "brainlm/registry.py"],
+    "mlflow": ["brainlm/tracking/"],
     "ray": ["launcher/tune.py", "brainlm/tuning/"],
     "boto3": ["brainlm/data/store.py"],
     "botocore": ["brainlm/data/store.py"],
@@ -46,10 +46,88 @@ def test_each_heavy_library_lives_in_one_place(library):
 
 def test_importing_the_model_pulls_in_no_infrastructure():
     code = (
-        "import sys, brainlm.model, brainlm.config; "
+        "import sys, brainlm.model, brainlm.training.recipe; "
         "bad = sorted({'deepspeed', 'ray', 'mlflow', 'boto3', 'nibabel', 'nilearn', 'webdataset'} & "
         "{m.split('.')[0] for m in sys.modules}); print(','.join(bad))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"importing brainlm.model imported {proc.stdout.strip()}"
+
+
+# The import layers, lowest first: a module may import its own layer and those below, never one above, and no
+# import circle may form anywhere (tests/test_layout.py is the contract; docs in each package's docstring).
+LAYERS = [
+    ("brainlm", "brainlm.exceptions", "brainlm.atomic"),
+    ("brainlm.model",),
+    ("brainlm.data",),
+    ("brainlm.tracking", "data_prep"),
+    ("brainlm.eval",),
+    ("brainlm.training",),
+    ("brainlm.tuning",),
+    ("brainlm.cli", "brainlm.api", "launcher"),
+]
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Every first-party module -> the first-party modules it imports (anywhere in the file, lazily or not)."""
+    files = {}
+    for path in [*ROOT.glob("brainlm/**/*.py"), *ROOT.glob("data_prep/*.py"), *ROOT.glob("launcher/*.py")]:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            deps |= {t for t in targets if t in files and t != name}
+        graph[name] = deps
+    return graph
+
+
+def layer_of(module: str) -> int:
+    best = None
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > len(best[1])):
+                best = (i, p)
+    assert best is not None, f"{module} belongs to no layer in LAYERS"
+    return best[0]
+
+
+def test_no_import_reaches_up_a_layer():
+    upward = [
+        f"{m} (layer {layer_of(m)}) imports {d} (layer {layer_of(d)})"
+        for m, deps in sorted(module_graph().items())
+        for d in sorted(deps)
+        if layer_of(d) > layer_of(m)
+    ]
+    assert not upward, "imports that reach up a layer:\n" + "\n".join(upward)
+
+
+def test_no_import_circle():
+    graph = module_graph()
+    # A package imports its own modules (its __init__ re-exports them); that is not a circle through the package.
+    edges = {m: {d for d in deps if not (m.startswith(d + "."))} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(edges[m]):
+            if state.get(d) == 1:
+                return [*stack[stack.index(d) :], d]
+            if d not in state and (found := visit(d)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(edges):
+        if m not in state and (circle := visit(m)):
+            pytest.fail("import circle: " + " -> ".join(circle))

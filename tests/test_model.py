@@ -392,7 +392,10 @@ def test_load_errors_name_the_missing_file(tmp_path):
 
 
 def test_activation_checkpointing_leaves_outputs_and_gradients_unchanged(batch):
-    plain, ckpt = build(dropout=0.1), build(dropout=0.1, activation_checkpointing=True)
+    from brainlm.training.pretrain import apply_activation_checkpointing
+
+    plain, ckpt = build(dropout=0.1), build(dropout=0.1)
+    apply_activation_checkpointing(ckpt)  # a training choice, not a model field
     ckpt.load_state_dict(plain.state_dict())
     results = []
     for model in (plain, ckpt):

@@ -15,8 +15,9 @@ import psutil
 import pytest
 import torch
 
-from brainlm.config import build_recipe, load_recipe, parse_overrides, resolve_ds_config
 from brainlm.exceptions import ConfigError
+from brainlm.training.ds_config import resolve_ds_config
+from brainlm.training.recipe import build_recipe, load_recipe, parse_overrides
 from tests.conftest import ROOT, free_port, run_cli
 
 pytestmark = pytest.mark.slow
@@ -248,7 +249,7 @@ def test_one_rank_from_s3_matches_two_ranks_and_round_trips_mlflow(baseline, tin
     import mlflow
 
     from brainlm.model import BrainLM
-    from brainlm.registry import resolve_model
+    from brainlm.tracking.registry import resolve_model
 
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()

@@ -34,9 +34,9 @@ def store(tmp_path_factory) -> dict:
     """brainlm-reg (2 versions, alias current -> 2) and brainlm-finetuned-age (a head, z-scored target)."""
     import mlflow
 
-    from brainlm.eval.finetune import Transform
     from brainlm.model import BrainLMForPrediction
-    from brainlm.registry import log_and_register
+    from brainlm.model.heads import Transform
+    from brainlm.tracking.registry import log_and_register
 
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -128,7 +128,7 @@ def test_the_finetuned_pyfunc_predicts_in_target_units(store):
     import mlflow
 
     from brainlm.model import BrainLMForPrediction
-    from brainlm.registry import lineage, resolve_model
+    from brainlm.tracking.registry import lineage, resolve_model
 
     x = np.random.default_rng(2).standard_normal((3, 7, 40)).astype(np.float32)
     pred = mlflow.pyfunc.load_model("models:/brainlm-finetuned-age@champion").predict(x)

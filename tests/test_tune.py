@@ -189,7 +189,7 @@ def test_the_best_model_is_registered_as_champion_with_lineage_and_predicts(env,
 
     from brainlm.data.format import load_manifest
     from brainlm.model import BrainLMForPrediction
-    from brainlm.registry import resolve_model
+    from brainlm.tracking.registry import resolve_model
 
     summary = finetuned["summary"]
     client = mlflow.MlflowClient(env["uri"])
@@ -254,8 +254,8 @@ def test_perturbation_sweep_scores_trials(env):
 
 
 def test_scaling_sweep_spends_the_budget_and_reports_the_winner(env):
-    from brainlm.config import load_recipe
     from brainlm.model import BrainLM
+    from brainlm.training.recipe import load_recipe
 
     budget = 4e8
     code = sweep(

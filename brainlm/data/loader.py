@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from brainlm.data.format import Manifest, decode_signal, shard_urls
 from brainlm.data.store import register_webdataset_s3
 from brainlm.exceptions import ShardError
+from brainlm.model.mae import seeded_masks
 
 
 def sample_seed(seed: int, slot: int, position: int) -> int:
@@ -69,6 +70,18 @@ def window_of(signal_RT: np.ndarray, window: int, rng: np.random.Generator | Non
     return signal_RT[:, start : start + window]
 
 
+@dataclass(frozen=True)
+class MaskSpec:
+    """How the loader masks each sample (from the sample's seed, in the worker that reads it)."""
+
+    num_patches: int
+    mask_ratio: float
+    masking: str = "random"
+
+    def masks(self, seeds_B: torch.Tensor, num_parcels: int) -> torch.Tensor:
+        return seeded_masks(seeds_B, num_parcels, self.num_patches, self.mask_ratio, self.masking)
+
+
 @dataclass
 class ShardInfo:
     url: str
@@ -79,12 +92,19 @@ class SlotStreams(IterableDataset):
     """One rank's slots of the global micro-batch; each worker serves a subset of the slots."""
 
     def __init__(
-        self, shards: list[ShardInfo], slots: list[int], num_slots: int, window: int, seed: int, start: int = 0
+        self,
+        shards: list[ShardInfo],
+        slots: list[int],
+        num_slots: int,
+        window: int,
+        seed: int,
+        start: int = 0,
+        masks: MaskSpec | None = None,
     ) -> None:
         if not shards:
             raise ShardError("no shards to stream from")
         self.shards, self.slots, self.num_slots = shards, slots, num_slots
-        self.window, self.seed, self.start = window, seed, start
+        self.window, self.seed, self.start, self.mask_spec = window, seed, start, masks
 
     def stream(self, slot: int, start: int) -> Iterator[tuple[np.ndarray, int]]:
         """Slot ``slot``'s samples from position ``start`` on: (window [R, W] float32, sample seed)."""
@@ -116,10 +136,12 @@ class SlotStreams(IterableDataset):
         streams = [self.stream(slot, self.start) for slot in mine]
         while True:
             items = [next(s) for s in streams]
-            yield {
-                "signal": torch.from_numpy(np.stack([x for x, _ in items])),
-                "seed": torch.tensor([s for _, s in items], dtype=torch.int64),
-            }
+            signal = torch.from_numpy(np.stack([x for x, _ in items]))
+            seeds = torch.tensor([s for _, s in items], dtype=torch.int64)
+            batch = {"signal": signal, "seed": seeds}
+            if self.mask_spec is not None:
+                batch["mask"] = self.mask_spec.masks(seeds, signal.shape[1])
+            yield batch
 
 
 class TrainLoader:
@@ -139,12 +161,13 @@ class TrainLoader:
         num_workers: int = 0,
         prefetch: int = 4,
         start: int = 0,
+        masks: MaskSpec | None = None,
     ) -> None:
         urls = shard_urls(manifest, root, split)
         shards = [ShardInfo(u, s["samples"]) for u, s in zip(urls, manifest.shards_of(split), strict=True)]
         slots = list(range(rank * micro_batch_size, (rank + 1) * micro_batch_size))
         self.workers = min(num_workers, micro_batch_size)
-        dataset = SlotStreams(shards, slots, micro_batch_size * world_size, window, seed, start)
+        dataset = SlotStreams(shards, slots, micro_batch_size * world_size, window, seed, start, masks)
         self.position = start
         kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if self.workers else {}
         self.loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, **kwargs)
@@ -161,10 +184,7 @@ class TrainLoader:
         self.position += 1
         if len(parts) == 1:  # one reader: already in slot order, no copy needed
             return parts[0]
-        return {
-            "signal": torch.cat([p["signal"] for p in parts])[self.order],
-            "seed": torch.cat([p["seed"] for p in parts])[self.order],
-        }
+        return {k: torch.cat([p[k] for p in parts])[self.order] for k in parts[0]}
 
 
 def fixed_samples(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Protocol
 from urllib.parse import urlparse
 
+from brainlm import atomic
 from brainlm.exceptions import StoreError
 
 CHUNK = 8 * 1024 * 1024
@@ -95,25 +96,8 @@ class LocalStore:
         except FileNotFoundError:
             raise StoreError(f"{path} does not exist") from None
 
-    def _atomic(self, key: str) -> tuple[Path, Path]:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A dot-prefixed temporary name in the same folder: never matched by '*.tar' or '*.json', and the
-        # rename below is atomic on POSIX file systems.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        return path, Path(tmp)
-
     def write_bytes(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
-        path, tmp = self._atomic(key)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic.write_bytes(self._path(key), data)
 
     def upload_file(
         self,
@@ -122,18 +106,14 @@ class LocalStore:
         metadata: dict[str, str] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        dest, tmp = self._atomic(key)
-        try:
+        def copy(tmp: str) -> None:
             with open(path, "rb") as src, open(tmp, "wb") as dst:
                 while chunk := src.read(CHUNK):
                     dst.write(chunk)
                     if progress:
                         progress(len(chunk))
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        atomic.write_all([(self._path(key), copy)])
 
     def open(self, key: str) -> IO[bytes]:
         return open(self._path(key), "rb")

@@ -27,7 +27,7 @@ class Context:
 
 
 def load_context(model_uri: str, shards: str) -> Context:
-    from brainlm.registry import resolve_model
+    from brainlm.tracking.registry import resolve_model
 
     model_dir = resolve_model(model_uri)
     model = BrainLM.from_pretrained(model_dir)

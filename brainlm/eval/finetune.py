@@ -40,8 +40,8 @@ from brainlm.eval.common import (
     table,
     write_metrics,
 )
-from brainlm.exceptions import ConfigError, InputError
-from brainlm.model.heads import BrainLMForPrediction
+from brainlm.exceptions import ConfigError, InputError, NonFiniteLossError
+from brainlm.model.heads import BrainLMForPrediction, Transform
 
 TRANSFORMS = ("zscore", "minmax", "logminmax", "none")
 
@@ -98,34 +98,6 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "seeds", "head_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`--{name.replace('_', '-')}` must be at least 1, got {getattr(self, name)}")
-
-
-@dataclass
-class Transform:
-    """Target transform fitted on training values; inverse() maps predictions back."""
-
-    kind: str
-    a: float = 0.0
-    b: float = 1.0
-
-    @classmethod
-    def fit(cls, kind: str, y: np.ndarray) -> Transform:
-        if kind == "logminmax" and (y <= -1).any():
-            raise InputError("--transform logminmax needs values > -1 (it takes log(1 + y))")
-        z = np.log1p(y) if kind == "logminmax" else y
-        if kind == "zscore":
-            return cls(kind, float(z.mean()), float(z.std() or 1.0))
-        if kind in ("minmax", "logminmax"):
-            return cls(kind, float(z.min()), float((z.max() - z.min()) or 1.0))
-        return cls("none")
-
-    def __call__(self, y: np.ndarray) -> np.ndarray:
-        z = np.log1p(y) if self.kind == "logminmax" else y
-        return (z - self.a) / self.b
-
-    def inverse(self, t: np.ndarray) -> np.ndarray:
-        z = t * self.b + self.a
-        return np.expm1(z) if self.kind == "logminmax" else z
 
 
 @dataclass
@@ -288,8 +260,6 @@ def train_one(
         if val_loss < best:
             best, best_state = val_loss, copy.deepcopy(model.state_dict())
     if best_state is None:
-        from brainlm.training.pretrain import NonFiniteLossError
-
         raise NonFiniteLossError(
             f"the validation loss was not finite in any of {cfg.epochs} epochs (lr {cfg.lr}); lower --lr"
         )

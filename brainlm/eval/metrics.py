@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from brainlm.data.loader import sample_seed
-from brainlm.model.mae import sample_mask
+from brainlm.model.mae import seeded_masks
 
 MASK_SEED = 20_240_424  # fixed evaluation masks: the same in every run, for every model
 MASKING_CODES = {"random": 0, "tube": 1, "parcel": 2, "future": 3}
@@ -20,11 +20,15 @@ def fixed_masks(
 ) -> torch.Tensor:
     """mask_BL of evaluation windows by their index in the split (``indices``: a count means 0 .. count - 1), each
     from its own seed: identical across runs, batchings, world sizes and models of the same shape."""
-    rows = []
-    for i in range(indices) if isinstance(indices, int) else indices:
-        g = torch.Generator().manual_seed(sample_seed(MASK_SEED, MASKING_CODES[masking], i))
-        rows.append(sample_mask(1, num_parcels, num_patches, ratio, masking, generator=g))
-    return torch.cat(rows)
+    return seeded_masks(protocol_seeds(indices, masking), num_parcels, num_patches, ratio, masking)
+
+
+def protocol_seeds(indices: int | list[int], masking: str) -> list[int]:
+    """The mask seed of each evaluation window index."""
+    return [
+        sample_seed(MASK_SEED, MASKING_CODES[masking], i)
+        for i in (range(indices) if isinstance(indices, int) else indices)
+    ]
 
 
 @dataclass

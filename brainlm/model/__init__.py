@@ -5,8 +5,9 @@ Imports torch and safetensors only (no DeepSpeed, Ray, MLflow, boto3 or nibabel)
 
 from brainlm.model.config import PRESETS, ModelConfig, get_preset
 from brainlm.model.heads import BrainLMForPrediction, MLPHead
+from brainlm.model.io import load_scaling
 from brainlm.model.layers import attention
-from brainlm.model.mae import BrainLM, MAEOutput, load_scaling
+from brainlm.model.mae import BrainLM, MAEOutput
 
 __all__ = [
     "PRESETS",

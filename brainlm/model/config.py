@@ -16,6 +16,9 @@ TEMPORAL_LAYOUTS = ("halves", "interleaved")
 DECODER_HEADS = ("linear", "mlp")
 DECODER_ATTENTIONS = ("joint", "factorized")
 NON_NEGATIVE = {"value_conv_kernel"}  # int fields where 0 means off
+# Keys older exported configs carry that are no longer model fields: activation checkpointing is a training choice
+# now (`train.activation_checkpointing`), not part of what a model computes.
+LEGACY = {"activation_checkpointing"}
 
 
 @dataclass
@@ -59,8 +62,6 @@ class ModelConfig:
     """Reconstruct per-patch normalised targets (MAE's norm_pix_loss)."""
     attention_backend: str = "sdpa"
     """sdpa (fused kernels, default) | xformers (CUDA only, needs xformers) | math (explicit weights)."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass: less memory, about 1/3 more compute."""
     dropout: float = 0.0
     """Dropout on the residual branches (attention projection and MLP), in [0, 1)."""
     layer_norm_eps: float = 1e-6
@@ -166,6 +167,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from `to_dict()` output or a recipe's `model:` section; unknown keys are errors."""
+        d = {k: v for k, v in d.items() if k not in LEGACY}
         _check_fields(d)
         return cls(**d)
 

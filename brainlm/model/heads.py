@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from brainlm.exceptions import ConfigError
-from brainlm.model.mae import BrainLM, _atomic_write_all, _json_writer, _load_state, _require_files
+from brainlm.exceptions import ConfigError, InputError
+from brainlm.model import io
+from brainlm.model.mae import BrainLM
 
 HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE = "head.json", "head.safetensors"
 POOLINGS = ("cls", "mean")
@@ -110,24 +112,18 @@ class BrainLMForPrediction(nn.Module):
         extra: dict[str, Any] | None = None,
     ) -> None:
         """The backbone as `BrainLM.save_pretrained` writes it, plus head.json and head.safetensors."""
-        folder = Path(path)
-        self.backbone.save_pretrained(folder, scaling=scaling, extra=extra)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.head.state_dict().items()}
-        _atomic_write_all(
-            folder,
-            [
-                (HEAD_WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"})),
-                (HEAD_CONFIG_FILE, _json_writer(self.head_config)),
-            ],
+        self.backbone.save_pretrained(path, scaling=scaling, extra=extra)
+        io.write_folder(
+            path, {HEAD_WEIGHTS_FILE: io.tensors_writer(self.head), HEAD_CONFIG_FILE: io.json_writer(self.head_config)}
         )
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BrainLMForPrediction:
         """Load a folder written by `save_pretrained`, in eval mode; the scaling is `.backbone.scaling`."""
         folder = Path(path)
-        _require_files(
+        io.require_files(
             folder,
-            ("config.json", "model.safetensors", HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE),
+            (io.CONFIG_FILE, io.WEIGHTS_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE),
             "BrainLMForPrediction.save_pretrained",
         )
         backbone = BrainLM.from_pretrained(folder, map_location)
@@ -140,11 +136,35 @@ class BrainLMForPrediction(nn.Module):
                 head_config["num_layers"],
                 head_config["dropout"],
             )
-        _load_state(
-            head,
-            load_file(folder / HEAD_WEIGHTS_FILE, device=str(torch.device(map_location))),
-            folder / HEAD_WEIGHTS_FILE,
-        )
+        io.load_weights(head, folder / HEAD_WEIGHTS_FILE, map_location)
         model = cls(backbone, **head_config)
         model.head = head
         return model.eval()
+
+
+@dataclass
+class Transform:
+    """Target transform fitted on training values; inverse() maps predictions back."""
+
+    kind: str
+    a: float = 0.0
+    b: float = 1.0
+
+    @classmethod
+    def fit(cls, kind: str, y: np.ndarray) -> Transform:
+        if kind == "logminmax" and (y <= -1).any():
+            raise InputError("--transform logminmax needs values > -1 (it takes log(1 + y))")
+        z = np.log1p(y) if kind == "logminmax" else y
+        if kind == "zscore":
+            return cls(kind, float(z.mean()), float(z.std() or 1.0))
+        if kind in ("minmax", "logminmax"):
+            return cls(kind, float(z.min()), float((z.max() - z.min()) or 1.0))
+        return cls("none")
+
+    def __call__(self, y: np.ndarray) -> np.ndarray:
+        z = np.log1p(y) if self.kind == "logminmax" else y
+        return (z - self.a) / self.b
+
+    def inverse(self, t: np.ndarray) -> np.ndarray:
+        z = t * self.b + self.a
+        return np.expm1(z) if self.kind == "logminmax" else z

@@ -12,18 +12,15 @@ mask_BL is bool, True = removed (masked), as MAE documents its 0/1 mask.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from brainlm.exceptions import CheckpointError, ConfigError, DimensionError, InputError
+from brainlm.exceptions import ConfigError, DimensionError, InputError
+from brainlm.model import io
 from brainlm.model.config import MASKINGS, ModelConfig
 from brainlm.model.layers import Block, FactorizedBlock, FourierCoordEncoder, sincos_1d
 
@@ -31,12 +28,6 @@ from brainlm.model.layers import Block, FactorizedBlock, FourierCoordEncoder, si
 # 100 first. The function class is the same (a rescaled weight), but the embedding starts at the scale of
 # the patch embedding instead of ~50x larger, and AdamW's per-weight steps are no longer 100x too small.
 COORD_SCALE_MM = 100.0
-WEIGHTS_FILE, CONFIG_FILE, SCALING_FILE, EXTRA_FILE = (
-    "model.safetensors",
-    "config.json",
-    "scaling.json",
-    "extra.json",
-)
 
 
 class MAEOutput(NamedTuple):
@@ -104,6 +95,19 @@ def sample_mask(
     return mask_BN[:, None, :].expand(B, R, N).reshape(B, L)
 
 
+def seeded_masks(
+    seeds_B: Tensor | list[int], num_parcels: int, num_patches: int, mask_ratio: float, masking: str = "random"
+) -> Tensor:
+    """mask_BL with row b drawn from its own seed (`sample_mask` on a CPU generator): a sample's mask depends on its
+    seed alone, not on the batch it travels in, the world size or the device."""
+    seeds = seeds_B.tolist() if isinstance(seeds_B, Tensor) else list(seeds_B)
+    rows = [
+        sample_mask(1, num_parcels, num_patches, mask_ratio, masking, generator=torch.Generator().manual_seed(int(s)))
+        for s in seeds
+    ]
+    return torch.cat(rows)
+
+
 class BrainLM(nn.Module):
     """BrainLM's masked autoencoder: encoder over CLS + visible tokens, light decoder over all tokens."""
 
@@ -122,7 +126,6 @@ class BrainLM(nn.Module):
             backend=c.attention_backend,
             dropout=c.dropout,
             eps=c.layer_norm_eps,
-            activation_checkpointing=c.activation_checkpointing,
             norm=c.block_norm,
             value_conv_kernel=c.value_conv_kernel,
         )
@@ -441,85 +444,25 @@ class BrainLM(nn.Module):
 
         Each file is written to a temporary name and renamed, config.json last, so a reader never sees a
         half-written file. A stale scaling.json / extra.json from an earlier save is removed."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        writes: list[tuple[str, Callable[[str], None]]] = [
-            (WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        ]
-        for name, content in ((SCALING_FILE, scaling), (EXTRA_FILE, extra)):
-            if content is not None:
-                writes.append((name, _json_writer(content)))
-        writes.append((CONFIG_FILE, _json_writer(self.config.to_dict())))
-        _atomic_write_all(folder, writes)
-        for name, content in ((SCALING_FILE, scaling), (EXTRA_FILE, extra)):
-            if content is None:
-                (folder / name).unlink(missing_ok=True)
+        io.write_folder(
+            path,
+            {
+                io.WEIGHTS_FILE: io.tensors_writer(self),
+                io.SCALING_FILE: io.json_writer(scaling) if scaling is not None else None,
+                io.EXTRA_FILE: io.json_writer(extra) if extra is not None else None,
+                io.CONFIG_FILE: io.json_writer(self.config.to_dict()),
+            },
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BrainLM:
         """Load a folder written by `save_pretrained`, in eval mode, with `.scaling` / `.extra` (or None)."""
         folder = Path(path)
-        _require_files(folder, (CONFIG_FILE, WEIGHTS_FILE), "BrainLM.save_pretrained")
-        config = ModelConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-        device = torch.device(map_location)
+        io.require_files(folder, (io.CONFIG_FILE, io.WEIGHTS_FILE), "BrainLM.save_pretrained")
+        config = ModelConfig.from_dict(io.read_json(folder / io.CONFIG_FILE))
         with torch.device("meta"):  # no init work: every tensor comes from the file
             model = cls(config)
-        state = load_file(folder / WEIGHTS_FILE, device=str(device))
-        _load_state(model, state, folder / WEIGHTS_FILE)
-        model.scaling = load_scaling(folder)
-        model.extra = _read_json(folder / EXTRA_FILE)
+        io.load_weights(model, folder / io.WEIGHTS_FILE, map_location)
+        model.scaling = io.load_scaling(folder)
+        model.extra = io.read_json(folder / io.EXTRA_FILE)
         return model.eval()
-
-
-def load_scaling(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The robust-scaling statistics saved with a model folder (scaling.json), or None."""
-    return _read_json(Path(path) / SCALING_FILE)
-
-
-def _read_json(file: Path) -> dict[str, Any] | None:
-    return json.loads(file.read_text()) if file.is_file() else None
-
-
-def _require_files(folder: Path, names: tuple[str, ...], writer: str) -> None:
-    for name in names:
-        if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"{folder / name} not found: a model folder holds {', '.join(names)}, as written by {writer}"
-            )
-
-
-def _load_state(model: nn.Module, state: dict[str, Tensor], file: Path) -> None:
-    """Load `state` into a meta-device model, tensors assigned rather than copied."""
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{file} does not match the model its config describes: {e}") from e
-
-
-def _json_writer(content: dict[str, Any]) -> Callable[[str], None]:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(content, f, indent=2)
-            f.write("\n")
-
-    return write
-
-
-def _atomic_write_all(folder: Path, writes: list[tuple[str, Callable[[str], None]]]) -> None:
-    """Write every file under a temporary name in `folder`, fsync, then rename them in order."""
-    tmps: list[tuple[str, str]] = []
-    try:
-        for name, write in writes:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-            os.close(fd)
-            tmps.append((tmp, name))
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        for tmp, name in tmps:
-            os.replace(tmp, folder / name)
-    finally:
-        for tmp, _ in tmps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)

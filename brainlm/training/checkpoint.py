@@ -19,12 +19,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from brainlm import atomic
 from brainlm.exceptions import CheckpointError
 from brainlm.training import engine as ds
 
 META = "brainlm.json"
 # Model fields that may change between a checkpoint and its resume: they do not change the weights.
-RUNTIME_FIELDS = {"attention_backend", "activation_checkpointing"}
+RUNTIME_FIELDS = {"attention_backend"}
 
 
 def tag_of(step: int) -> str:
@@ -72,9 +73,7 @@ class Checkpointer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(self.folder / tmp, final)
-            latest_tmp = self.folder / ".latest.tmp"
-            latest_tmp.write_text(tag)
-            os.replace(latest_tmp, self.folder / "latest")
+            atomic.write_text(self.folder / "latest", tag)
             for old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()

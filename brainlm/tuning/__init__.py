@@ -16,7 +16,7 @@ function: every worker calls ``pretrain.run`` with RANK / WORLD_SIZE / MASTER_AD
 under torchrun, and rank 0 reports. Not built here: one CPU process per trial is what a laptop needs.
 
 Search spaces are YAML files whose keys are config fields (``load_space``). MLflow: one parent run per sweep
-and a child per trial, written from the driver only (``MLflowTrials``, through ``brainlm.registry.SweepRuns``):
+and a child per trial, written from the driver only (``MLflowTrials``, through ``brainlm.tracking.sweeps.SweepRuns``):
 trials send results back, so parallel trials never contend for a sqlite store.
 
 Modules: ``space`` (search spaces), ``session`` (Ray session, Tuner, MLflow, summaries), ``finetune``, ``perturb``,

@@ -14,8 +14,7 @@ from ray import tune
 
 from brainlm.eval.common import load_context, table
 from brainlm.eval.finetune import FinetuneConfig, FinetuneData, load_data, save_finetuned, train_one
-from brainlm.exceptions import BrainLMError
-from brainlm.training.pretrain import NonFiniteLossError
+from brainlm.exceptions import BrainLMError, NonFiniteLossError
 from brainlm.tuning.session import (
     Headline,
     SweepOptions,
@@ -87,7 +86,9 @@ def finetune_sweep(
     alias: str = "champion",
 ) -> dict[str, Any]:
     """ASHA over the knobs of ``space_path``; logs to MLflow; registers the best trial's model."""
-    from brainlm.registry import SweepRuns, lineage, tracking_store
+    from brainlm.tracking.env import tracking_store
+    from brainlm.tracking.registry import lineage
+    from brainlm.tracking.sweeps import SweepRuns
 
     base = dataclasses.replace(base, seeds=1)
     space = load_space(space_path, FinetuneConfig, base, FINETUNE_FIXED)

@@ -15,8 +15,7 @@ from ray import tune
 
 from brainlm.eval.common import load_context, parse_where, recordings, table
 from brainlm.eval.perturb import PerturbConfig, magnitude, optimise, top_report
-from brainlm.exceptions import BrainLMError, ConfigError
-from brainlm.training.pretrain import NonFiniteLossError
+from brainlm.exceptions import BrainLMError, ConfigError, NonFiniteLossError
 from brainlm.tuning.session import (
     Headline,
     SweepOptions,
@@ -114,7 +113,9 @@ def perturb_sweep(
     model: str, shards: str, base: PerturbConfig, space_path: str | Path, opts: SweepOptions, budget: float = 0.1
 ) -> dict[str, Any]:
     """ASHA over the knobs of ``space_path``, scored by ``perturb_score``; logs to MLflow."""
-    from brainlm.registry import SweepRuns, lineage, tracking_store
+    from brainlm.tracking.env import tracking_store
+    from brainlm.tracking.registry import lineage
+    from brainlm.tracking.sweeps import SweepRuns
 
     if budget <= 0:
         raise ConfigError(f"--theta-budget must be > 0, got {budget}")

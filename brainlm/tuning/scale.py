@@ -15,11 +15,11 @@ import torch
 import yaml
 from ray import tune
 
-from brainlm.config import build_recipe, global_batch
 from brainlm.eval import plots
 from brainlm.eval.common import table
 from brainlm.exceptions import BrainLMError, ConfigError
 from brainlm.model import BrainLM
+from brainlm.training.recipe import build_recipe, global_batch
 from brainlm.tuning.session import (
     Headline,
     SweepOptions,
@@ -225,8 +225,9 @@ def scale_sweep(
     val_points: int = 4,
 ) -> dict[str, Any]:
     """Width x depth x mask ratio x budget, one short pretraining run each; figure + tables + MLflow."""
-    from brainlm.data.format import load_manifest
-    from brainlm.registry import SweepRuns, tracking_store
+    from brainlm.tracking.env import tracking_store
+    from brainlm.tracking.sweeps import SweepRuns
+    from brainlm.training.pretrain import preflight
 
     if not (widths and depths and mask_ratios and budgets):
         raise ConfigError("--widths, --depths, --mask-ratios and --budget each need at least one value")
@@ -246,18 +247,8 @@ def scale_sweep(
     # trials run in their own working folders (and on other machines): a local path must be absolute
     overrides = {**(overrides or {}), "data.shards": shards if "://" in shards else str(Path(shards).resolve())}
     recipe = build_recipe(raw, overrides)
-    ds_path = Path(ds_config)
-    if not ds_path.exists():
-        raise ConfigError(f"--deepspeed {ds_path}: no such file; the default lives at the repository root")
-    ds = json.loads(ds_path.read_text())
-    manifest, _ = load_manifest(recipe.data.shards)
-    R = manifest.atlas.num_parcels
-    if manifest.crop < recipe.model.num_timepoints:
-        raise ConfigError(
-            f"{shards}: crops of {manifest.crop} timepoints are shorter than model.num_timepoints="
-            f"{recipe.model.num_timepoints} of the recipe; pass --model.num_timepoints {manifest.crop} (or less, a "
-            f"multiple of model.patch_size {recipe.model.patch_size})"
-        )
+    pre = preflight(recipe, ds_config)  # the checks every trial's pretraining makes, once, before any trial
+    manifest, ds, R = pre.manifest, pre.ds_config, pre.num_parcels
     plan = [
         plan_shape(recipe, R, w, d, m, b, head_dim)
         for b in budgets

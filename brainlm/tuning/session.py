@@ -515,7 +515,7 @@ def _error_notes(rows: list[TrialRow]) -> list[str]:
 
 
 def _git_sha() -> str:
-    from brainlm.training.pretrain import git_sha
+    from brainlm.tracking.env import git_sha
 
     return git_sha()
 

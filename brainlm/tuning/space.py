@@ -14,8 +14,8 @@ import numpy as np
 import yaml
 from ray import tune
 
-from brainlm.config import _coerce, _types_of
 from brainlm.exceptions import ConfigError
+from brainlm.training.recipe import _coerce, _types_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACES = ROOT / "configs" / "tune"

@@ -1,24 +1,14 @@
-"""MLflow tracking for training runs; mlflow is imported here and in brainlm/registry.py only.
-
-Tracking never kills a run: the first failure (an unreachable server, a broken store) is reported once and
-tracking is switched off for the rest of the run.
-"""
+"""A training run in MLflow (rank 0 only). Tracking never kills a run: the first failure (an unreachable server, a
+broken store) is reported once and tracking is switched off for the rest of the run."""
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-
-def default_tracking_uri(out_dir: str | Path) -> str:
-    """$MLFLOW_TRACKING_URI, else a sqlite store beside the run folder (``runs/mlflow.db``)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(out_dir).resolve().parent / 'mlflow.db')}"
+from brainlm.tracking.env import artifact_root, flatten, mlflow_defaults
 
 
 def _reachable(uri: str) -> str | None:
@@ -37,16 +27,12 @@ def _reachable(uri: str) -> str | None:
 class Tracker:
     """One MLflow run (rank 0 only). All methods are no-ops once tracking is off."""
 
-    def __init__(self, uri: str, experiment: str, enabled: bool = True, artifact_root: str | None = None) -> None:
+    def __init__(self, uri: str, experiment: str, enabled: bool = True) -> None:
         self.uri, self.experiment, self.enabled = uri, experiment, enabled
         self.run_id: str | None = None
-        self.artifact_root = artifact_root
+        self.artifact_root = artifact_root(uri)
         if enabled:
-            # Fail fast rather than retry for minutes against a server that is not there.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-            logging.getLogger("mlflow").setLevel(logging.ERROR)
+            mlflow_defaults()
             problem = _reachable(uri)
             if problem:
                 self._off(f"MLflow at {uri} is unreachable ({problem})")
@@ -105,7 +91,7 @@ class Tracker:
 
         if not self.enabled:
             return None
-        from brainlm.registry import log_and_register
+        from brainlm.tracking.registry import log_and_register
 
         return self._call("register", log_and_register, model_dir, name, alias, tags or {})
 
@@ -113,14 +99,3 @@ class Tracker:
         import mlflow
 
         self._call("end", mlflow.end_run, status=status)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{key}."))
-        else:
-            out[key] = v
-    return out

@@ -3,7 +3,7 @@
     recipe = load_recipe("configs/pretrain/13m.yaml", ["--model.mask_ratio", "0.5", "--train.max_steps=100"])
 
 Every field's docstring doubles as ``--help``. Unknown keys and ill-typed values are errors that name the
-flag. The DeepSpeed JSON's ``"auto"`` fields are filled from the recipe (``resolve_ds_config``), so the two
+flag. The DeepSpeed JSON's ``"auto"`` fields are filled from the recipe (``training/ds_config.py``), so the two
 files never disagree.
 """
 
@@ -14,7 +14,6 @@ import dataclasses
 import difflib
 import inspect
 import itertools
-import json
 import math
 import types
 import typing
@@ -90,6 +89,8 @@ class TrainConfig:
     """auto (the latest checkpoint in out_dir, if any) | a checkpoint folder | null (start fresh)."""
     export: bool = True
     """Export model.safetensors + config.json + scaling.json to out_dir/model at the end."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, about 1/3 more compute."""
     peak_tflops: float | None = None
     """Accelerator peak (TFLOP/s per rank) for MFU; default: known GPUs' bf16 dense peak, none on CPU."""
 
@@ -292,10 +293,8 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-# -- DeepSpeed config --------------------------------------------------------------------------------------
-
-
 def lr_of(cfg: PretrainConfig, world_size: int) -> float:
+    """The peak learning rate: optim.lr, else base_lr x global batch / 256 (the paper's rule)."""
     return cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch(cfg, world_size) / 256
 
 
@@ -305,44 +304,3 @@ def global_batch(cfg: PretrainConfig, world_size: int) -> int:
 
 def warmup_steps(cfg: PretrainConfig) -> int:
     return max(1, math.ceil(cfg.optim.warmup_fraction * cfg.train.max_steps)) if cfg.optim.warmup_fraction else 0
-
-
-def resolve_ds_config(ds: dict[str, Any], cfg: PretrainConfig, world_size: int, bf16_available: bool) -> dict[str, Any]:
-    """Fill the ``"auto"`` fields of a DeepSpeed config from the recipe; a concrete value that disagrees
-    with the recipe is an error naming both."""
-    ds = json.loads(json.dumps(ds))  # a deep copy
-    if "scheduler" in ds:
-        raise ConfigError(
-            "ds_config.json has a 'scheduler' section; the warmup + cosine schedule comes from the recipe "
-            "(optim.warmup_fraction, optim.min_lr_ratio): remove the section"
-        )
-    wanted = {
-        ("train_micro_batch_size_per_gpu",): (cfg.train.micro_batch_size, "train.micro_batch_size"),
-        ("gradient_accumulation_steps",): (cfg.train.grad_accum, "train.grad_accum"),
-        ("train_batch_size",): (global_batch(cfg, world_size), "train.micro_batch_size x train.grad_accum x ranks"),
-        ("gradient_clipping",): (cfg.optim.grad_clip, "optim.grad_clip"),
-        ("optimizer", "params", "lr"): (lr_of(cfg, world_size), "optim.lr (base_lr x global batch / 256)"),
-        ("optimizer", "params", "weight_decay"): (cfg.optim.weight_decay, "optim.weight_decay"),
-        ("optimizer", "params", "betas"): ([cfg.optim.beta1, cfg.optim.beta2], "optim.beta1, optim.beta2"),
-        ("bf16", "enabled"): (bf16_available, "bf16 where the accelerator supports it"),
-    }
-    for path, (value, source) in wanted.items():
-        node = ds
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        current = node.get(path[-1], "auto")
-        if current == "auto":
-            node[path[-1]] = value
-        elif current != value and not (
-            isinstance(value, float)
-            and isinstance(current, (int, float))
-            and math.isclose(current, value, rel_tol=1e-9)
-        ):
-            raise ConfigError(
-                f"ds_config.json sets {'.'.join(path)} = {current!r} but the recipe gives {value!r} "
-                f'({source}); set it to "auto" in ds_config.json or change the recipe'
-            )
-    for key, value in ds.items():
-        if value == "auto":
-            raise ConfigError(f'ds_config.json field {key!r} is "auto" but the recipe has no value for it')
-    return ds

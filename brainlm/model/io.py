@@ -1,0 +1,86 @@
+"""Model folders: ``model.safetensors`` + ``config.json`` (+ ``scaling.json``, ``extra.json``), and the head files of
+a fine-tuned model. Written atomically (``brainlm.atomic``), config.json last; read onto the meta device, tensors
+assigned rather than copied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from brainlm import atomic
+from brainlm.exceptions import CheckpointError
+
+WEIGHTS_FILE, CONFIG_FILE, SCALING_FILE, EXTRA_FILE = "model.safetensors", "config.json", "scaling.json", "extra.json"
+
+
+def json_writer(content: dict[str, Any]) -> atomic.Writer:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(content, f, indent=2)
+            f.write("\n")
+
+    return write
+
+
+def tensors_writer(module: nn.Module) -> atomic.Writer:
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    return lambda tmp: save_file(state, tmp, metadata={"format": "pt"})
+
+
+def write_folder(folder: str | Path, files: dict[str, atomic.Writer | None]) -> None:
+    """Write ``files`` (name -> writer) into ``folder`` atomically, in order; a name mapped to None is removed (a
+    stale file from an earlier save)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic.write_all([(folder / name, write) for name, write in files.items() if write is not None])
+    for name, write in files.items():
+        if write is None:
+            (folder / name).unlink(missing_ok=True)
+
+
+def read_json(file: str | Path) -> dict[str, Any] | None:
+    """A JSON file's object, or None when the file does not exist."""
+    file = Path(file)
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"{file} is not valid JSON ({err}); the folder was damaged or written by something else: export or "
+            "download the model again"
+        ) from None
+
+
+def require_files(folder: Path, names: tuple[str, ...], writer: str) -> None:
+    for name in names:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"{folder / name} not found: a model folder holds {', '.join(names)}, as written by {writer}"
+            )
+
+
+def load_weights(module: nn.Module, file: Path, device: str | torch.device = "cpu") -> None:
+    """Load a safetensors file into a (meta-device) module, strictly."""
+    try:
+        state = load_file(file, device=str(torch.device(device)))
+    except Exception as err:  # safetensors raises its own error for a truncated or foreign file
+        raise CheckpointError(
+            f"{file} cannot be read as safetensors ({type(err).__name__}: {err}); the file is truncated or damaged: "
+            "export or download the model again"
+        ) from None
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{file} does not match the model its config describes: {e}") from e
+
+
+def load_scaling(path: str | Path) -> dict[str, Any] | None:
+    """The robust-scaling statistics saved with a model folder (scaling.json), or None."""
+    return read_json(Path(path) / SCALING_FILE)

@@ -1,0 +1,71 @@
+"""The DeepSpeed JSON, resolved against the recipe: its ``"auto"`` fields (batch sizes, lr, betas, weight decay,
+bf16) are filled from the recipe, and a concrete value that disagrees with the recipe is an error naming both."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from brainlm.exceptions import ConfigError
+from brainlm.training.recipe import PretrainConfig, global_batch, lr_of
+
+
+def read_ds_config(ds_config: dict[str, Any] | str | Path) -> dict[str, Any]:
+    """The DeepSpeed JSON as a dict (a dict is passed through)."""
+    if isinstance(ds_config, dict):
+        return ds_config
+    path = Path(ds_config)
+    if not path.exists():
+        raise ConfigError(f"--deepspeed {path}: no such file; the default lives at the repository root")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"--deepspeed {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
+        ) from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--deepspeed {path}: expected a JSON object, got {type(ds).__name__}")
+    return ds
+
+
+def resolve_ds_config(ds: dict[str, Any], cfg: PretrainConfig, world_size: int, bf16_available: bool) -> dict[str, Any]:
+    """Fill the ``"auto"`` fields of a DeepSpeed config from the recipe; a concrete value that disagrees
+    with the recipe is an error naming both."""
+    ds = json.loads(json.dumps(ds))  # a deep copy
+    if "scheduler" in ds:
+        raise ConfigError(
+            "ds_config.json has a 'scheduler' section; the warmup + cosine schedule comes from the recipe "
+            "(optim.warmup_fraction, optim.min_lr_ratio): remove the section"
+        )
+    wanted = {
+        ("train_micro_batch_size_per_gpu",): (cfg.train.micro_batch_size, "train.micro_batch_size"),
+        ("gradient_accumulation_steps",): (cfg.train.grad_accum, "train.grad_accum"),
+        ("train_batch_size",): (global_batch(cfg, world_size), "train.micro_batch_size x train.grad_accum x ranks"),
+        ("gradient_clipping",): (cfg.optim.grad_clip, "optim.grad_clip"),
+        ("optimizer", "params", "lr"): (lr_of(cfg, world_size), "optim.lr (base_lr x global batch / 256)"),
+        ("optimizer", "params", "weight_decay"): (cfg.optim.weight_decay, "optim.weight_decay"),
+        ("optimizer", "params", "betas"): ([cfg.optim.beta1, cfg.optim.beta2], "optim.beta1, optim.beta2"),
+        ("bf16", "enabled"): (bf16_available, "bf16 where the accelerator supports it"),
+    }
+    for path, (value, source) in wanted.items():
+        node = ds
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        current = node.get(path[-1], "auto")
+        if current == "auto":
+            node[path[-1]] = value
+        elif current != value and not (
+            isinstance(value, float)
+            and isinstance(current, (int, float))
+            and math.isclose(current, value, rel_tol=1e-9)
+        ):
+            raise ConfigError(
+                f"ds_config.json sets {'.'.join(path)} = {current!r} but the recipe gives {value!r} "
+                f'({source}); set it to "auto" in ds_config.json or change the recipe'
+            )
+    for key, value in ds.items():
+        if value == "auto":
+            raise ConfigError(f'ds_config.json field {key!r} is "auto" but the recipe has no value for it')
+    return ds
