@@ -18,11 +18,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.s3server import S3Server, free_port, seaweedfs  # noqa: F401 (re-exported to the benchmarks)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.s3server
-from tests.s3server import S3Server, free_port, seaweedfs  # noqa: E402, F401 (re-exported to the benchmarks)
 
 VENV_BIN = Path(sys.executable).parent
+
+
+def command_line() -> str:
+    """How this benchmark was started, for its JSON: ``python -m benchmarks.bench_NAME ARGS...``."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    main = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    return " ".join([Path(sys.executable).name, *main, *sys.argv[1:]])
 
 
 def now_utc() -> str:

@@ -15,7 +15,7 @@ What it measures, in one run, side by side (configurations interleaved, each rep
    - a plain `webdataset.WebDataset(urls, resampled=True).decode()` pipeline cutting the same window and
      batching 32: crops/s.
 3. Loader supply vs training demand: the loader's crops/s against the 13m preset's training throughput
-   (the CPU figure of benchmarks/pretrain.py or benchmarks/model.py, when their JSON is given) and
+   (the CPU figure of benchmarks/bench_pretrain.py or benchmarks/bench_model.py, when their JSON is given) and
    against an ESTIMATE of what one H100 would consume: 989 TFLOP/s (bf16 dense) x 40% MFU /
    `BrainLM(get_preset("13m")).flops_per_sample(0.75)`.
 
@@ -23,7 +23,7 @@ The machine may be shared: every row records the share of the CPU that other pro
 ran (`foreign_cpu_share`); rows above --max-foreign are flagged and repeated once, unless the two rows
 before were disturbed too (a persistent load).
 
-    python benchmarks/data_prep.py --out bench-results/data_prep.json \
+    python -m benchmarks.bench_data_prep --out bench-results/data_prep.json \
         [--pretrain-json bench-results/pretrain.json] [--model-json bench-results/model.json]
 """
 
@@ -42,17 +42,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the data_prep
-# package: put the repository root there instead.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(HERE.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     ROOT,
     CpuMonitor,
+    command_line,
     create_bucket,
     dir_bytes,
     machine,
@@ -353,8 +348,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="a measurement during which other processes used more than this share of the CPU is "
         "repeated once and flagged (default 0.25)",
     )
-    parser.add_argument("--pretrain-json", type=Path, help="benchmarks/pretrain.py output: the CPU 13m figure")
-    parser.add_argument("--model-json", type=Path, help="benchmarks/model.py output: the CPU 13m figure")
+    parser.add_argument("--pretrain-json", type=Path, help="benchmarks/bench_pretrain.py output: the CPU 13m figure")
+    parser.add_argument("--model-json", type=Path, help="benchmarks/bench_model.py output: the CPU 13m figure")
     args = parser.parse_args(argv)
     args.workers = [int(x) for x in args.workers.split(",")]
     args.read_workers = [int(x) for x in args.read_workers.split(",")]
@@ -368,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "date": now_utc(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "machine": machine(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "work": str(work),

@@ -11,7 +11,7 @@ What it measures, in one run:
    - `13m`, window 100 (--model.num_timepoints 100: 1,500 tokens, half the paper's window, to keep the
      steps short), micro batch 8 per rank: 1 rank ZeRO 0, 2 ranks x ZeRO 0, 1, 2;
    - `13m`, window 200 (the paper's window, 3,000 tokens), micro batch 8, 1 rank ZeRO 0: the CPU figure
-     that benchmarks/data_prep.py sets against the loader.
+     that benchmarks/bench_data_prep.py sets against the loader.
    The shard set: `python -m data_prep synth --subjects 40` + `build` (300 parcels: the atlas decides, the
    13m preset's 424 is the paper's atlas). Every run: --tracking.enabled false --train.val_every 0
    --train.ckpt_every 0 --train.export false --train.val_samples <ranks> (the end-of-run validation and
@@ -29,7 +29,7 @@ What it measures, in one run:
 The machine may be shared: each run records the share of the CPU other processes took while it ran; a
 run above --max-foreign is repeated once (unless the load is persistent) and flagged.
 
-    python benchmarks/pretrain.py --out bench-results/pretrain.json
+    python -m benchmarks.bench_pretrain --out bench-results/pretrain.json
 """
 
 from __future__ import annotations
@@ -45,14 +45,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(HERE.parent))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     ROOT,
     VENV_BIN,
     CpuMonitor,
+    command_line,
     free_port,
     machine,
     now_utc,
@@ -97,10 +94,12 @@ def ds_json(work: Path, stage: int) -> Path:
     return path
 
 
-def launch(launcher: str, ranks: int, script: str, script_args: list[str]) -> list[str]:
+def launch(launcher: str, ranks: int, script: str, script_args: list[str], module: bool = False) -> list[str]:
+    """The launcher command for ``script`` (a file; with ``module``, a module run as ``python -m`` from ROOT)."""
     port = str(free_port())
+    what = ["--module", script] if module else [script]
     if launcher == "deepspeed":
-        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", port, script, *script_args]
+        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", port, *what, *script_args]
     return [
         str(VENV_BIN / "torchrun"),
         "--nnodes",
@@ -111,7 +110,7 @@ def launch(launcher: str, ranks: int, script: str, script_args: list[str]) -> li
         "127.0.0.1",
         "--master_port",
         port,
-        script,
+        *what,
         *script_args,
     ]
 
@@ -361,7 +360,7 @@ def memory(args, work: Path, log) -> list[dict]:
             "--memory-timepoints",
             str(args.memory_timepoints),
         ]
-        cmd = launch(args.launcher, args.memory_ranks, str(Path(__file__).resolve()), child_args)
+        cmd = launch(args.launcher, args.memory_ranks, "benchmarks.bench_pretrain", child_args, module=True)
         with CpuMonitor() as mon:
             done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=args.timeout)
         if done.returncode or not out.exists():
@@ -516,7 +515,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     result: dict[str, Any] = {
         "date": now_utc(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "machine": machine(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "work": str(work),

@@ -22,8 +22,8 @@ training job gets the same from MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=214748
 Shared machine? `--threads 1 --cpu-time` times one thread by its CPU time, which other jobs barely move.
 
 Usage:
-    python benchmarks/model.py --out bench_model_cpu.json                   # CPU, fp32
-    python benchmarks/model.py --device cuda --dtype bf16 --batch-size 64 --peak-tflops 989 \
+    python -m benchmarks.bench_model --out bench_model_cpu.json             # CPU, fp32
+    python -m benchmarks.bench_model --device cuda --dtype bf16 --batch-size 64 --peak-tflops 989 \
         --backends sdpa,xformers --out bench_model_gpu.json                  # GPU (H100 bf16 peak)
 transformers is not a dependency of brainlm: `pip install transformers` for the comparison, or pass
 `--skip-hf`.
@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import ROOT, command_line
 from brainlm.exceptions import ConfigError
 from brainlm.model import BrainLM, ModelConfig, get_preset
 
@@ -227,10 +228,11 @@ def memory_child(args: argparse.Namespace) -> None:
 
 
 def measure_memory(args: argparse.Namespace, backend: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--memory-child", backend, "--device", args.device, "--dtype", args.dtype]
+    cmd = [sys.executable, "-m", "benchmarks.bench_model", "--memory-child", backend, "--device", args.device]
+    cmd += ["--dtype", args.dtype]
     cmd += ["--preset", args.preset, "--mask-ratio", str(args.mask_ratio)]
     cmd += ["--memory-batch-size", str(args.memory_batch_size)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode:
         return {"backend": backend, "error": done.stderr.strip().splitlines()[-1:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -304,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = get_preset(args.preset, mask_ratio=args.mask_ratio)
     result: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "machine": machine(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "memory_child"},
         "malloc_tuned": malloc_tuned,
