@@ -15,10 +15,18 @@ from pathlib import Path
 Writer = Callable[[str], None]  # writes the content to the temporary path it is given
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def temporary(path: Path) -> Path:
-    """A fresh temporary name beside ``path`` (``.NAME.XXXX.tmp``), its folder created."""
+    """A fresh temporary name beside ``path`` (``.NAME.XXXX.tmp``), its folder created, with the permissions a plain
+    ``open()`` would give (mkstemp makes 0600, which pods running under another uid could not read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return Path(tmp)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import typing
 
 from brainlm.exceptions import BrainLMError
+from brainlm.schema import add_flags, from_flags
 
 
 def _reconstruct(a: argparse.Namespace) -> None:
@@ -29,7 +29,7 @@ def _embed(a: argparse.Namespace) -> None:
 def _finetune(a: argparse.Namespace) -> None:
     from brainlm.eval.finetune import FinetuneConfig, finetune
 
-    finetune(a.model, a.shards, a.out, _config(FinetuneConfig, a))
+    finetune(a.model, a.shards, a.out, from_flags(FinetuneConfig, a))
 
 
 def _networks(a: argparse.Namespace) -> None:
@@ -41,7 +41,7 @@ def _networks(a: argparse.Namespace) -> None:
 def _perturb(a: argparse.Namespace) -> None:
     from brainlm.eval.perturb import PerturbConfig, perturb
 
-    perturb(a.model, a.shards, a.out, _config(PerturbConfig, a))
+    perturb(a.model, a.shards, a.out, from_flags(PerturbConfig, a))
 
 
 def _attention(a: argparse.Namespace) -> None:
@@ -51,7 +51,6 @@ def _attention(a: argparse.Namespace) -> None:
 
 
 def _import_brainlm(a: argparse.Namespace) -> None:
-    import dataclasses
 
     from brainlm.model.convert import convert_brainlm
 
@@ -159,34 +158,6 @@ def _registry_download(a: argparse.Namespace) -> None:
     print(f"{a.uri} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
 
-def _add_config(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field, its docstring as help: the CLI and the sweeps share one schema."""
-    from brainlm.training.recipe import field_docs
-
-    docs, hints = field_docs(cls), typing.get_type_hints(cls)
-    docs = {k: v.replace("%", "%%") for k, v in docs.items()}  # argparse formats help with %
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = None if f.default is dataclasses.MISSING else f.default
-        kind = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
-        if kind[0] is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=docs.get(f.name))
-        else:
-            p.add_argument(
-                flag,
-                type=kind[0],
-                default=default,
-                required=f.default is dataclasses.MISSING,
-                help=f"{docs.get(f.name, '')} (default {default})",
-            )
-
-
-def _config(cls: type, a: argparse.Namespace):
-    return cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls)})
-
-
 def _io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="exported model folder, or models:/NAME@ALIAS from the registry")
     p.add_argument("--shards", required=True, help="shard set (local folder or s3://...) with manifest.json")
@@ -233,7 +204,7 @@ def parser() -> argparse.ArgumentParser:
         "subject-level splits, mean +- std over seeds, baselines in the same table.",
     )
     _io(f)
-    _add_config(f, FinetuneConfig)
+    add_flags(f, FinetuneConfig)
     f.set_defaults(func=_finetune)
 
     n = sub.add_parser(
@@ -256,7 +227,7 @@ def parser() -> argparse.ArgumentParser:
         "matches the target state's; report where it concentrates.",
     )
     _io(b)
-    _add_config(b, PerturbConfig)
+    add_flags(b, PerturbConfig)
     b.set_defaults(func=_perturb)
 
     t = sub.add_parser(

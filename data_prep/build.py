@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,29 +56,53 @@ class BuildError(BrainLMError):
 @dataclass
 class BuildConfig:
     inputs: str
+    """Folder: BIDS/fMRIPrep derivatives, 4D NIfTI files, or parcel arrays (.npy/.mat/.tsv/.csv, with recordings.tsv
+    or BIDS-style names)."""
     out: str
+    """Destination: a local folder or s3://bucket/prefix."""
     kind: str = "auto"
+    """Input kind: auto (detect), bids, nifti or arrays."""
     atlas: str | None = None
+    """Atlas image: 3D label image (NiftiLabelsMasker) or 4D maps (NiftiMapsMasker)."""
     atlas_table: str | None = None
+    """TSV/CSV with name, x, y, z (MNI mm)[, network, index]; default INPUTS/atlas.tsv."""
     tr: float | None = None
+    """Expected TR in seconds; recordings with another TR are skipped (default: the most common TR)."""
     resample: bool = False
+    """Resample recordings to --tr instead of skipping them."""
     resample_atlas: bool = False
+    """Let nilearn resample the atlas to each image instead of refusing a grid mismatch."""
     confounds: list[str] | None = None
+    """fMRIPrep confound columns to regress out (BIDS inputs)."""
     normalize: str = "demean"
+    """Per-recording normalisation before the robust scaling: demean (remove each parcel's median), psc (percent
+    signal change, for raw BOLD intensities) or none."""
     crop: int = 200
+    """Timepoints per crop."""
     stride: int | None = None
+    """Step between crop starts (default crop // 2)."""
     val_frac: float = 0.1
+    """Share of subjects in val."""
     test_frac: float = 0.1
+    """Share of subjects in test."""
     splits: str | None = None
+    """TSV with subject and split (train/val/test): explicit assignment."""
     workers: int = 1
+    """Processes for parcellation and shard writing."""
     seed: int = 0
+    """Seed of the split and shuffle."""
     shard_mb: float = 256.0
+    """Target shard size in MiB."""
     samples_per_shard: int | None = None
+    """Crops per shard (overrides --shard-mb)."""
     max_fit_recordings: int = 2000
+    """Training recordings the robust scaler is fitted on (a seeded subset beyond this)."""
     stage: str = "all"
-    part: str | None = None  # "i/n": this process parcellates every n-th recording from the i-th
+    """Run one stage only (for clusters): all, parcellate, plan, shards or manifest."""
+    part: str | None = None
+    """I/N: parcellate only every N-th recording from the I-th (an Indexed Job's pod)."""
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    """Progress bars (--no-progress or --quiet to turn them off)."""
 
     def __post_init__(self) -> None:
         if self.stride is None:
@@ -496,7 +520,7 @@ def write_manifest(cfg: BuildConfig, plan: dict, atlas: AtlasSource) -> Manifest
     for key in store.list("shards"):
         if key not in planned:  # left over from an earlier, different build
             store.delete(key)
-    args = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "extra")}
+    args = {k: v for k, v in asdict(cfg).items() if k != "progress"}
     manifest = Manifest(
         atlas=atlas.atlas,
         scaling=plan["scaling"],

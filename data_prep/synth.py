@@ -38,14 +38,23 @@ TASK_NETWORK = "Visual"
 @dataclass
 class SynthConfig:
     subjects: int = 40
+    """Number of subjects."""
     seed: int = 0
-    runs: int = 2  # recordings per subject
-    task_fraction: float = 0.25  # share of recordings that are task runs
+    """Random seed."""
+    runs: int = 2
+    """Recordings per subject."""
+    task_fraction: float = 0.25
+    """Share of recordings that are visual block-design task runs."""
     timepoints: int = 490
+    """Timepoints per recording."""
     tr: float = 0.72
-    parcels: int | None = None  # a network-stratified subset of the atlas (None: all 300), for small tests
+    """Repetition time in seconds."""
+    parcels: int | None = None
+    """Use a network-stratified subset of the 300 parcels (small tests); default all."""
     nifti: bool = False
+    """Also write 4D NIfTI volumes (BIDS derivatives names) and an atlas label image."""
     voxel_mm: float = 5.0
+    """Voxel size of the NIfTI volumes."""
     # effect sizes (coupling correlations per standard deviation of the phenotype)
     age_coupling: float = 0.3
     age_coherence: float = 0.12

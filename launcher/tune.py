@@ -17,16 +17,15 @@ Parses, builds the configs, and calls brainlm.tuning (the tests call the same fu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from brainlm.cli import _add_config
 from brainlm.eval.finetune import FinetuneConfig
 from brainlm.eval.perturb import PerturbConfig
 from brainlm.exceptions import BrainLMError, ConfigError, SweepInterrupted
+from brainlm.schema import add_flags, from_flags
 from brainlm.training.recipe import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,11 +87,6 @@ def _options(a: argparse.Namespace):
     )
 
 
-def _config(cls: type, a: argparse.Namespace):
-    """The dataclass from its flags; fields without a flag (seeds: one per trial) keep their defaults."""
-    return cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls) if hasattr(a, f.name)})
-
-
 def _list(text: str, kind: type, flag: str) -> list:
     try:
         return [kind(float(x)) if kind is int else kind(x) for x in text.split(",") if x.strip()]
@@ -122,7 +116,7 @@ def parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--register-as", help="registered model name (default brainlm-finetuned-TARGET)")
     f.add_argument("--alias", default="champion", help="alias set on the best model (default champion)")
-    _add_config(
+    add_flags(
         f.add_argument_group("fine-tuning (fixed for every trial unless the space varies it)"),
         FinetuneConfig,
         skip=("seeds",),
@@ -149,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
         default=0.1,
         help="sparsity budget: mean |theta| (robust-scaled units) allowed without penalty (default 0.1)",
     )
-    _add_config(b.add_argument_group("perturbation (fixed for every trial unless the space varies it)"), PerturbConfig)
+    add_flags(b.add_argument_group("perturbation (fixed for every trial unless the space varies it)"), PerturbConfig)
     _sweep_flags(b)
 
     s = sub.add_parser(
@@ -187,11 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         opts = _options(args)
         if args.kind == "finetune":
             tuning.finetune_sweep(
-                args.model, args.shards, _config(FinetuneConfig, args), args.space, opts, args.register_as, args.alias
+                args.model,
+                args.shards,
+                from_flags(FinetuneConfig, args),
+                args.space,
+                opts,
+                args.register_as,
+                args.alias,
             )
         elif args.kind == "perturb":
             tuning.perturb_sweep(
-                args.model, args.shards, _config(PerturbConfig, args), args.space, opts, args.theta_budget
+                args.model, args.shards, from_flags(PerturbConfig, args), args.space, opts, args.theta_budget
             )
         else:
             tuning.scale_sweep(

@@ -9,13 +9,8 @@ files never disagree.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import inspect
-import itertools
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +20,7 @@ import yaml
 
 from brainlm.exceptions import ConfigError
 from brainlm.model.config import PRESETS, ModelConfig, get_preset
+from brainlm.schema import coerce, field_docs, unknown_key
 
 
 @dataclass
@@ -135,59 +131,6 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (for --help)."""
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    docs, body = {}, tree.body[0].body
-    for node, nxt in itertools.pairwise(body):
-        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
-        if is_field and is_doc:
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _types_of(annotation: Any) -> tuple[type, ...]:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return tuple(t for a in typing.get_args(annotation) for t in _types_of(a))
-    return (annotation,)
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against a field's type; ints are accepted for floats."""
-    allowed = _types_of(annotation)
-    if value is None:
-        if type(None) in allowed:
-            return None
-        raise ConfigError(f"`{key}` cannot be null")
-    for t in allowed:
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if t is float and isinstance(value, str):  # YAML 1.1 reads "1e12" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t is bool and isinstance(value, bool):
-            return value
-        if t is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-    raise ConfigError(f"`{key}` expects {names}, got {value!r}")
-
-
-def _unknown(key: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" (did you mean `{close[0]}`?)" if close else ""
-    return ConfigError(f"Unknown config key `{key}`{hint}; valid keys: {', '.join(valid)}")
-
-
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """``["--a.b", "1", "--c.d=x"]`` -> ``{"a.b": 1, "c.d": "x"}`` (values parsed as YAML scalars)."""
     out, i = {}, 0
@@ -217,11 +160,11 @@ def build_recipe(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -
     raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
     for section in raw:
         if section not in SECTIONS:
-            raise _unknown(section, list(SECTIONS))
+            raise unknown_key(section, list(SECTIONS))
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name or "." in name:
-            raise _unknown(key, [f"{s}.<field>" for s in SECTIONS])
+            raise unknown_key(key, [f"{s}.<field>" for s in SECTIONS])
         raw.setdefault(section, {})[name] = value
 
     model_raw = raw.pop("model", {})
@@ -237,8 +180,8 @@ def build_recipe(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -
         for key, value in values.items():
             if key not in valid:
                 listed = valid + (["preset"] if name == "model" else [])
-                raise _unknown(f"{name}.{key}", [f"{name}.{v}" for v in listed])
-            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+                raise unknown_key(f"{name}.{key}", [f"{name}.{v}" for v in listed])
+            kwargs[key] = coerce(f"{name}.{key}", value, hints[key])
         sections[name] = get_preset(preset, **kwargs) if name == "model" else cls(**kwargs)
     cfg = PretrainConfig(preset=preset, **sections)
     validate(cfg)

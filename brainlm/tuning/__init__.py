@@ -19,15 +19,18 @@ Search spaces are YAML files whose keys are config fields (``load_space``). MLfl
 and a child per trial, written from the driver only (``MLflowTrials``, through ``brainlm.tracking.sweeps.SweepRuns``):
 trials send results back, so parallel trials never contend for a sqlite store.
 
-Modules: ``space`` (search spaces), ``session`` (Ray session, Tuner, MLflow, summaries), ``finetune``, ``perturb``,
-``scale`` (one per sweep kind). ray is imported in this package and in launcher/tune.py only.
+Modules: ``space`` (search spaces), ``session`` (options and the Ray session), ``trials`` (the MLflow callback and
+value formatting), ``template`` (``SweepSpec``, ``run_sweep``, ``finish_sweep``: the one skeleton every sweep runs),
+``finetune``, ``perturb``, ``scale`` (one short spec each). ray is imported in this package and in launcher/tune.py
+only.
 """
 
 from brainlm.tuning.finetune import finetune_sweep, finetune_trial
 from brainlm.tuning.perturb import perturb_score, perturb_sweep, perturb_trial
 from brainlm.tuning.scale import Shape, plan_shape, scale_sweep, scale_trial
-from brainlm.tuning.session import MLflowTrials, SweepOptions, ray_session
+from brainlm.tuning.session import SweepOptions, ray_session
 from brainlm.tuning.space import FINETUNE_FIXED, PERTURB_FIXED, SPACES, Dist, apply_config, load_space
+from brainlm.tuning.trials import MLflowTrials
 
 __all__ = [
     "FINETUNE_FIXED",

@@ -13,33 +13,24 @@ import numpy as np
 import torch
 from ray import tune
 
-from brainlm.eval.common import load_context, parse_where, recordings, table
+from brainlm.eval.common import load_context, parse_where, recordings
 from brainlm.eval.perturb import PerturbConfig, magnitude, optimise, top_report
-from brainlm.exceptions import BrainLMError, ConfigError, NonFiniteLossError
-from brainlm.tuning.session import (
-    Headline,
-    SweepOptions,
-    _asha,
-    _best,
-    _counts,
-    _default_name,
-    _error_notes,
-    _finish_parent,
-    _fit,
-    _fmt_config,
-    _git_sha,
-    _jsonable,
-    _number,
-    _out_dir,
-    _rows,
-    _show,
-    _storage,
-    _trial_table,
-    _trials_figure,
-    _write_summary,
-    ray_session,
-)
+from brainlm.exceptions import ConfigError, NonFiniteLossError
+from brainlm.tuning.session import SweepOptions
 from brainlm.tuning.space import PERTURB_FIXED, apply_config, check_flags_vs_space, load_space
+from brainlm.tuning.template import (
+    SweepSpec,
+    asha,
+    default_name,
+    error_notes,
+    finish_sweep,
+    jsonable,
+    out_dir,
+    run_sweep,
+    trial_table,
+    trials_figure,
+)
+from brainlm.tuning.trials import Headline, fmt_config, number
 
 # -- perturbation sweeps ------------------------------------------------------------------------------------
 
@@ -72,7 +63,7 @@ def perturb_trial(
         if not math.isfinite(m["match"]):
             raise NonFiniteLossError(
                 f"step {step}: the matching loss is {m['match']}; these settings diverge "
-                f"({_fmt_config(config)}): lower lr"
+                f"({fmt_config(config)}): lower lr"
             )
         reached = 1.0 - m["match"]
         tune.report(
@@ -100,7 +91,7 @@ def perturb_trial(
                     **top,
                 },
                 indent=1,
-                default=_jsonable,
+                default=jsonable,
             )
         )
         tune.report(
@@ -113,15 +104,13 @@ def perturb_sweep(
     model: str, shards: str, base: PerturbConfig, space_path: str | Path, opts: SweepOptions, budget: float = 0.1
 ) -> dict[str, Any]:
     """ASHA over the knobs of ``space_path``, scored by ``perturb_score``; logs to MLflow."""
-    from brainlm.tracking.env import tracking_store
     from brainlm.tracking.registry import lineage
-    from brainlm.tracking.sweeps import SweepRuns
 
     if budget <= 0:
         raise ConfigError(f"--theta-budget must be > 0, got {budget}")
     space = load_space(space_path, PerturbConfig, base, PERTURB_FIXED)
     check_flags_vs_space(space, base, space_path)
-    opts.name = opts.name or _default_name("perturb")
+    opts.name = opts.name or default_name("perturb")
     pre = lineage(model)
     ctx = load_context(model, shards)
 
@@ -131,70 +120,52 @@ def perturb_sweep(
 
     source, target = windows(base.source), windows(base.target)
     max_steps = int(space["steps"].largest()) if "steps" in space else base.steps
-    headline = Headline("score", "max", "step", ("reached", "mean_abs_theta"))
-    runs = SweepRuns(opts.experiment)
-    print(f"MLflow store: {tracking_store()}; experiment {opts.experiment}", flush=True)
-    print(
-        f"perturb sweep {opts.name}: {base.source} -> {base.target} ({len(source)} source, {len(target)} target "
+    spec = SweepSpec(
+        kind="perturb",
+        trial=perturb_trial,
+        trial_args={
+            "ctx": ctx,
+            "source": source,
+            "target": target,
+            "base": base,
+            "budget": budget,
+            "threads": int(max(1, opts.cpus_per_trial)),
+        },
+        space={k: d.to_tune() for k, d in space.items()},
+        headline=Headline("score", "max", "step", ("reached", "mean_abs_theta")),
+        intro=f"perturb sweep {opts.name}: {base.source} -> {base.target} ({len(source)} source, {len(target)} target "
         f"windows), {opts.samples} sample(s) of {space_path}; score = reached - max(0, mean|theta| - {budget:g}) / "
         f"{budget:g}, higher is better",
-        flush=True,
+        parent_params={
+            "model": model,
+            "shards": str(shards),
+            "fixed": dataclasses.asdict(base),
+            "space": {k: str(d) for k, d in space.items()},
+            "samples": opts.samples,
+            "theta_budget": budget,
+        },
+        parent_tags={"manifest_sha256": ctx.manifest.plan_sha256, **pre},
+        fixed={"model": model, "shards": str(shards), **dataclasses.asdict(base)},
+        scheduler=asha("step", max_steps, 40, opts),
     )
-    with ray_session(opts):
-        parent = runs.open_parent(
-            opts.name,
-            f"{_storage(opts)}/{opts.name}",
-            {
-                "kind": "perturb",
-                "model": model,
-                "shards": str(shards),
-                "fixed": dataclasses.asdict(base),
-                "space": {k: str(d) for k, d in space.items()},
-                "samples": opts.samples,
-                "theta_budget": budget,
-            },
-            {"brainlm.kind": "perturb", "manifest_sha256": ctx.manifest.plan_sha256, "git_sha": _git_sha(), **pre},
-            opts.resume,
-        )
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                perturb_trial,
-                ctx=ctx,
-                source=source,
-                target=target,
-                base=base,
-                budget=budget,
-                threads=int(max(1, opts.cpus_per_trial)),
-            ),
-            {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
-        )
-        results = _fit(
-            trainable,
-            {k: d.to_tune() for k, d in space.items()},
-            headline,
-            _asha("step", max_steps, 40, opts),
-            opts,
-            runs,
-            {"model": model, "shards": str(shards), **dataclasses.asdict(base)},
-        )
-    rows = _rows(results)
-    best = _best(rows, "score", "max")
+    outcome = run_sweep(spec, opts)
+    rows, best = outcome.rows, outcome.best
     params = list(space)
     metric_cols = ["step", "score", "reached", "mean_abs_theta"]
-    table_rows = _trial_table(rows, params, metric_cols)
+    table_rows = trial_table(rows, params, metric_cols)
     for row, r in zip(table_rows, rows, strict=True):
         if r.outcome == "finished":
             row["step"] = int(apply_config(base, r.config).steps)
         row["best"] = "*" if best is not None and r.trial_id == best.trial_id else ""
-    counts = _counts(rows)
+    counts = outcome.counts
     title = (
         f"perturb sweep {opts.name}: {base.source} -> {base.target}, {counts['trials']} trials "
         f"({counts['finished']} finished, {counts['stopped']} stopped early by ASHA, {counts['error']} errored); "
         "score: higher is better"
     )
-    notes = _error_notes(rows)
-    out = _out_dir(opts)
-    files: list[Path] = []
+    notes = error_notes(rows)
+    out = out_dir(opts)
+    files: list[Path] = [trials_figure(rows, "step", "score", out / "trials.png", title, best)]
     summary: dict[str, Any] = {
         "name": opts.name,
         "kind": "perturb",
@@ -202,7 +173,7 @@ def perturb_sweep(
         "theta_budget": budget,
         "best_trial": best.trial_id if best else None,
         "best_config": best.config if best else None,
-        "parent_run_id": parent,
+        "parent_run_id": outcome.parent,
     }
     if best is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -225,24 +196,20 @@ def perturb_sweep(
             f"best trial {best.trial_id}: top parcels {', '.join(detail.get('top_parcels', [])[:10])}; "
             f"figures and the full report: {rerun}",
         )
-    columns = ["trial", "outcome", *params, *metric_cols, "best"]
-    files = [
-        *_write_summary(out, "summary", title, table_rows, columns, summary, notes),
-        _trials_figure(rows, "step", "score", out / "trials.png", title, best),
-        *files,
-    ]
-    _finish_parent(
-        runs,
-        parent,
-        rows,
-        files,
-        {f"best_{k}": v for k, v in (summary.get("best_metrics") or {}).items() if _number(v)},
-        {"best_trial": summary["best_trial"] or "none"},
+    finish_sweep(
+        outcome,
+        opts,
+        stem="summary",
+        title=title,
+        table_rows=table_rows,
+        columns=["trial", "outcome", *params, *metric_cols, "best"],
+        summary=summary,
+        notes=notes,
+        figures=files,
+        parent_metrics={f"best_{k}": v for k, v in (summary.get("best_metrics") or {}).items() if number(v)},
+        parent_tags={"best_trial": summary["best_trial"] or "none"},
+        failed=None
+        if best is not None
+        else f"no trial of sweep {opts.name} finished; see the errors above and {out / 'summary.md'}",
     )
-    print("\n" + table(_show(table_rows), ["trial", "outcome", *params, *metric_cols, "best"], title))
-    for note in notes:
-        print(note)
-    print(f"summary: {files[0]} (and .tsv, .json); MLflow parent run {parent} in experiment {opts.experiment}")
-    if best is None:
-        raise BrainLMError(f"no trial of sweep {opts.name} finished; see the errors above and {out / 'summary.md'}")
     return summary

@@ -17,27 +17,13 @@ from ray import tune
 
 from brainlm.eval import plots
 from brainlm.eval.common import table
-from brainlm.exceptions import BrainLMError, ConfigError
+from brainlm.exceptions import ConfigError
 from brainlm.model import BrainLM
 from brainlm.training.recipe import build_recipe, global_batch
-from brainlm.tuning.session import (
-    Headline,
-    SweepOptions,
-    _counts,
-    _default_name,
-    _error_notes,
-    _finish_parent,
-    _fit,
-    _git_sha,
-    _number,
-    _out_dir,
-    _rows,
-    _show,
-    _storage,
-    _write_summary,
-    ray_session,
-)
+from brainlm.tuning.session import SweepOptions
 from brainlm.tuning.space import ROOT
+from brainlm.tuning.template import SweepSpec, default_name, error_notes, finish_sweep, out_dir, run_sweep
+from brainlm.tuning.trials import Headline, number
 
 # -- scaling sweeps -----------------------------------------------------------------------------------------
 
@@ -225,8 +211,6 @@ def scale_sweep(
     val_points: int = 4,
 ) -> dict[str, Any]:
     """Width x depth x mask ratio x budget, one short pretraining run each; figure + tables + MLflow."""
-    from brainlm.tracking.env import tracking_store
-    from brainlm.tracking.sweeps import SweepRuns
     from brainlm.training.pretrain import preflight
 
     if not (widths and depths and mask_ratios and budgets):
@@ -256,82 +240,63 @@ def scale_sweep(
         for d in depths
         for m in mask_ratios
     ]  # every point valid, or stop here
-    opts.name = opts.name or _default_name("scale")
-    headline = Headline("val_masked_r2", "max", "step", ("params", "steps"))
-    runs = SweepRuns(opts.experiment)
-    print(f"MLflow store: {tracking_store()}; experiment {opts.experiment}", flush=True)
-    print(
-        f"scale sweep {opts.name}: {len(plan)} runs ({len(widths)} widths x {len(depths)} depths x "
-        f"{len(mask_ratios)} mask ratios x {len(budgets)} budgets), {R} parcels, global batch "
-        f"{plan[0].global_batch}; steps = budget / (FLOPs per sample x global batch)",
-        flush=True,
-    )
-    print(
-        table(
-            [
-                {
-                    "width": s.width,
-                    "depth": s.depth,
-                    "heads": s.heads,
-                    "mask_ratio": s.mask_ratio,
-                    "budget": f"{s.budget:.3g}",
-                    "params": s.params,
-                    "flops/sample": f"{s.flops_per_sample:.3g}",
-                    "steps": s.steps,
-                }
-                for s in plan
-            ],
-            ["width", "depth", "heads", "mask_ratio", "budget", "params", "flops/sample", "steps"],
-            "plan",
-        ),
-        flush=True,
-    )
-    with ray_session(opts):
-        parent = runs.open_parent(
-            opts.name,
-            f"{_storage(opts)}/{opts.name}",
+    opts.name = opts.name or default_name("scale")
+    plan_table = table(
+        [
             {
-                "kind": "scale",
-                "shards": shards,
-                "recipe": str(recipe_path),
-                "overrides": overrides,
-                "widths": widths,
-                "depths": depths,
-                "mask_ratios": mask_ratios,
-                "budgets": budgets,
-                "head_dim": head_dim,
-                "global_batch": plan[0].global_batch,
-            },
-            {"brainlm.kind": "scale", "manifest_sha256": manifest.plan_sha256, "git_sha": _git_sha()},
-            opts.resume,
-        )
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                scale_trial,
-                raw_recipe=raw,
-                overrides=overrides,
-                ds_config=ds,
-                num_parcels=R,
-                head_dim=head_dim,
-                val_points=val_points,
-                threads=int(max(1, opts.cpus_per_trial)),
-            ),
-            {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
-        )
-        space = {
+                "width": s.width,
+                "depth": s.depth,
+                "heads": s.heads,
+                "mask_ratio": s.mask_ratio,
+                "budget": f"{s.budget:.3g}",
+                "params": s.params,
+                "flops/sample": f"{s.flops_per_sample:.3g}",
+                "steps": s.steps,
+            }
+            for s in plan
+        ],
+        ["width", "depth", "heads", "mask_ratio", "budget", "params", "flops/sample", "steps"],
+        "plan",
+    )
+    spec = SweepSpec(
+        kind="scale",
+        trial=scale_trial,
+        trial_args={
+            "raw_recipe": raw,
+            "overrides": overrides,
+            "ds_config": ds,
+            "num_parcels": R,
+            "head_dim": head_dim,
+            "val_points": val_points,
+            "threads": int(max(1, opts.cpus_per_trial)),
+        },
+        space={
             "width": tune.grid_search(widths),
             "depth": tune.grid_search(depths),
             "mask_ratio": tune.grid_search(mask_ratios),
             "budget": tune.grid_search(budgets),
-        }
-        samples, opts.samples = opts.samples, 1  # a grid: every point once
-        try:
-            results = _fit(
-                trainable, space, headline, None, opts, runs, {"recipe": str(recipe_path), **overrides}, metric=False
-            )
-        finally:
-            opts.samples = samples
-    rows = _rows(results)
+        },
+        headline=Headline("val_masked_r2", "max", "step", ("params", "steps")),
+        intro=f"scale sweep {opts.name}: {len(plan)} runs ({len(widths)} widths x {len(depths)} depths x "
+        f"{len(mask_ratios)} mask ratios x {len(budgets)} budgets), {R} parcels, global batch "
+        f"{plan[0].global_batch}; steps = budget / (FLOPs per sample x global batch)\n{plan_table}",
+        parent_params={
+            "shards": shards,
+            "recipe": str(recipe_path),
+            "overrides": overrides,
+            "widths": widths,
+            "depths": depths,
+            "mask_ratios": mask_ratios,
+            "budgets": budgets,
+            "head_dim": head_dim,
+            "global_batch": plan[0].global_batch,
+        },
+        parent_tags={"manifest_sha256": manifest.plan_sha256},
+        fixed={"recipe": str(recipe_path), **overrides},
+        grid=True,
+    )
+    outcome = run_sweep(spec, opts)
+    rows = outcome.rows
     by_point = {(s.width, s.depth, s.mask_ratio, s.budget): s for s in plan}
     table_rows = []
     for r in rows:
@@ -355,7 +320,7 @@ def scale_sweep(
     table_rows.sort(key=lambda x: (x["budget"], x["width"], x["depth"], x["mask_ratio"]))
     winners = []
     for b in sorted(set(budgets)):
-        done = [x for x in table_rows if x["budget"] == b and _number(x["val_masked_r2"])]
+        done = [x for x in table_rows if x["budget"] == b and number(x["val_masked_r2"])]
         if done:
             w = max(done, key=lambda x: x["val_masked_r2"])
             w["wins"] = "*"
@@ -369,7 +334,7 @@ def scale_sweep(
                     "val_masked_r2": w["val_masked_r2"],
                 }
             )
-    counts = _counts(rows)
+    counts = outcome.counts
     columns = [
         "budget",
         "width",
@@ -391,35 +356,41 @@ def scale_sweep(
         f"budget {w['budget']:.3g} FLOPs: width {w['width']} x depth {w['depth']}, mask ratio "
         f"{w['mask_ratio']} wins (val masked R^2 {w['val_masked_r2']:.4f}, {w['params']} params)"
         for w in winners
-    ] + _error_notes(rows)
-    out = _out_dir(opts)
+    ] + error_notes(rows)
+    out = out_dir(opts)
     summary = {
         "name": opts.name,
         "kind": "scale",
         "counts": counts,
         "winners": winners,
-        "parent_run_id": parent,
+        "parent_run_id": outcome.parent,
         "num_parcels": R,
         "global_batch": plan[0].global_batch,
     }
-    files = _write_summary(out, "scaling", title, table_rows, columns, summary, notes)
-    if any(_number(x["val_masked_r2"]) for x in table_rows):
-        files.append(plots.scaling_figure(table_rows, out / "scaling.png"))
-    _finish_parent(
-        runs,
-        parent,
-        rows,
-        files,
-        {f"best_val_masked_r2_at_{w['budget']:.3g}".replace("+", ""): w["val_masked_r2"] for w in winners},
-        {
+    figures = (
+        [plots.scaling_figure(table_rows, out / "scaling.png")]
+        if any(number(x["val_masked_r2"]) for x in table_rows)
+        else []
+    )
+    finish_sweep(
+        outcome,
+        opts,
+        stem="scaling",
+        title=title,
+        table_rows=table_rows,
+        columns=columns,
+        summary=summary,
+        notes=notes,
+        figures=figures,
+        parent_metrics={
+            f"best_val_masked_r2_at_{w['budget']:.3g}".replace("+", ""): w["val_masked_r2"] for w in winners
+        },
+        parent_tags={
             "winners": "; ".join(f"{w['budget']:.3g}: w{w['width']} d{w['depth']} m{w['mask_ratio']}" for w in winners)
             or "none"
         },
+        failed=None
+        if winners
+        else f"no run of sweep {opts.name} finished; see the errors above and {out / 'scaling.md'}",
     )
-    print("\n" + table(_show(table_rows), columns, title))
-    for note in notes:
-        print(note)
-    print(f"figure and tables: {out}/scaling.png, scaling.md (.tsv, .json); MLflow parent run {parent}")
-    if not winners:
-        raise BrainLMError(f"no run of sweep {opts.name} finished; see the errors above and {out / 'scaling.md'}")
     return summary

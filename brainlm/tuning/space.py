@@ -15,7 +15,7 @@ import yaml
 from ray import tune
 
 from brainlm.exceptions import ConfigError
-from brainlm.training.recipe import _coerce, _types_of
+from brainlm.schema import coerce, types_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACES = ROOT / "configs" / "tune"
@@ -105,7 +105,7 @@ def _parse_dist(where: str, spec: Any, annotation: Any) -> Dist:
         raise ConfigError(f"{where}: `{kind}` low ({args[0]}) must be below high ({args[1]})")
     if kind.startswith("log") and low <= 0:
         raise ConfigError(f"{where}: `{kind}` needs low > 0, got {args[0]}")
-    allowed = _types_of(annotation)
+    allowed = types_of(annotation)
     if RANGES[kind] is float and float not in allowed:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
         raise ConfigError(f"{where}: `{kind}` draws floats but the field takes {names}; use randint or choice")
@@ -147,7 +147,7 @@ def load_space(path: str | Path, cls: type, base: Any, fixed: dict[str, str]) ->
         dist = _parse_dist(where, spec, hints[key])
         for value in dist.examples():
             try:
-                dataclasses.replace(base, **{key: _coerce(key, value, hints[key])})
+                dataclasses.replace(base, **{key: coerce(key, value, hints[key])})
             except ConfigError as err:
                 raise ConfigError(f"{where}: value {value!r} is invalid: {err}") from None
         space[key] = dist
@@ -173,5 +173,5 @@ def apply_config(base: Any, config: dict[str, Any]) -> Any:
     for k, v in config.items():
         if isinstance(v, np.generic):
             v = v.item()
-        values[k] = _coerce(k, v, hints[k])
+        values[k] = coerce(k, v, hints[k])
     return dataclasses.replace(base, **values)

@@ -1,0 +1,117 @@
+"""Typed dataclasses as the schema of every entry point: the docstring under each field is its help, its annotation
+its type, and one mapper turns a dataclass into flags (``add_flags``) and back (``from_flags``). The recipe parser
+(``brainlm.training.recipe``), the ``brainlm`` commands, ``launcher/tune.py`` and ``python -m data_prep`` all go
+through it, so a field's name, type, default and help are written once, in its dataclass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import itertools
+import types
+import typing
+from typing import Any
+
+from brainlm.exceptions import ConfigError
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (for --help)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs, body = {}, tree.body[0].body
+    for node, nxt in itertools.pairwise(body):
+        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
+        if is_field and is_doc:
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def types_of(annotation: Any) -> tuple[type, ...]:
+    """``int | None`` -> (int, NoneType); ``list[str]`` -> (list,)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for a in typing.get_args(annotation) for t in types_of(a))
+    return (origin or annotation,)
+
+
+def coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` (from YAML or a flag) against a field's type; ints are accepted for floats."""
+    allowed = types_of(annotation)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"`{key}` cannot be null")
+    for t in allowed:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads "1e12" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if t is list and isinstance(value, list):
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"`{key}` expects {names}, got {value!r}")
+
+
+def unknown_key(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean `{close[0]}`?)" if close else ""
+    return ConfigError(f"Unknown config key `{key}`{hint}; valid keys: {', '.join(valid)}")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_flags(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    skip: tuple[str, ...] = (),
+    help_overrides: dict[str, str] | None = None,
+) -> None:
+    """One flag per dataclass field (``--field-name``), its docstring as help, its annotation as type; booleans get
+    ``--x / --no-x``, lists a comma-separated value; fields without a default are required."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    docs |= help_overrides or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        kind = [t for t in types_of(hints[f.name]) if t is not type(None)] or [str]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if kind[0] is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif kind[0] is list:
+            p.add_argument(flag, type=_comma_list, default=default, required=required, help=f"{text} (comma-separated)")
+        else:
+            shown = "" if required or default is None else f" (default {default})"
+            p.add_argument(flag, type=kind[0], default=default, required=required, help=f"{text}{shown}")
+
+
+def from_flags(cls: type, args: argparse.Namespace, **values: Any) -> Any:
+    """The dataclass from parsed flags: every field that has a flag, plus ``values`` (those win)."""
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**kwargs, **values})
