@@ -10,20 +10,35 @@ import dataclasses
 import sys
 
 from brainlm.exceptions import BrainLMError
-from brainlm.schema import add_flags, from_flags
+from brainlm.schema import add_flags, add_version, from_flags
 
 
 def _reconstruct(a: argparse.Namespace) -> None:
     from brainlm.eval.reconstruct import reconstruct
 
     strategies = tuple(a.masking.split(",")) if a.masking else ("random", "tube", "parcel", "future")
-    reconstruct(a.model, a.shards, a.out, a.split, a.mask_ratio, strategies, a.limit)
+    reconstruct(a.model, a.shards, a.out, a.split, a.mask_ratio, strategies, a.limit, a.device)
 
 
 def _embed(a: argparse.Namespace) -> None:
-    from brainlm.eval.embed import embed
+    if bool(a.shards) == bool(a.inputs):
+        raise BrainLMError("brainlm embed: give --shards (a built shard set) or --inputs (files or a folder), not both")
+    if a.shards:
+        from brainlm.eval.embed import embed
 
-    embed(a.model, a.shards, a.out, tuple(a.splits.split(",")))
+        embed(a.model, a.shards, a.out, tuple(a.splits.split(",")), a.device)
+        return
+    from brainlm.api import embed_files, load
+
+    model = load(a.model, a.device)
+    table = embed_files(model, a.inputs, a.atlas, a.atlas_table, a.kind, a.pooling, a.resample, a.stride)
+    files = table.save(a.out)
+    print(
+        f"embedded {len(table.ids)} recording(s) ({table.values.shape[1]} values each, pooling {a.pooling}) -> "
+        f"{', '.join(str(f) for f in files)}"
+    )
+    for s in table.skipped:
+        print(f"  skipped {s['recording']}: {s['reason']}", file=sys.stderr)
 
 
 def _finetune(a: argparse.Namespace) -> None:
@@ -35,7 +50,7 @@ def _finetune(a: argparse.Namespace) -> None:
 def _networks(a: argparse.Namespace) -> None:
     from brainlm.eval.networks import networks
 
-    networks(a.model, a.shards, a.out, a.split, a.labels, a.max_recordings, a.k)
+    networks(a.model, a.shards, a.out, a.split, a.labels, a.max_recordings, a.k, device=a.device)
 
 
 def _perturb(a: argparse.Namespace) -> None:
@@ -47,7 +62,7 @@ def _perturb(a: argparse.Namespace) -> None:
 def _attention(a: argparse.Namespace) -> None:
     from brainlm.eval.attention import attention
 
-    attention(a.model, a.shards, a.out, a.group_by, a.split, a.max_windows)
+    attention(a.model, a.shards, a.out, a.group_by, a.split, a.max_windows, a.device)
 
 
 def _import_brainlm(a: argparse.Namespace) -> None:
@@ -158,10 +173,12 @@ def _registry_download(a: argparse.Namespace) -> None:
     print(f"{a.uri} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
 
-def _io(p: argparse.ArgumentParser) -> None:
+def _io(p: argparse.ArgumentParser, shards_required: bool = True, device: bool = True) -> None:
     p.add_argument("--model", required=True, help="exported model folder, or models:/NAME@ALIAS from the registry")
-    p.add_argument("--shards", required=True, help="shard set (local folder or s3://...) with manifest.json")
+    p.add_argument("--shards", required=shards_required, help="shard set (local folder or s3://...) with manifest.json")
     p.add_argument("--out", required=True, help="folder for metrics.json and figures")
+    if device:
+        p.add_argument("--device", help="cpu | cuda | cuda:N (default: CUDA when available); bf16 autocast on a GPU")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -170,9 +187,11 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="brainlm",
+        epilog='Python: import brainlm; brainlm.load(...) (see the README\'s "Use a pretrained model").',
         description="Analyses with pretrained BrainLM models. Each writes "
         "metrics.json and figures into --out and prints a table with baselines beside it.",
     )
+    add_version(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser(
@@ -193,8 +212,20 @@ def parser() -> argparse.ArgumentParser:
         help="deterministic CLS and mean-token embeddings per recording",
         description="Embeddings per recording, averaged over its non-overlapping windows.",
     )
-    _io(e)
-    e.add_argument("--splits", default="train,val,test", help="splits to embed (default train,val,test)")
+    _io(e, shards_required=False)
+    e.add_argument("--splits", default="train,val,test", help="with --shards: splits to embed (default train,val,test)")
+    e.add_argument(
+        "--inputs",
+        nargs="+",
+        help="instead of --shards: NIfTI / array files or folders (BIDS/fMRIPrep derivatives, NIfTI, parcel arrays), "
+        "parcellated with the model's atlas, no shard build; writes embeddings.npz + embeddings.tsv",
+    )
+    e.add_argument("--atlas", help="with --inputs: the label image (or 4D maps) of the model's atlas, for NIfTI")
+    e.add_argument("--atlas-table", help="with --inputs: the atlas table (name, x, y, z[, network])")
+    e.add_argument("--kind", default="auto", help="with --inputs folders: auto | bids | nifti | arrays")
+    e.add_argument("--pooling", default="cls", help="with --inputs: cls | mean | latent_fc (default cls)")
+    e.add_argument("--resample", action="store_true", help="with --inputs: resample other TRs to the model's")
+    e.add_argument("--stride", type=int, help="with --inputs: step between windows (default the window)")
     e.set_defaults(func=_embed)
 
     f = sub.add_parser(
@@ -203,7 +234,7 @@ def parser() -> argparse.ArgumentParser:
         description="Fine-tune (or probe) an MLP head on the embedding to predict a phenotype, "
         "subject-level splits, mean +- std over seeds, baselines in the same table.",
     )
-    _io(f)
+    _io(f, device=False)
     add_flags(f, FinetuneConfig)
     f.set_defaults(func=_finetune)
 
@@ -226,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
         description="Learn a sparse perturbation of the source recordings whose embedding "
         "matches the target state's; report where it concentrates.",
     )
-    _io(b)
+    _io(b, device=False)
     add_flags(b, PerturbConfig)
     b.set_defaults(func=_perturb)
 

@@ -16,7 +16,13 @@ import types
 import typing
 from typing import Any
 
+from brainlm._version import __version__
 from brainlm.exceptions import ConfigError
+
+
+def add_version(p: argparse.ArgumentParser) -> None:
+    """``--version``: the program and brainlm's version."""
+    p.add_argument("--version", action="version", version=f"%(prog)s (brainlm {__version__})")
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from brainlm import __version__
+from brainlm._version import __version__
 from brainlm.data.format import MANIFEST, SPLITS, Manifest, encode_sample, shard_key
-from brainlm.data.scaling import NORMALIZE, RobustScaler
 from brainlm.data.store import LocalStore, open_store, sha256_file
 from brainlm.exceptions import BrainLMError, InputError, ShardError
+from brainlm.model.scaling import NORMALIZE, RobustScaler
 from data_prep.atlas import AtlasSource, load_atlas
 from data_prep.parcellate import load_array, orient, parcellate_nifti, resample_time
 from data_prep.qc import check_length, check_signal, check_tr

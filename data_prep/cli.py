@@ -7,7 +7,7 @@ import dataclasses
 import sys
 
 from brainlm.exceptions import BrainLMError
-from brainlm.schema import add_flags, field_docs, from_flags
+from brainlm.schema import add_flags, add_version, field_docs, from_flags
 from data_prep.build import BuildConfig
 from data_prep.synth import SynthConfig
 
@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m data_prep",
         description="fMRI -> parcels -> robust-scaled crops -> WebDataset shards + manifest.json",
     )
+    add_version(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser(

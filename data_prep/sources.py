@@ -131,6 +131,15 @@ def discover(src: str | Path, kind: str = "auto", atlas_image: str | None = None
     return specs, kind
 
 
+def spec_for_file(path: str | Path) -> RecordingSpec:
+    """One recording given as a file: a 4D NIfTI or a parcel array, with its BIDS entities and sidecar TR."""
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix not in (*NIFTI, *ARRAYS):
+        raise InputError(f"{path}: expected a 4D NIfTI ({', '.join(NIFTI)}) or a parcel array ({', '.join(ARRAYS)})")
+    return _spec_from_name(path.resolve(), "nifti" if suffix in NIFTI else "array", tr=_bids_tr(path))
+
+
 def _spec_from_name(path: Path, kind: str, tr: float | None = None, confounds: str | None = None) -> RecordingSpec:
     ents = parse_entities(path.name)
     stem = path.name.split(".")[0]

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from brainlm.exceptions import BrainLMError
+from brainlm.schema import add_version
 from brainlm.training.recipe import help_text, load_recipe
 
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML recipe, e.g. configs/pretrain/13m.yaml (default: all defaults)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher")
     parser.add_argument("-h", "--help", action="store_true", help="show this help and every override")
+    add_version(parser)
     args, overrides = parser.parse_known_args(argv)
     if args.help:
         parser.print_help()

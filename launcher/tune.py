@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from brainlm.eval.finetune import FinetuneConfig
 from brainlm.eval.perturb import PerturbConfig
 from brainlm.exceptions import BrainLMError, ConfigError, SweepInterrupted
-from brainlm.schema import add_flags, from_flags
+from brainlm.schema import add_flags, add_version, from_flags
 from brainlm.training.recipe import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launcher/tune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_version(p)
     sub = p.add_subparsers(dest="kind", required=True)
 
     f = sub.add_parser(
@@ -119,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
     add_flags(
         f.add_argument_group("fine-tuning (fixed for every trial unless the space varies it)"),
         FinetuneConfig,
-        skip=("seeds",),
+        skip=("seeds", "device"),
     )
     _sweep_flags(f)
 
@@ -143,7 +144,11 @@ def parser() -> argparse.ArgumentParser:
         default=0.1,
         help="sparsity budget: mean |theta| (robust-scaled units) allowed without penalty (default 0.1)",
     )
-    add_flags(b.add_argument_group("perturbation (fixed for every trial unless the space varies it)"), PerturbConfig)
+    add_flags(
+        b.add_argument_group("perturbation (fixed for every trial unless the space varies it)"),
+        PerturbConfig,
+        skip=("device",),
+    )
     _sweep_flags(b)
 
     s = sub.add_parser(

@@ -75,3 +75,27 @@ def test_spatiotemporal_uses_the_parcels_own_neighbouring_patches():
     # Tube masking hides every parcel at once: only time helps, and the conditional beats interpolation in time.
     assert scores["tube"]["st"] > scores["tube"]["interp"] > scores["tube"]["ridge"] + 0.5
     assert scores["parcel"]["st"] == pytest.approx(scores["parcel"]["ridge"], abs=1e-9)
+
+
+def test_adaptive_follows_each_windows_own_coupling():
+    """Two parcel pairs coupled with a sign that flips from window to window: the cohort's covariance averages the
+    coupling away, so the spatial ridge learns nothing, while the window's own covariance recovers it."""
+    rng = np.random.default_rng(0)
+
+    def windows(B: int) -> np.ndarray:
+        out = np.zeros((B, 4, 40))
+        for b in range(B):
+            for pair in ((0, 1), (2, 3)):
+                common = rng.normal(size=40)
+                sign = rng.choice([-1.0, 1.0])
+                out[b, pair[0]] = common + 0.3 * rng.normal(size=40)
+                out[b, pair[1]] = sign * common + 0.3 * rng.normal(size=40)
+        return out
+
+    train, test = windows(200), windows(40)
+    g = GaussianImputer(train, max_lag=4)
+    tmask = time_mask(fixed_masks(len(test), 4, 10, 0.5, "random"), 4, 10, 4)
+    ridge = r2_parts(g.spatial(test, tmask, 4, 0.01), test, tmask)[0]
+    adaptive = r2_parts(g.adaptive(test, tmask, 4, 0.01, alpha=0.8), test, tmask)[0]
+    # Measured: ridge -0.001, adaptive 0.20 (a masked parcel's partner is itself masked half of the time).
+    assert ridge < 0.02 and adaptive > ridge + 0.15

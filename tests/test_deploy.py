@@ -508,7 +508,7 @@ def test_the_dockerfile_is_pinned_non_root_and_installs_the_gpu_extra():
     assert ("WORKDIR", APP_DIR) in steps
     assert ("COPY", f". {APP_DIR}") in steps
     run = " ".join(rest for word, rest in steps if word == "RUN")
-    assert re.search(r"pip install [^&]*\"\.\[gpu,cluster\]\"", run), "the project with its gpu and cluster extras"
+    assert re.search(r"pip install [^&]*\"\.\[all,gpu,cluster\]\"", run), "the project with every extra"
     cluster = re.search(r"^cluster = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M)
     assert cluster and '"ray[default]' in cluster.group(1)  # KubeRay submits through Ray's job API
     users = [rest for word, rest in steps if word == "USER"]

@@ -58,14 +58,14 @@ def test_importing_the_model_pulls_in_no_infrastructure():
 # The import layers, lowest first: a module may import its own layer and those below, never one above, and no
 # import circle may form anywhere (tests/test_layout.py is the contract; docs in each package's docstring).
 LAYERS = [
-    ("brainlm", "brainlm.exceptions", "brainlm.atomic", "brainlm.schema"),
+    ("brainlm._version", "brainlm.exceptions", "brainlm.atomic", "brainlm.schema"),
     ("brainlm.model",),
     ("brainlm.data",),
     ("brainlm.tracking", "data_prep"),
     ("brainlm.eval",),
     ("brainlm.training",),
     ("brainlm.tuning",),
-    ("brainlm.cli", "brainlm.api", "launcher"),
+    ("brainlm.cli", "brainlm.api", "launcher", "brainlm"),  # the package itself is the facade over everything
 ]
 
 
@@ -78,12 +78,23 @@ def module_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in files.items():
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {  # `if TYPE_CHECKING:` imports exist for annotations only, never at run time
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+            for n in ast.walk(node)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             targets = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                # `from pkg import mod` imports pkg.mod (and runs pkg's __init__, which is not a dependency on it)
+                subs = [f"{node.module}.{a.name}" for a in node.names]
+                targets = subs if all(t in files for t in subs) else [node.module, *subs]
             deps |= {t for t in targets if t in files and t != name}
         graph[name] = deps
     return graph

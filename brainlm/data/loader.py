@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from brainlm.data.format import Manifest, decode_signal, shard_urls
 from brainlm.data.store import register_webdataset_s3
 from brainlm.exceptions import ShardError
-from brainlm.model.mae import seeded_masks
+from brainlm.model.masking import seeded_masks
 
 
 def sample_seed(seed: int, slot: int, position: int) -> int:

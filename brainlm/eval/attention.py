@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from brainlm.eval.common import load_context, recordings, table, write_metrics
+from brainlm.eval.common import autocast, load_context, recordings, table, write_metrics
 from brainlm.eval.perturb import top_report
 
 
@@ -23,18 +23,26 @@ def parcel_attention(model, windows_BRW: np.ndarray, coords_R3: torch.Tensor, ba
     N = model.config.num_patches
     out = []
     for i in range(0, len(windows_BRW), batch):
-        a_BHL = model.cls_attention(torch.from_numpy(windows_BRW[i : i + batch]), coords_R3)[:, -1]
+        x = torch.from_numpy(windows_BRW[i : i + batch]).to(coords_R3.device)
+        with autocast(coords_R3.device):
+            a_BHL = model.cls_attention(x, coords_R3)[:, -1].float().cpu()
         B, _, L = a_BHL.shape
         out.append(a_BHL.mean(dim=1).reshape(B, L // N, N).sum(dim=-1))
     return torch.cat(out).numpy()
 
 
 def attention(
-    model: str, shards: str, out: str | Path, group_by: str = "condition", split: str = "test", max_windows: int = 512
+    model: str,
+    shards: str,
+    out: str | Path,
+    group_by: str = "condition",
+    split: str = "test",
+    max_windows: int = 512,
+    device: str | None = None,
 ) -> dict[str, Any]:
     from brainlm.eval import plots
 
-    ctx = load_context(model, shards)
+    ctx = load_context(model, shards, device)
     atlas = ctx.manifest.atlas
     groups: dict[str, list[np.ndarray]] = {}
     for rec in recordings(ctx, split):

@@ -13,7 +13,13 @@ C(tau)_ij = Cov(x_i(t), x_j(t + tau)). Shapes: B windows, R parcels, T timepoint
                   (the nearest visible patch before and after, up to REACH patches away): the same conditional
                   expectation over the joint vector [x_V(t), x_r(S)], whose covariance comes from the lagged C(tau)
 
-lam is chosen on the validation split; s = trace(C(0)) / R makes it scale-free.
+- adaptive        the spatial imputation with each window's own covariance: C(0) shrunk toward the covariance
+                  of the window itself (its visible values, the masked ones imputed), C_w = (1 - alpha) C(0) +
+                  alpha cov(window), imputed again (two passes). A recording's connectivity differs from the
+                  cohort's; this is the linear way to adapt to it in context, the thing a masked autoencoder can do
+                  and a fixed covariance cannot.
+
+lam (and alpha) are chosen on the validation split; s = trace(C(0)) / R makes lam scale-free.
 """
 
 from __future__ import annotations
@@ -91,6 +97,31 @@ class GaussianImputer:
                 w_VM = np.linalg.solve(c_vv, self.cov_RR[np.ix_(vis, masked)])
                 out[b, masked, sl] = self.mu_R[masked, None] + w_VM.T @ (x_BRT[b, vis, sl] - self.mu_R[vis, None])
         return out
+
+    def adaptive(
+        self, x_BRT: np.ndarray, tmask_BRT: np.ndarray, P: int, lam: float, alpha: float, passes: int = 2
+    ) -> np.ndarray:
+        """The spatial imputation under each window's own shrunk covariance (the ``adaptive`` baseline)."""
+        x = x_BRT.astype(np.float64)
+        pred = self.spatial(x, tmask_BRT, P, lam)
+        B, _, T = x.shape
+        for _ in range(passes):
+            new = x.copy()
+            for b in range(B):
+                xc = pred[b] - self.mu_R[:, None]
+                cov = (1 - alpha) * self.cov_RR + alpha * (xc @ xc.T) / T
+                for n in range(T // P):
+                    sl = slice(n * P, (n + 1) * P)
+                    masked = tmask_BRT[b, :, n * P]
+                    vis = ~masked
+                    if not masked.any() or not vis.any():
+                        new[b, :, sl] = pred[b, :, sl]
+                        continue
+                    c_vv = cov[np.ix_(vis, vis)] + lam * self.scale * np.eye(int(vis.sum()))
+                    w_VM = np.linalg.solve(c_vv, cov[np.ix_(vis, masked)])
+                    new[b, masked, sl] = self.mu_R[masked, None] + w_VM.T @ (x[b, vis, sl] - self.mu_R[vis, None])
+            pred = new
+        return pred
 
     # -- spatio-temporal -----------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from brainlm.data.format import Manifest, load_manifest
 from brainlm.data.loader import fixed_samples
 from brainlm.exceptions import DimensionError, InputError
 from brainlm.model import BrainLM
+from brainlm.model.inference import fisher_z, window_features
 
 
 @dataclass
@@ -25,8 +26,38 @@ class Context:
     coords_R3: torch.Tensor
     model_dir: Path
 
+    @property
+    def device(self) -> torch.device:
+        return self.coords_R3.device
 
-def load_context(model_uri: str, shards: str) -> Context:
+    def to(self, device: str | torch.device | None) -> Context:
+        """The model and coordinates on ``device`` (None: CUDA when available, else the CPU)."""
+        device = torch.device(device) if device else default_device()
+        self.model.to(device)
+        self.coords_R3 = self.coords_R3.to(device)
+        return self
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        """A float32 batch on the context's device."""
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+
+    def autocast(self):
+        """bf16 autocast on a GPU; nothing on the CPU (fp32)."""
+        return autocast(self.device)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def load_context(model_uri: str, shards: str, device: str | torch.device | None = None) -> Context:
+    """The model (on ``device``: default CUDA when available) and the shard set it is evaluated on."""
     from brainlm.tracking.registry import resolve_model
 
     model_dir = resolve_model(model_uri)
@@ -48,7 +79,7 @@ def load_context(model_uri: str, shards: str) -> Context:
             flush=True,
         )
     coords = torch.tensor(manifest.atlas.coords(), dtype=torch.float32)
-    return Context(model, manifest, root, coords, model_dir)
+    return Context(model, manifest, root, coords, model_dir).to(device)
 
 
 def split_windows(ctx: Context, split: str, limit: int | None = None) -> tuple[torch.Tensor, list[dict]]:
@@ -123,36 +154,18 @@ def parse_where(expr: str | None) -> dict[str, str] | None:
     return out
 
 
-@torch.no_grad()
 def embed_windows(model: BrainLM, windows_NRW: np.ndarray, coords_R3: torch.Tensor, batch: int = 32):
     """CLS and mean-token embeddings of each window: ([N, D], [N, D])."""
-    model.eval()
-    cls, mean = [], []
-    for i in range(0, len(windows_NRW), batch):
-        c, tokens = model.encode(torch.from_numpy(windows_NRW[i : i + batch]), coords_R3)
-        cls.append(c)
-        mean.append(tokens.mean(dim=1))
-    return torch.cat(cls).numpy(), torch.cat(mean).numpy()
+    return (
+        window_features(model, windows_NRW, coords_R3, "cls", batch),
+        window_features(model, windows_NRW, coords_R3, "mean", batch),
+    )
 
 
-@torch.no_grad()
 def latent_connectivity(model: BrainLM, windows_NRW: np.ndarray, coords_R3: torch.Tensor, batch: int = 32):
-    """The model's connectivity: correlation between parcels of their encoder-token sequences (patches x D),
-    averaged over the windows; upper triangle, Fisher z. A mean- or CLS-pooled embedding averages signed,
-    zero-mean signals away, so it cannot carry the coupling between networks; this second-order pooling can.
-    """
-    model.eval()
-    R = windows_NRW.shape[1]
-    total = torch.zeros(R, R, dtype=torch.float64)
-    for i in range(0, len(windows_NRW), batch):
-        _, tokens_BLD = model.encode(torch.from_numpy(windows_NRW[i : i + batch]), coords_R3)
-        x = tokens_BLD.reshape(len(tokens_BLD), R, -1).double()  # [B, R, N*D]
-        x = x - x.mean(dim=2, keepdim=True)
-        x = x / (x.norm(dim=2, keepdim=True) + 1e-12)
-        total += (x @ x.transpose(1, 2)).sum(dim=0)
-    c = (total / len(windows_NRW)).numpy()
-    iu = np.triu_indices(R, k=1)
-    return np.arctanh(np.clip(c[iu], -0.999999, 0.999999))
+    """The model's connectivity of a recording: its windows' latent connectivity averaged, then Fisher z
+    (``brainlm.model.inference.window_features``)."""
+    return fisher_z(window_features(model, windows_NRW, coords_R3, "latent_fc", batch).mean(axis=0))
 
 
 def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:

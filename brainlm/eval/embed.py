@@ -13,9 +13,13 @@ from brainlm.eval.common import embed_windows, load_context, recordings, write_m
 
 
 def embed(
-    model: str, shards: str, out: str | Path, splits: tuple[str, ...] = ("train", "val", "test")
+    model: str,
+    shards: str,
+    out: str | Path,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    device: str | None = None,
 ) -> dict[str, Any]:
-    ctx = load_context(model, shards)
+    ctx = load_context(model, shards, device)
     rows, cls_all, mean_all = [], [], []
     for split in splits:
         if not ctx.manifest.num_samples(split):

@@ -33,6 +33,7 @@ from torch import nn
 from brainlm.eval.common import (
     Context,
     Recording,
+    autocast,
     embed_windows,
     latent_connectivity,
     load_context,
@@ -78,6 +79,9 @@ class FinetuneConfig:
     """Repeats with different seeds (mean +- std)."""
     min_subjects: int = 6
     """Fewest labelled training subjects to go on with."""
+
+    device: str | None = None
+    """cpu | cuda | cuda:N (default: CUDA when available, else the CPU); bf16 autocast on a GPU."""
 
     def __post_init__(self) -> None:
         if self.task not in ("regression", "classification"):
@@ -190,8 +194,9 @@ def _predict(
     outs = []
     with torch.no_grad():
         for i in range(0, len(data.windows_NRW), batch):
-            o = model(torch.from_numpy(data.windows_NRW[i : i + batch]), coords)
-            outs.append(torch.softmax(o, dim=-1) if classification else o[:, 0])
+            with autocast(coords.device):
+                o = model(torch.from_numpy(data.windows_NRW[i : i + batch]).to(coords.device), coords).float()
+            outs.append((torch.softmax(o, dim=-1) if classification else o[:, 0]).cpu())
     per_window = torch.cat(outs).numpy()
     return np.stack([per_window[data.owner == i].mean(axis=0) for i in range(len(data.recordings))])
 
@@ -229,14 +234,14 @@ def train_one(
         cfg.head_layers,
         cfg.dropout,
         cfg.freeze,
-    )
+    ).to(ctx.device)
     groups = [{"params": list(model.head.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if not cfg.freeze:
         for g in model.backbone.param_groups(cfg.weight_decay):
             groups.append({**g, "lr": cfg.lr * cfg.backbone_lr_scale})
     opt = torch.optim.AdamW(groups)
     train, val = data.splits["train"], data.splits["val"]
-    target = torch.from_numpy(train.y[train.owner])
+    target = torch.from_numpy(train.y[train.owner]).to(ctx.device)
     target = target.long() if classification else target.float()
     loss_fn = nn.CrossEntropyLoss() if classification else nn.MSELoss()
     rng = np.random.default_rng(seed)
@@ -246,8 +251,9 @@ def train_one(
         order = rng.permutation(len(train.windows_NRW))
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
-            out = model(torch.from_numpy(train.windows_NRW[idx]), ctx.coords_R3)
-            loss = loss_fn(out if classification else out[:, 0], target[idx])
+            with ctx.autocast():
+                out = model(ctx.tensor(train.windows_NRW[idx]), ctx.coords_R3).float()
+            loss = loss_fn(out if classification else out[:, 0], target[torch.as_tensor(idx, device=ctx.device)])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -337,7 +343,7 @@ def save_finetuned(model: BrainLMForPrediction, data: FinetuneData, path: str | 
 
 
 def finetune(model: str, shards: str, out: str | Path, cfg: FinetuneConfig) -> dict[str, Any]:
-    ctx = load_context(model, shards)
+    ctx = load_context(model, shards, cfg.device)
     data = load_data(ctx, cfg)
     classification = cfg.task == "classification"
     runs, best = [], None

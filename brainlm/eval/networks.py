@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from brainlm.eval.common import load_context, recordings, table, write_metrics
+from brainlm.eval.common import autocast, load_context, recordings, table, write_metrics
 from brainlm.exceptions import InputError
 
 UNLABELLED = {"unassigned", "none", "", "nan"}
@@ -76,8 +76,10 @@ def recording_features(model, windows_NRW: np.ndarray, coords_R3: torch.Tensor, 
     R = windows_NRW.shape[1]
     attn, tokens = [], []
     for i in range(0, len(windows_NRW), batch):
-        x = torch.from_numpy(windows_NRW[i : i + batch])
-        a_BYHL, t_BLD = model.cls_attention(x, coords_R3, return_tokens=True)
+        x = torch.from_numpy(windows_NRW[i : i + batch]).to(coords_R3.device)
+        with autocast(coords_R3.device):
+            a_BYHL, t_BLD = model.cls_attention(x, coords_R3, return_tokens=True)
+        a_BYHL, t_BLD = a_BYHL.float().cpu(), t_BLD.float().cpu()
         B, Y, H, _ = a_BYHL.shape
         attn.append(a_BYHL.reshape(B, Y * H, R, N).sum(dim=-1))  # [B, Y*H, R]
         tokens.append(t_BLD.reshape(B, R, N, -1).mean(dim=2))  # [B, R, D]
@@ -111,10 +113,11 @@ def networks(
     max_recordings: int = 60,
     k: int = 5,
     n_splits: int = 5,
+    device: str | None = None,
 ) -> dict[str, Any]:
     from brainlm.eval import plots
 
-    ctx = load_context(model, shards)
+    ctx = load_context(model, shards, device)
     atlas = ctx.manifest.atlas
     if label_key != "network":
         raise InputError(f"--labels {label_key!r}: the atlas carries one label set, 'network'")

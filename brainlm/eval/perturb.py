@@ -54,6 +54,9 @@ class PerturbConfig:
     top_fraction: float = 0.1
     """Share of parcels reported as the top regions."""
 
+    device: str | None = None
+    """cpu | cuda | cuda:N (default: CUDA when available, else the CPU); bf16 autocast on a GPU."""
+
     def __post_init__(self) -> None:
         if self.pooling not in ("cls", "mean", "parcels"):
             raise ConfigError(f"`--pooling` must be parcels, cls or mean, got {self.pooling!r}")
@@ -81,7 +84,7 @@ def optimise(
     model = ctx.model.eval().requires_grad_(False)
     cfgm = model.config
     R, N = source.shape[1], cfgm.num_patches
-    x = torch.from_numpy(source)
+    x = ctx.tensor(source)
 
     def embedding(signal_BRT: torch.Tensor) -> torch.Tensor:
         cls_BD, tokens_BLD = model.encode(signal_BRT, ctx.coords_R3)
@@ -91,9 +94,9 @@ def optimise(
         return (cls_BD if cfg.pooling == "cls" else tokens_BLD.mean(dim=1)).mean(dim=0)
 
     with torch.no_grad():
-        goal, start = embedding(torch.from_numpy(target)), embedding(x)
+        goal, start = embedding(ctx.tensor(target)), embedding(x)
     scale = float(((start - goal) ** 2).sum()) or 1.0
-    theta = torch.zeros((R, N) if cfg.form == "additive" else (R, 2), requires_grad=True)
+    theta = torch.zeros((R, N) if cfg.form == "additive" else (R, 2), device=ctx.device, requires_grad=True)
     opt = torch.optim.Adam([theta], lr=cfg.lr)
     torch.manual_seed(0)
     for step in range(1, cfg.steps + 1):
@@ -108,7 +111,7 @@ def optimise(
     with torch.no_grad():
         final = embedding(apply(x, theta, cfg.form, cfgm.patch_size))
     after = float(((final - goal) ** 2).sum())
-    return theta.detach(), {
+    return theta.detach().cpu(), {
         "distance_before": scale,
         "distance_after": after,
         "reached": 1 - after / scale,
@@ -139,7 +142,7 @@ def top_report(values_R: np.ndarray, networks: list[str] | None, labels: list[st
 def perturb(model: str, shards: str, out: str | Path, cfg: PerturbConfig) -> dict[str, Any]:
     from brainlm.eval import plots
 
-    ctx = load_context(model, shards)
+    ctx = load_context(model, shards, cfg.device)
     atlas = ctx.manifest.atlas
 
     def windows(expr: str) -> np.ndarray:

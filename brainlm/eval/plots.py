@@ -31,14 +31,19 @@ def reconstruction_figure(
     seed: int = 0,
 ) -> Path:
     """True vs reconstructed time courses of a few parcels of one window; masked patches shaded."""
+    from brainlm.model.masking import sample_mask
+
     model.eval()
-    g = torch.Generator().manual_seed(seed)
-    out = model(signal_BRT[:1].float(), coords_R3.float(), mask_BL=mask_BL, generator=g)
-    R = signal_BRT.shape[1]
-    pred_RT = model.unpatchify(out.pred_BLP, R)[0]
-    N = model.config.num_patches
-    P = model.config.patch_size
-    mask_RN = out.mask_BL[0].reshape(R, N)
+    R, N, P = signal_BRT.shape[1], model.config.num_patches, model.config.patch_size
+    if mask_BL is None:
+        g = torch.Generator().manual_seed(seed)
+        mask_BL = sample_mask(1, R, N, model.config.mask_ratio, model.config.masking, generator=g)
+    device = next(model.parameters()).device
+    signal_BRT, mask_BL = signal_BRT[:1].float().cpu(), mask_BL[:1].cpu()
+    with torch.no_grad():
+        out = model(signal_BRT.to(device), coords_R3.float().to(device), mask_BL=mask_BL.to(device))
+    pred_RT = model.unpatchify(out.pred_BLP.float(), R)[0].cpu()
+    mask_RN = mask_BL[0].reshape(R, N)
     rows = np.linspace(0, R - 1, parcels).round().astype(int)
     fig, axes = plt.subplots(parcels, 1, figsize=(9, 1.8 * parcels), sharex=True)
     for ax, r in zip(np.atleast_1d(axes), rows, strict=False):

@@ -11,6 +11,7 @@ validation split for each masking strategy. The strongest of them is the bar the
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from brainlm.eval.common import Context, load_context, split_windows, table, wri
 from brainlm.eval.metrics import fixed_masks
 from brainlm.model.config import MASKINGS
 
-METHODS = ("model", "zero", "mean", "interp", "ridge", "spatiotemporal")
+METHODS = ("model", "zero", "mean", "interp", "ridge", "spatiotemporal", "adaptive")
 
 
 @torch.no_grad()
@@ -31,23 +32,33 @@ def model_predict(ctx: Context, x_BRT: torch.Tensor, mask_BL: torch.Tensor, batc
     model, R = ctx.model.eval(), x_BRT.shape[1]
     out = []
     for i in range(0, x_BRT.shape[0], batch):
-        res = model(x_BRT[i : i + batch], ctx.coords_R3, mask_BL=mask_BL[i : i + batch])
-        out.append(model.unpatchify(res.pred_BLP, R))
+        with ctx.autocast():
+            res = model(
+                x_BRT[i : i + batch].to(ctx.device), ctx.coords_R3, mask_BL=mask_BL[i : i + batch].to(ctx.device)
+            )
+        out.append(model.unpatchify(res.pred_BLP.float(), R).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
 
 LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)
+ALPHAS = (0.1, 0.25, 0.5, 0.75)
+# The linear baselines: the GaussianImputer method each runs, and the grid its settings are chosen from.
+LINEAR = {
+    "ridge": ("spatial", {"lam": LAMBDAS}),
+    "spatiotemporal": ("spatiotemporal", {"lam": LAMBDAS}),
+    "adaptive": ("adaptive", {"lam": LAMBDAS, "alpha": ALPHAS}),
+}
 
 
 @dataclass
 class Baselines:
-    """The fitted baselines and, per masking strategy, the ridge strength each linear one chose on validation."""
+    """The fitted baselines and, per masking strategy, the settings each linear one chose on validation."""
 
     mean_R: np.ndarray
     gaussian: GaussianImputer
     val_BRT: np.ndarray
     mask_ratio: float
-    lambdas: dict[str, dict[str, float]]
+    chosen: dict[str, dict[str, dict[str, float]]]
 
     def predict(self, name: str, x_BRT: np.ndarray, tmask_BRT: np.ndarray, P: int, masking: str) -> np.ndarray:
         if name == "zero":
@@ -56,23 +67,21 @@ class Baselines:
             return np.broadcast_to(self.mean_R[None, :, None], x_BRT.shape)
         if name == "interp":
             return interpolate(x_BRT, tmask_BRT, self.mean_R)
-        method = getattr(self.gaussian, LINEAR[name])
-        return method(x_BRT, tmask_BRT, P, self.lambda_of(name, masking, P))
+        method = getattr(self.gaussian, LINEAR[name][0])
+        return method(x_BRT, tmask_BRT, P, **self.settings_of(name, masking, P))
 
-    def lambda_of(self, name: str, masking: str, P: int) -> float:
-        """The ridge strength of a linear baseline for a masking strategy, chosen on validation windows."""
-        chosen = self.lambdas.setdefault(name, {})
+    def settings_of(self, name: str, masking: str, P: int) -> dict[str, float]:
+        """A linear baseline's settings for a masking strategy: the best on the validation windows."""
+        chosen = self.chosen.setdefault(name, {})
         if masking not in chosen:
             R, T = self.val_BRT.shape[1:]
-            mask_BL = fixed_masks(len(self.val_BRT), R, T // P, self.mask_ratio, masking)
-            tmask = time_mask(mask_BL, R, T // P, P)
-            method = getattr(self.gaussian, LINEAR[name])
-            scores = {lam: r2_parts(method(self.val_BRT, tmask, P, lam), self.val_BRT, tmask)[0] for lam in LAMBDAS}
-            chosen[masking] = max(scores, key=scores.get)
+            tmask = time_mask(fixed_masks(len(self.val_BRT), R, T // P, self.mask_ratio, masking), R, T // P, P)
+            method_name, grid = LINEAR[name]
+            method = getattr(self.gaussian, method_name)
+            candidates = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+            scores = [r2_parts(method(self.val_BRT, tmask, P, **c), self.val_BRT, tmask)[0] for c in candidates]
+            chosen[masking] = candidates[int(np.argmax(scores))]
         return chosen[masking]
-
-
-LINEAR = {"ridge": "spatial", "spatiotemporal": "spatiotemporal"}
 
 
 def fit_baselines(ctx: Context, train_limit: int = 512, val_limit: int = 64, mask_ratio: float = 0.5) -> Baselines:
@@ -98,11 +107,12 @@ def reconstruct(
     mask_ratio: float | None = None,
     strategies: tuple[str, ...] = MASKINGS,
     limit: int | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Run the protocol; writes metrics.json and figures into ``out``; returns the metrics."""
     from brainlm.eval import plots
 
-    ctx = load_context(model, shards)
+    ctx = load_context(model, shards, device)
     cfg = ctx.model.config
     ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
     x, _ = split_windows(ctx, split, limit)
@@ -115,7 +125,7 @@ def reconstruct(
         "parcels": R,
         "timepoints": cfg.num_timepoints,
         "mask_ratio": ratio,
-        "baseline_lambda": baselines.lambdas,
+        "baseline_settings": baselines.chosen,
         "pooled_r2": {},
         "per_parcel_r2": {},
         "model": str(ctx.model_dir),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,8 +118,9 @@ class BrainLMForPrediction(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BrainLMForPrediction:
-        """Load a folder written by `save_pretrained`, in eval mode; the scaling is `.backbone.scaling`."""
-        folder = Path(path)
+        """Load a folder written by `save_pretrained` (or a registry URI once `brainlm` is imported), in eval mode; the
+        scaling is `.backbone.scaling`."""
+        folder = io.local_folder(path)
         io.require_files(
             folder,
             (io.CONFIG_FILE, io.WEIGHTS_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE),

@@ -6,6 +6,7 @@ assigned rather than copied.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,29 @@ from brainlm import atomic
 from brainlm.exceptions import CheckpointError
 
 WEIGHTS_FILE, CONFIG_FILE, SCALING_FILE, EXTRA_FILE = "model.safetensors", "config.json", "scaling.json", "extra.json"
+
+
+# URI prefix -> a function that returns a local model folder for it. The tracking layer registers ``models:/`` and
+# ``runs:/`` (brainlm.api does, on import); the model package itself knows only folders.
+RESOLVERS: dict[str, Callable[[str], Path]] = {}
+
+
+def register_resolver(prefix: str, resolve: Callable[[str], Path]) -> None:
+    RESOLVERS[prefix] = resolve
+
+
+def local_folder(source: str | Path) -> Path:
+    """The model folder behind ``source``: a folder, or a URI a registered resolver knows (``models:/NAME@ALIAS``)."""
+    text = str(source)
+    for prefix, resolve in RESOLVERS.items():
+        if text.startswith(prefix):
+            return Path(resolve(text))
+    if text.startswith(("models:/", "runs:/")):
+        raise FileNotFoundError(
+            f"{text}: a registry URI needs the tracking layer; load it with brainlm.load({text!r}) (or import "
+            "brainlm.api first), which needs the [train] or [tune] extra for MLflow"
+        )
+    return Path(text)
 
 
 def json_writer(content: dict[str, Any]) -> atomic.Writer:

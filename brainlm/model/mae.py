@@ -13,16 +13,16 @@ mask_BL is bool, True = removed (masked), as MAE documents its 0/1 mask.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from brainlm.exceptions import ConfigError, DimensionError, InputError
+from brainlm.exceptions import DimensionError, InputError
 from brainlm.model import io
-from brainlm.model.config import MASKINGS, ModelConfig
+from brainlm.model.config import ModelConfig
 from brainlm.model.layers import Block, FactorizedBlock, FourierCoordEncoder, sincos_1d
+from brainlm.model.masking import num_kept, sample_mask
 
 # MNI coordinates are in mm, spanning about +-100. The paper fed them raw to Linear(3 -> D); we divide by
 # 100 first. The function class is the same (a rescaled weight), but the embedding starts at the scale of
@@ -44,68 +44,6 @@ class MAEOutput(NamedTuple):
 def _spatial_encoder(kind: str, dim: int) -> nn.Module:
     """Linear(3 -> dim) of the coordinates (the paper) or Fourier features + MLP."""
     return nn.Linear(3, dim) if kind == "linear" else FourierCoordEncoder(dim)
-
-
-def num_kept(num_parcels: int, num_patches: int, mask_ratio: float, masking: str) -> int:
-    """K, visible tokens per sample: the masked unit is a token (random), a patch index (tube, future)
-    or a parcel (parcel); int(units * (1 - mask_ratio)) units are kept, as MAE's len_keep."""
-    R, N = num_parcels, num_patches
-    units = {"random": R * N, "tube": N, "future": N, "parcel": R}[masking]
-    kept_units = int(units * (1 - mask_ratio))
-    if not 0 < kept_units < units:
-        raise ConfigError(
-            f"`model.mask_ratio` {mask_ratio} with `model.masking` {masking!r} keeps {kept_units} of {units} "
-            f"units ({R} parcels x {N} patches): at least one unit must be kept and one masked"
-        )
-    return kept_units * {"random": 1, "tube": R, "future": R, "parcel": N}[masking]
-
-
-def sample_mask(
-    batch: int,
-    num_parcels: int,
-    num_patches: int,
-    mask_ratio: float,
-    masking: str = "random",
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """mask_BL (True = removed) for `batch` samples of R x N tokens, parcel-major, by `masking`.
-
-    random: each sample masks its own random tokens (MAE: argsort of uniform noise); tube: the same random patch
-    indices in every parcel; parcel: whole random parcels; future: the last patches of every parcel. Every row
-    masks the same count (`num_kept`). `generator` must live on `device`."""
-    if masking not in MASKINGS:
-        raise ConfigError(f"`model.masking` must be one of {', '.join(MASKINGS)}; got {masking!r}")
-    B, R, N = batch, num_parcels, num_patches
-    L = R * N
-    K = num_kept(R, N, mask_ratio, masking)
-
-    def random_units(units: int, kept: int) -> Tensor:
-        """mask_BU with `units - kept` random True per row."""
-        ids_shuffle_BU = torch.argsort(torch.rand(B, units, device=device, generator=generator), dim=1)
-        mask_BU = torch.ones(B, units, dtype=torch.bool, device=device)
-        return mask_BU.scatter_(1, ids_shuffle_BU[:, :kept], False)
-
-    if masking == "random":
-        return random_units(L, K)
-    if masking == "parcel":
-        return random_units(R, K // N)[:, :, None].expand(B, R, N).reshape(B, L)
-    # tube: random patch indices; future: the last ones.
-    mask_BN = random_units(N, K // R) if masking == "tube" else (torch.arange(N, device=device) >= K // R).expand(B, N)
-    return mask_BN[:, None, :].expand(B, R, N).reshape(B, L)
-
-
-def seeded_masks(
-    seeds_B: Tensor | list[int], num_parcels: int, num_patches: int, mask_ratio: float, masking: str = "random"
-) -> Tensor:
-    """mask_BL with row b drawn from its own seed (`sample_mask` on a CPU generator): a sample's mask depends on its
-    seed alone, not on the batch it travels in, the world size or the device."""
-    seeds = seeds_B.tolist() if isinstance(seeds_B, Tensor) else list(seeds_B)
-    rows = [
-        sample_mask(1, num_parcels, num_patches, mask_ratio, masking, generator=torch.Generator().manual_seed(int(s)))
-        for s in seeds
-    ]
-    return torch.cat(rows)
 
 
 class BrainLM(nn.Module):
@@ -376,6 +314,18 @@ class BrainLM(nn.Module):
         attn = attn_BYH1L if include_cls else attn_BYH1L[..., 1:]
         return (attn, self.norm(x_B1LD)[:, 1:]) if return_tokens else attn
 
+    def embed(self, recording: Any, **options: Any) -> Any:
+        """Embeddings of your own recordings, preprocessed as the model was trained: `brainlm.model.inference.embed`."""
+        from brainlm.model.inference import embed
+
+        return embed(self, recording, **options)
+
+    def reconstruct(self, recording: Any, **options: Any) -> Any:
+        """Masked reconstruction of your own recordings: `brainlm.model.inference.reconstruct`."""
+        from brainlm.model.inference import reconstruct
+
+        return reconstruct(self, recording, **options)
+
     # ------------------------------------------------------------------ accounting
 
     def num_params(self, trainable_only: bool = False) -> int:
@@ -456,8 +406,9 @@ class BrainLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BrainLM:
-        """Load a folder written by `save_pretrained`, in eval mode, with `.scaling` / `.extra` (or None)."""
-        folder = Path(path)
+        """Load a folder written by `save_pretrained` (or a registry URI, `models:/NAME@ALIAS` / `runs:/...`, once
+        `brainlm` is imported), in eval mode, with `.scaling` / `.extra` (or None)."""
+        folder = io.local_folder(path)
         io.require_files(folder, (io.CONFIG_FILE, io.WEIGHTS_FILE), "BrainLM.save_pretrained")
         config = ModelConfig.from_dict(io.read_json(folder / io.CONFIG_FILE))
         with torch.device("meta"):  # no init work: every tensor comes from the file

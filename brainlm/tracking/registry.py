@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from brainlm.exceptions import BrainLMError
 from brainlm.tracking.env import PARENT_TAG, mlflow_defaults
-from brainlm.tracking.pyfunc import PIP_REQUIREMENTS, python_model_for
+from brainlm.tracking.pyfunc import example_and_signature, pip_requirements, python_model_for
 
 RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)  # MLflow's own: models:/NAME/latest, @v3
 
@@ -34,11 +34,14 @@ def log_and_register(
     check_alias(alias)
     if python_model is None:
         python_model = python_model_for(model_dir)
+    example, signature = example_and_signature(model_dir)
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=python_model,
         artifacts={"model_dir": str(model_dir)},
-        pip_requirements=PIP_REQUIREMENTS,
+        pip_requirements=pip_requirements(),
+        signature=signature,
+        input_example=example,
     )
     version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
     mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)

@@ -26,7 +26,7 @@ from brainlm.data.loader import MaskSpec, TrainLoader, fixed_samples
 from brainlm.eval.metrics import R2Sums, protocol_seeds
 from brainlm.exceptions import NonFiniteLossError, ShardError
 from brainlm.model import BrainLM, ModelConfig
-from brainlm.model.mae import seeded_masks
+from brainlm.model.masking import seeded_masks
 from brainlm.tracking.env import default_tracking_uri, git_sha
 from brainlm.tracking.runs import Tracker
 from brainlm.training import engine as ds

@@ -16,7 +16,7 @@ from brainlm.eval.common import load_context
 from brainlm.eval.finetune import FinetuneConfig, FinetuneData, load_data, save_finetuned, train_one
 from brainlm.exceptions import NonFiniteLossError
 from brainlm.tracking.env import git_sha
-from brainlm.tuning.session import SweepOptions
+from brainlm.tuning.session import SweepOptions, trial_device
 from brainlm.tuning.space import FINETUNE_FIXED, apply_config, check_flags_vs_space, load_space
 from brainlm.tuning.template import (
     SweepSpec,
@@ -37,11 +37,12 @@ from brainlm.tuning.trials import Headline, fmt_config
 # -- fine-tuning sweeps -------------------------------------------------------------------------------------
 
 
-def finetune_trial(config: dict[str, Any], data: FinetuneData, threads: int) -> None:
-    """One trial: ``train_one`` with the trial's FinetuneConfig; reports after every epoch (for ASHA), then
-    once more with the model at its best epoch as the checkpoint."""
+def finetune_trial(config: dict[str, Any], data: FinetuneData, threads: int, device: str = "cpu") -> None:
+    """One trial: ``train_one`` with the trial's FinetuneConfig on ``device`` (the GPU Ray gave it, or the CPU);
+    reports after every epoch (for ASHA), then once more with the model at its best epoch as the checkpoint."""
     torch.set_num_threads(max(1, threads))
     cfg = apply_config(data.cfg, config)
+    data.ctx.to(device)
     data = dataclasses.replace(data, cfg=cfg)
 
     def report(epoch: int, metrics: dict[str, float]) -> None:
@@ -90,7 +91,7 @@ def finetune_sweep(
     register_as = register_as or f"brainlm-finetuned-{slug(base.target)}"
     opts.name = opts.name or default_name(f"finetune-{slug(base.target)}")
     pre = lineage(model)  # fails early on a missing registry entry
-    ctx = load_context(model, shards)
+    ctx = load_context(model, shards, "cpu")  # trials move it to their own device
     data = load_data(ctx, base)  # once, on the driver: errors surface before Ray starts; trials share it
     if (ctx.model.extra or {}).get("manifest_sha256"):  # the data the backbone was pretrained on
         pre["pretrained_manifest_sha256"] = ctx.model.extra["manifest_sha256"]
@@ -98,7 +99,7 @@ def finetune_sweep(
     spec = SweepSpec(
         kind="finetune",
         trial=finetune_trial,
-        trial_args={"data": data, "threads": int(max(1, opts.cpus_per_trial))},
+        trial_args={"data": data, "threads": int(max(1, opts.cpus_per_trial)), "device": trial_device(opts)},
         space={k: d.to_tune() for k, d in space.items()},
         headline=Headline("val_loss", "min", "epoch", (f"test_{keys[0]}", "best_epoch")),
         intro=f"finetune sweep {opts.name}: {base.target} ({base.task}, {base.transform}), {opts.samples} sample(s) "

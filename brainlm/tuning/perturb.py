@@ -16,7 +16,7 @@ from ray import tune
 from brainlm.eval.common import load_context, parse_where, recordings
 from brainlm.eval.perturb import PerturbConfig, magnitude, optimise, top_report
 from brainlm.exceptions import ConfigError, NonFiniteLossError
-from brainlm.tuning.session import SweepOptions
+from brainlm.tuning.session import SweepOptions, trial_device
 from brainlm.tuning.space import PERTURB_FIXED, apply_config, check_flags_vs_space, load_space
 from brainlm.tuning.template import (
     SweepSpec,
@@ -53,11 +53,13 @@ def perturb_trial(
     base: PerturbConfig,
     budget: float,
     threads: int,
+    device: str = "cpu",
 ) -> None:
     """One trial: ``optimise`` with the trial's PerturbConfig; reports every 20 steps (for ASHA), then the
     final score with theta and the per-parcel report as the checkpoint."""
     torch.set_num_threads(max(1, threads))
     cfg = apply_config(base, config)
+    ctx.to(device)
 
     def report(step: int, m: dict[str, float]) -> None:
         if not math.isfinite(m["match"]):
@@ -112,7 +114,7 @@ def perturb_sweep(
     check_flags_vs_space(space, base, space_path)
     opts.name = opts.name or default_name("perturb")
     pre = lineage(model)
-    ctx = load_context(model, shards)
+    ctx = load_context(model, shards, "cpu")  # trials move it to their own device
 
     def windows(expr: str) -> np.ndarray:
         recs = recordings(ctx, base.split, where=parse_where(expr))
@@ -130,6 +132,7 @@ def perturb_sweep(
             "base": base,
             "budget": budget,
             "threads": int(max(1, opts.cpus_per_trial)),
+            "device": trial_device(opts),
         },
         space={k: d.to_tune() for k, d in space.items()},
         headline=Headline("score", "max", "step", ("reached", "mean_abs_theta")),

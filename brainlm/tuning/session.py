@@ -125,3 +125,8 @@ def check_resources(opts: SweepOptions) -> None:
         print(f"warning: {msg}; trials wait until the cluster grows", file=sys.stderr, flush=True)
     else:
         raise ConfigError(f"{msg}; lower --cpus-per-trial / --gpus-per-trial or raise --num-cpus")
+
+
+def trial_device(opts: SweepOptions) -> str:
+    """Where a trial computes: the GPU Ray reserves for it (--gpus-per-trial > 0), else the CPU."""
+    return "cuda" if opts.gpus_per_trial > 0 else "cpu"

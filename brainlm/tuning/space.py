@@ -18,7 +18,9 @@ from brainlm.exceptions import ConfigError
 from brainlm.schema import coerce, types_of
 
 ROOT = Path(__file__).resolve().parents[2]
-SPACES = ROOT / "configs" / "tune"
+# Recipes and search spaces ship inside the package (configs/ at the repository root links here).
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SPACES = CONFIGS / "tune"
 
 # Fields a search space may not vary, and why: they define the task, the data or the trial's budget.
 FINETUNE_FIXED = {
@@ -28,6 +30,7 @@ FINETUNE_FIXED = {
     "epochs": "it is ASHA's budget per trial (max_t); set it with --epochs",
     "seeds": "every trial trains one seed; ASHA compares trials, not seeds",
     "min_subjects": "it decides which data is used, which the trials share",
+    "device": "trials run where Ray puts them; ask for GPUs with --gpus-per-trial",
 }
 PERTURB_FIXED = {
     "source": "it is the question (the source state); set it with --source",
@@ -35,6 +38,7 @@ PERTURB_FIXED = {
     "split": "it decides which recordings are used, which the trials share",
     "max_windows": "it decides which windows are used, which the trials share",
     "top_fraction": "it only changes the report, not the optimisation",
+    "device": "trials run where Ray puts them; ask for GPUs with --gpus-per-trial",
 }
 
 

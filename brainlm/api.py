@@ -1,0 +1,217 @@
+"""The public Python API: what ``import brainlm`` gives a lab with a notebook.
+
+    import brainlm
+    model = brainlm.load("models:/brainlm-debug@current")      # or a folder, or runs:/RUN_ID/model
+    emb_D = model.embed(signal_TR, tr=0.72)                      # numpy in (nilearn's [time, parcels]), numpy out
+    table = brainlm.embed_files(model, "fmriprep/", atlas="atlas_dseg.nii.gz")  # NIfTI / BIDS / arrays
+    pipe = sklearn.pipeline.make_pipeline(brainlm.BrainLMEmbedder(model, pooling="latent_fc"), RidgeCV())
+
+Loading resolves registry URIs through the tracking layer (MLflow), moves the model to the best device (CUDA when
+available) and leaves it in eval mode. Every function here applies the preprocessing the model was trained with
+(``brainlm.model.inference``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from brainlm.exceptions import InputError
+from brainlm.model import BrainLM, BrainLMForPrediction
+from brainlm.model import io as model_io
+from brainlm.model.inference import POOLINGS
+
+
+def _resolve_registry(uri: str) -> Path:
+    from brainlm.tracking.registry import resolve_model
+
+    return resolve_model(uri)
+
+
+for _prefix in ("models:/", "runs:/"):
+    model_io.register_resolver(_prefix, _resolve_registry)
+
+
+def default_device() -> torch.device:
+    """CUDA when a GPU is present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(source: str | Path, device: str | torch.device | None = None) -> BrainLM | BrainLMForPrediction:
+    """A model from a folder, ``models:/NAME@ALIAS`` (or ``/VERSION``) or ``runs:/RUN_ID/PATH``, in eval mode on
+    ``device`` (default: CUDA when available). A fine-tuned folder (with head.json) loads as BrainLMForPrediction."""
+    folder = model_io.local_folder(source)
+    if not (folder / model_io.CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{source}: expected an exported model folder (model.safetensors + config.json), a registry URI like "
+            "models:/brainlm-debug@current, or runs:/RUN_ID/model"
+        )
+    cls = BrainLMForPrediction if (folder / "head.json").is_file() else BrainLM
+    return cls.from_pretrained(folder).to(torch.device(device) if device else default_device()).eval()
+
+
+# -- recordings on disk ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of recordings read from files, one row each, with where they came from."""
+
+    ids: list[str]
+    values: np.ndarray  # [recordings, features]
+    meta: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def save(self, out: str | Path) -> list[Path]:
+        """``embeddings.npz`` (ids, values) and ``embeddings.tsv`` (one row per recording: id, subject, session,
+        run, condition, tr, source) into folder ``out``."""
+        import pandas as pd
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(out / "embeddings.npz", ids=np.asarray(self.ids), values=self.values)
+        pd.DataFrame(self.meta).to_csv(out / "embeddings.tsv", sep="\t", index=False)
+        return [out / "embeddings.npz", out / "embeddings.tsv"]
+
+
+def embed_files(
+    model: BrainLM,
+    inputs: str | Path | list[str | Path],
+    atlas: str | Path | None = None,
+    atlas_table: str | Path | None = None,
+    kind: str = "auto",
+    pooling: str = "cls",
+    resample: bool = False,
+    stride: int | None = None,
+    progress: bool = True,
+) -> Embeddings:
+    """Embed recordings straight from files, no shard build: a BIDS/fMRIPrep folder or plain 4D NIfTI files
+    (parcellated with ``atlas``, the label image or 4D maps of the model's atlas, through data_prep's masker), or
+    parcel arrays (.npy/.mat/.tsv/.csv). Each recording's TR (sidecar, recordings.tsv, NIfTI header) is checked
+    against the model's. A recording that cannot be used is skipped with its reason, as in a build."""
+    from tqdm import tqdm
+
+    from data_prep.atlas import AtlasSource, load_atlas
+    from data_prep.parcellate import load_array, parcellate_nifti
+    from data_prep.sources import discover, spec_for_file
+
+    specs = _specs(inputs, kind, atlas, discover, spec_for_file)
+    trained = (model.extra or {}).get("atlas")
+    source: AtlasSource | None = load_atlas(atlas, atlas_table) if (atlas or atlas_table) else None
+    R = len(trained["labels"]) if trained else (source.atlas.num_parcels if source else None)
+    if R is None:
+        raise InputError(
+            "the model has no atlas (extra.json): pass atlas_table= (name, x, y, z) or atlas= a label image"
+        )
+    if source is not None and source.atlas.num_parcels != R:
+        raise InputError(
+            f"the atlas given has {source.atlas.num_parcels} parcels but the model was trained on {R}; parcellate with "
+            "the model's atlas"
+        )
+    coords = None if trained else source.atlas.coords()
+    ids, rows, meta, skipped = [], [], [], []
+    for spec in tqdm(specs, desc="embed", unit="rec", disable=not progress):
+        try:
+            if spec.kind == "nifti":
+                if source is None or source.image is None:
+                    raise InputError(f"{spec.path}: a NIfTI input needs atlas= (the model's label image or maps)")
+                signal_RT, header_tr = parcellate_nifti(spec, source)
+                tr = spec.tr or header_tr
+            else:
+                signal_RT, tr = load_array(spec.path), spec.tr
+            rows.append(model.embed(signal_RT, tr=tr, pooling=pooling, resample=resample, stride=stride, coords=coords))
+        except InputError as err:
+            skipped.append({"recording": spec.id, "source": spec.path, "reason": str(err)})
+            continue
+        ids.append(spec.id)
+        meta.append({k: v for k, v in dataclasses.asdict(spec).items() if k in META} | {"tr": tr, "source": spec.path})
+    if not rows:
+        reasons = "; ".join(f"{s['recording']}: {s['reason']}" for s in skipped[:3])
+        raise InputError(f"no recording could be embedded ({len(skipped)} skipped): {reasons}")
+    return Embeddings(ids, np.stack(rows), meta, skipped)
+
+
+META = ("id", "subject", "session", "run", "condition")
+
+
+def _specs(inputs, kind, atlas, discover, spec_for_file) -> list:
+    paths = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    specs = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            specs += discover(p, kind, str(atlas) if atlas else None)[0]
+        elif p.is_file():
+            specs.append(spec_for_file(p))
+        else:
+            raise InputError(f"--inputs {p}: no such file or folder")
+    if not specs:
+        raise InputError(f"--inputs {inputs}: found no recordings")
+    return specs
+
+
+# -- scikit-learn ------------------------------------------------------------------------------------------
+
+
+class BrainLMEmbedder:
+    """A scikit-learn transformer: recordings in (a list of arrays, or one 3-D array), one embedding per recording
+    out. ``fit`` learns nothing (the model is pretrained); it exists so the embedder sits in a ``Pipeline`` in
+    front of any estimator. ``pooling``: cls | mean | latent_fc (the parcel x parcel connectivity of the encoder
+    tokens, which carries the coupling a pooled vector averages away)."""
+
+    def __init__(
+        self,
+        model: BrainLM | str | Path,
+        pooling: str = "cls",
+        tr: float | None = None,
+        layout: str = "auto",
+        resample: bool = False,
+        stride: int | None = None,
+    ) -> None:
+        self.model, self.pooling, self.tr, self.layout, self.resample, self.stride = (
+            model,
+            pooling,
+            tr,
+            layout,
+            resample,
+            stride,
+        )
+
+    # scikit-learn's estimator protocol (clone, grid search) without depending on scikit-learn
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("model", "pooling", "tr", "layout", "resample", "stride")}
+
+    def set_params(self, **params: Any) -> BrainLMEmbedder:
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
+    def _model(self) -> BrainLM:
+        if isinstance(self.model, (str, Path)):
+            self.model = load(self.model)
+        return self.model
+
+    def fit(self, X: Any, y: Any = None) -> BrainLMEmbedder:
+        if self.pooling not in POOLINGS:
+            raise InputError(f"pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}")
+        self._model()
+        return self
+
+    def transform(self, X: Any) -> np.ndarray:
+        recordings = list(X) if not isinstance(X, np.ndarray) or X.ndim == 3 else [X]
+        return np.stack(
+            [
+                self._model().embed(
+                    r, tr=self.tr, layout=self.layout, pooling=self.pooling, resample=self.resample, stride=self.stride
+                )
+                for r in recordings
+            ]
+        )
+
+    def fit_transform(self, X: Any, y: Any = None) -> np.ndarray:
+        return self.fit(X, y).transform(X)

@@ -1,0 +1,320 @@
+"""Inference on a lab's own recordings, with the preprocessing the model was trained with applied for them.
+
+    model = brainlm.load("models:/brainlm-debug@current")
+    emb_BD = model.embed(signal_TR, tr=0.72)                  # one recording [time, parcels] (nilearn's layout)
+    out = model.reconstruct(signal_TR, tr=0.72, mask_ratio=0.5)
+
+What happens to a recording (``prepare``): its layout is read ([time, parcels] or [parcels, time], from the parcel
+count when ``layout="auto"``), its parcel count and TR are checked against the model's (a mismatch is an error that
+names both; ``resample=True`` resamples in time with an anti-aliasing polyphase filter), it is scaled exactly as the
+training data were (the model's ``scaling.json``: per-recording normalisation, then ``(x - median) / IQR`` per
+parcel with the training statistics) and cut into windows of the model's length (``stride``: default the window,
+non-overlapping). Coordinates come from the model's atlas unless given. Everything runs in eval mode on the
+model's device (bf16 autocast on a GPU), deterministically.
+
+Shapes: B recordings, R parcels, T timepoints, W windows per recording, D width.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from brainlm.exceptions import DimensionError, InputError, TRMismatchError
+from brainlm.model.scaling import RobustScaler
+
+if TYPE_CHECKING:
+    from brainlm.model.mae import BrainLM
+
+POOLINGS = ("cls", "mean", "latent_fc")
+LAYOUTS = ("auto", "TR", "RT")
+TR_TOLERANCE = 1e-3  # seconds
+
+
+def _as_list(recording: Any) -> tuple[list[np.ndarray], bool]:
+    """One recording (2-D), a batch (3-D, same length) or a list of 2-D recordings -> (arrays, was_single)."""
+    if isinstance(recording, (list, tuple)):
+        arrays = [
+            np.asarray(r.detach().cpu() if isinstance(r, torch.Tensor) else r, dtype=np.float64) for r in recording
+        ]
+        single = False
+    else:
+        a = recording.detach().cpu().numpy() if isinstance(recording, torch.Tensor) else np.asarray(recording)
+        a = a.astype(np.float64)
+        if a.ndim == 2:
+            arrays, single = [a], True
+        elif a.ndim == 3:
+            arrays, single = list(a), False
+        else:
+            raise DimensionError(
+                f"a recording is a 2-D array [time, parcels] (or [parcels, time]); a batch is 3-D or a list; got "
+                f"shape {a.shape}"
+            )
+    for i, a in enumerate(arrays):
+        if a.ndim != 2:
+            raise DimensionError(f"recording {i}: expected a 2-D array, got shape {a.shape}")
+    return arrays, single
+
+
+def _orient(a: np.ndarray, R: int, layout: str, index: int) -> np.ndarray:
+    """[parcels, time] from either layout."""
+    if layout not in LAYOUTS:
+        raise InputError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    if layout == "auto":
+        if a.shape[0] == R and a.shape[1] == R:
+            raise DimensionError(
+                f"recording {index}: shape {a.shape} has {R} on both axes, so time and parcels cannot be told apart: "
+                "pass layout='TR' ([time, parcels]) or layout='RT'"
+            )
+        layout = "TR" if a.shape[1] == R else "RT" if a.shape[0] == R else "?"
+    rt = a.T if layout == "TR" else a
+    if rt.shape[0] != R:
+        raise DimensionError(
+            f"recording {index}: shape {a.shape} has no axis of {R} parcels, the model's atlas; parcellate it with "
+            "the atlas the model was trained on (its extra.json names it) or pass the matching coordinates"
+        )
+    return rt
+
+
+def resample_to(signal_RT: np.ndarray, tr: float, target_tr: float) -> np.ndarray:
+    """Resample in time from ``tr`` to ``target_tr`` with scipy's anti-aliased polyphase filter."""
+    from scipy.signal import resample_poly
+
+    ratio = Fraction(tr / target_tr).limit_denominator(1000)  # new samples per old sample = up / down
+    return resample_poly(signal_RT, ratio.numerator, ratio.denominator, axis=1)
+
+
+@dataclass
+class Prepared:
+    """Recordings ready for the model: scaled [R, T] arrays, their windows, and what was done to them."""
+
+    signals_RT: list[np.ndarray]
+    windows: list[np.ndarray]  # per recording [W, R, window]
+    starts: list[list[int]]  # per recording, the first timepoint of each window
+    coords_R3: torch.Tensor
+    notes: list[str]
+
+
+def model_tr(model: BrainLM) -> float | None:
+    tr = (model.extra or {}).get("tr")
+    return float(tr) if tr is not None else None
+
+
+def model_coords(model: BrainLM, coords: Any = None) -> torch.Tensor:
+    if coords is not None:
+        return torch.as_tensor(np.asarray(coords, dtype=np.float32))
+    atlas = (model.extra or {}).get("atlas")
+    if not atlas:
+        raise InputError(
+            "the model folder has no atlas (extra.json): pass coords=[[x, y, z], ...] (MNI mm, one row per parcel), "
+            "or import it with its atlas table (brainlm import-brainlm --atlas-table)"
+        )
+    return torch.tensor(atlas["coords_mm"], dtype=torch.float32)
+
+
+def prepare(
+    model: BrainLM,
+    recording: Any,
+    tr: float | None = None,
+    layout: str = "auto",
+    stride: int | None = None,
+    coords: Any = None,
+    resample: bool = False,
+    scaling: str = "model",
+) -> tuple[Prepared, bool]:
+    """Orient, check, resample, scale and window recordings as the model was trained; (prepared, was_single).
+
+    ``scaling``: ``model`` (the training statistics saved with the model; when it has none, as an imported release,
+    the statistics are fitted on the recordings given, with a warning), ``fit`` (fitted on the recordings given) or
+    ``none`` (the recordings are already scaled)."""
+    coords_R3 = model_coords(model, coords)
+    R = coords_R3.shape[0]
+    if model.parcel_embed is not None and model.config.num_parcels != R:
+        raise DimensionError(
+            f"the model has a learned table of {model.config.num_parcels} parcels; the coordinates give {R}"
+        )
+    arrays, single = _as_list(recording)
+    signals = [_orient(a, R, layout, i) for i, a in enumerate(arrays)]
+    notes: list[str] = []
+    trained_tr = model_tr(model)
+    if tr is not None and trained_tr is not None and abs(tr - trained_tr) > TR_TOLERANCE:
+        if not resample:
+            raise TRMismatchError(
+                f"the recording's TR is {tr:g} s but the model was trained at TR {trained_tr:g} s; resample it "
+                f"(resample=True, an anti-aliased polyphase filter) or use a model trained at {tr:g} s"
+            )
+        signals = [resample_to(s, tr, trained_tr) for s in signals]
+        notes.append(f"resampled from TR {tr:g} s to {trained_tr:g} s")
+    if scaling not in ("model", "fit", "none"):
+        raise InputError(f"scaling must be model, fit or none; got {scaling!r}")
+    if scaling == "model" and model.scaling is None:
+        warnings.warn(
+            "the model has no saved scaling statistics (an imported release): fitting the robust scaling on the "
+            "recordings given; pass scaling='fit' to say so, or 'none' for data already scaled",
+            stacklevel=3,
+        )
+        scaling = "fit"
+    if scaling == "model":
+        scaler = RobustScaler.from_dict(model.scaling)
+        if scaler.center.shape[0] != R:
+            raise DimensionError(
+                f"the model's scaling statistics cover {scaler.center.shape[0]} parcels; the recordings have {R}"
+            )
+    elif scaling == "fit":
+        scaler = RobustScaler.fit(signals)
+        notes.append(f"robust scaling fitted on these {len(signals)} recording(s)")
+    if scaling != "none":
+        signals = [scaler.transform(s) for s in signals]
+    W = model.config.num_timepoints
+    step = stride or W
+    if step < 1:
+        raise InputError(f"stride must be at least 1, got {stride}")
+    windows, starts = [], []
+    for i, s in enumerate(signals):
+        if s.shape[1] < W:
+            raise DimensionError(
+                f"recording {i} has {s.shape[1]} timepoints (after resampling), fewer than the model's window of {W}"
+            )
+        begin = list(range(0, s.shape[1] - W + 1, step))
+        starts.append(begin)
+        windows.append(np.stack([s[:, b : b + W] for b in begin]).astype(np.float32))
+    prepared = Prepared([s.astype(np.float32) for s in signals], windows, starts, coords_R3, notes)
+    return prepared, single
+
+
+def _device(model: BrainLM) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def window_features(
+    model: BrainLM, windows_NRW: np.ndarray, coords_R3: torch.Tensor, pooling: str = "cls", batch_size: int = 32
+) -> np.ndarray:
+    """Per window: the CLS embedding, the mean token, or the latent connectivity (``latent_fc``: the correlation
+    between parcels of their encoder-token sequences, upper triangle, as correlations: ``fisher_z`` them after any
+    averaging. A mean- or CLS-pooled embedding averages signed, zero-mean signals away, so it cannot carry the
+    coupling between networks; this second-order pooling can)."""
+    if pooling not in POOLINGS:
+        raise InputError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+    model.eval()
+    device = _device(model)
+    coords = coords_R3.to(device)
+    R = windows_NRW.shape[1]
+    iu = np.triu_indices(R, k=1)
+    out = []
+    for i in range(0, len(windows_NRW), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(windows_NRW[i : i + batch_size])).to(device)
+        with _autocast(device):
+            cls_BD, tokens_BLD = model.encode(x, coords)
+        if pooling == "cls":
+            out.append(cls_BD.float().cpu().numpy())
+        elif pooling == "mean":
+            out.append(tokens_BLD.float().mean(dim=1).cpu().numpy())
+        else:
+            t = tokens_BLD.reshape(len(x), R, -1).double()  # [B, R, N*D]
+            t = t - t.mean(dim=2, keepdim=True)
+            t = t / (t.norm(dim=2, keepdim=True) + 1e-12)
+            corr = (t @ t.transpose(1, 2)).cpu().numpy()
+            out.append(corr[:, iu[0], iu[1]])
+    return np.concatenate(out)
+
+
+def fisher_z(r: np.ndarray) -> np.ndarray:
+    return np.arctanh(np.clip(r, -0.999999, 0.999999))
+
+
+def embed(
+    model: BrainLM,
+    recording: Any,
+    tr: float | None = None,
+    layout: str = "auto",
+    pooling: str = "cls",
+    stride: int | None = None,
+    average: bool = True,
+    coords: Any = None,
+    resample: bool = False,
+    scaling: str = "model",
+    batch_size: int = 32,
+) -> np.ndarray | list[np.ndarray]:
+    """Embeddings of one recording ([D], or [W, D] with ``average=False``) or of a batch ([B, D], or a list of
+    [W, D]); ``latent_fc`` gives R (R - 1) / 2 values instead of D."""
+    prep, single = prepare(model, recording, tr, layout, stride, coords, resample, scaling)
+    per = [window_features(model, w, prep.coords_R3, pooling, batch_size) for w in prep.windows]
+    z = fisher_z if pooling == "latent_fc" else (lambda v: v)  # correlations are averaged, then z-transformed
+    if average:
+        stacked = np.stack([z(p.mean(axis=0)) for p in per])
+        return stacked[0] if single else stacked
+    return z(per[0]) if single else [z(p) for p in per]
+
+
+@dataclass
+class Reconstruction:
+    """Masked reconstruction of one recording's windows, in the model's scaled units."""
+
+    signal_WRT: np.ndarray  # the scaled input windows
+    prediction_WRT: np.ndarray  # the model's output (every value; compare on `mask_WRT`)
+    mask_WRT: np.ndarray  # True where the model did not see the value
+    starts: list[int]
+    r2: float  # pooled over the masked values, unclipped
+
+
+@torch.no_grad()
+def reconstruct(
+    model: BrainLM,
+    recording: Any,
+    tr: float | None = None,
+    layout: str = "auto",
+    mask_ratio: float | None = None,
+    masking: str | None = None,
+    mask: Any = None,
+    seed: int = 0,
+    stride: int | None = None,
+    coords: Any = None,
+    resample: bool = False,
+    scaling: str = "model",
+) -> Reconstruction | list[Reconstruction]:
+    """Mask each window (seeded: ``seed``, ``mask_ratio``, ``masking``; or ``mask``, a token mask [L] or [W, L] /
+    a timepoint mask [R, T]-shaped per window) and reconstruct it."""
+    from brainlm.model.masking import seeded_masks
+
+    prep, single = prepare(model, recording, tr, layout, stride, coords, resample, scaling)
+    model.eval()
+    device = _device(model)
+    c = model.config
+    R, P = prep.coords_R3.shape[0], c.patch_size
+    N = c.num_timepoints // P
+    out = []
+    for windows, starts in zip(prep.windows, prep.starts, strict=True):
+        W = len(windows)
+        if mask is not None:
+            m = torch.as_tensor(np.asarray(mask)).bool()
+            if m.ndim == 1 or (m.ndim == 2 and m.shape[-1] == R * N):
+                mask_BL = m.reshape(-1, R * N).expand(W, R * N)
+            else:
+                raise DimensionError(
+                    f"mask must be [{R * N}] or [{W}, {R * N}] tokens (parcels x patches); got {tuple(m.shape)}"
+                )
+        else:
+            ratio = c.mask_ratio if mask_ratio is None else mask_ratio
+            mask_BL = seeded_masks([seed * 100_003 + w for w in range(W)], R, N, ratio, masking or c.masking)
+        x = torch.from_numpy(windows).to(device)
+        with _autocast(device):
+            res = model(x, prep.coords_R3.to(device), mask_BL=mask_BL.to(device))
+        pred = model.unpatchify(res.pred_BLP.float(), R).cpu().numpy()
+        tmask = mask_BL.reshape(W, R, N, 1).expand(W, R, N, P).reshape(W, R, N * P).numpy()
+        target = windows[tmask].astype(np.float64)
+        sse = float(((pred[tmask] - target) ** 2).sum())
+        sst = float(((target - target.mean()) ** 2).sum())
+        out.append(Reconstruction(windows, pred, tmask, starts, 1 - sse / sst if sst > 0 else float("nan")))
+    return out[0] if single else out

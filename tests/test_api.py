@@ -1,0 +1,175 @@
+"""The Python API a lab uses from a notebook: load, embed and reconstruct its own recordings (numpy, NIfTI), the
+scikit-learn embedder, the MLflow pyfunc, and a lean install. Against a model exported by a short pretraining."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from brainlm.exceptions import TRMismatchError
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A synthetic cohort (with NIfTI volumes), its shards, and a debug model pretrained 60 steps and registered."""
+    root = tmp_path_factory.mktemp("api")
+    synth = run_cli(
+        "-m", "data_prep", "synth", "--out", str(root / "cohort"), "--subjects", "10", "--timepoints", "240",
+        "--parcels", "30", "--nifti",
+    )  # fmt: skip
+    assert synth.returncode == 0, synth.stderr
+    build = run_cli(
+        "-m", "data_prep", "build", "--inputs", str(root / "cohort"), "--kind", "arrays", "--out", str(root / "shards"),
+        "--quiet",
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    train = run_cli(
+        "launcher/pretrain.py", "--config", "configs/pretrain/debug.yaml", "--data.shards", str(root / "shards"),
+        "--train.out_dir", str(root / "run"), "--train.max_steps", "60", "--train.log_every", "30",
+        "--train.val_every", "0", "--train.ckpt_every", "0", "--data.num_workers", "0",
+        "--tracking.tracking_uri", uri, "--tracking.register_as", "brainlm-api",
+        timeout=600,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    recordings = sorted((root / "cohort" / "recordings").glob("sub-*.npy"))
+    return {"root": root, "model": root / "run" / "model", "uri": uri, "recordings": recordings}
+
+
+def readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Use a pretrained model") :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_example_runs(trained, tmp_path):
+    """The README's notebook example, verbatim but for the model URI's registry and the file it reads."""
+    raw_RT = np.load(trained["recordings"][0])
+    np.save(tmp_path / "sub-01_task-rest_bold.npy", raw_RT.T)  # the example reads [time, parcels]
+    code = readme_example().replace("models:/brainlm-debug@current", "models:/brainlm-api@current")
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": trained["uri"], "BRAINLM_CACHE": str(tmp_path / "cache")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    D, R = 32, 30
+    assert f"({D},) ({R * (R - 1) // 2},) masked R^2" in proc.stdout, proc.stdout
+
+
+def test_embed_applies_the_training_scaling_and_refuses_another_tr(trained):
+    import brainlm
+    from brainlm.model.scaling import RobustScaler
+
+    model = brainlm.load(trained["model"], device="cpu")
+    raw_RT = np.load(trained["recordings"][0])
+    per_window = model.embed(raw_RT.T, tr=0.72, average=False)
+    # By hand: the model's scaling, then windows of its length, then the CLS embedding.
+    scaled = RobustScaler.from_dict(model.scaling).transform(raw_RT)
+    W = model.config.num_timepoints
+    windows = torch.from_numpy(np.stack([scaled[:, s : s + W] for s in range(0, raw_RT.shape[1] - W + 1, W)]))
+    coords = torch.tensor(model.extra["atlas"]["coords_mm"])
+    with torch.no_grad():
+        manual = model.encode(windows, coords)[0].numpy()
+    np.testing.assert_allclose(per_window, manual, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.embed(raw_RT, layout="RT"), manual.mean(axis=0), rtol=1e-5, atol=1e-5)
+    assert np.array_equal(model.embed(raw_RT.T), model.embed(raw_RT.T))  # deterministic
+    with pytest.raises(TRMismatchError, match=r"TR is 2 s but the model was trained at TR 0.72 s.*resample=True"):
+        model.embed(raw_RT.T, tr=2.0)
+    slow = raw_RT[:, ::2]  # the same signal at TR 1.44 s, resampled back for the model
+    assert model.embed(slow.T, tr=1.44, resample=True).shape == (32,)
+    rec = model.reconstruct(raw_RT.T, tr=0.72, mask_ratio=0.5, seed=1)
+    assert rec.mask_WRT.mean() == pytest.approx(0.5) and np.isfinite(rec.r2)
+    with pytest.raises(Exception, match="no axis of 30 parcels"):
+        model.embed(raw_RT[:20].T)
+
+
+def test_the_embedder_works_in_a_scikit_learn_pipeline(trained):
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+
+    import brainlm
+
+    model = brainlm.load(trained["model"], device="cpu")
+    recordings = [np.load(p).T for p in trained["recordings"]]
+    y = np.arange(len(recordings), dtype=float)
+    pipe = make_pipeline(brainlm.BrainLMEmbedder(model, pooling="latent_fc", tr=0.72), Ridge(alpha=1.0))
+    pipe.fit(recordings, y)
+    assert pipe.predict(recordings[:3]).shape == (3,)
+    assert pipe.named_steps["brainlmembedder"].get_params()["pooling"] == "latent_fc"
+
+
+def test_the_registered_pyfunc_predicts_from_a_raw_recording(trained, tmp_path, monkeypatch):
+    import mlflow
+
+    import brainlm
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
+    monkeypatch.setenv("BRAINLM_CACHE", str(tmp_path))
+    mlflow.set_tracking_uri(trained["uri"])
+    served = mlflow.pyfunc.load_model("models:/brainlm-api@current")
+    raw_TR = np.load(trained["recordings"][0]).T.astype(np.float32)
+    out = served.predict(raw_TR[None])
+    model = brainlm.load("models:/brainlm-api@current", device="cpu")
+    np.testing.assert_allclose(out[0], model.embed(raw_TR), rtol=1e-4, atol=1e-5)
+    assert served.metadata.get_input_schema() is not None  # a signature and an input example were logged
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/brainlm-api@current")).read_text()
+    assert f"torch=={torch.__version__}" in requirements and "numpy==" in requirements, requirements
+
+
+def test_embed_cli_reads_nifti_with_the_models_atlas(trained, tmp_path):
+    cohort = trained["root"] / "cohort"
+    proc = run_cli(
+        "-m", "brainlm.cli", "embed", "--model", str(trained["model"]), "--inputs", str(cohort / "bids"),
+        "--atlas", str(cohort / "atlas_dseg.nii.gz"), "--atlas-table", str(cohort / "atlas.tsv"),
+        "--out", str(tmp_path / "emb"), "--device", "cpu",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = np.load(tmp_path / "emb" / "embeddings.npz")
+    tsv = (tmp_path / "emb" / "embeddings.tsv").read_text().splitlines()
+    assert saved["values"].shape == (len(saved["ids"]), 32) and len(tsv) == len(saved["ids"]) + 1
+    assert tsv[0].split("\t")[:2] == ["id", "subject"] and "sub-" in saved["ids"][0]
+
+
+@pytest.mark.skipif(os.environ.get("BRAINLM_SKIP_INSTALL_TEST") == "1", reason="BRAINLM_SKIP_INSTALL_TEST=1")
+def test_a_plain_install_loads_and_embeds_without_the_infrastructure(trained, tmp_path):
+    """pip install . into a fresh venv (no extras): the model and inference work; no DeepSpeed, Ray, MLflow or
+    boto3 is installed."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True, timeout=600)
+    done = subprocess.run([*pip, str(ROOT)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    installed = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True
+    ).stdout
+    names = {p["name"].lower() for p in json.loads(installed)}
+    assert not names & {"deepspeed", "ray", "mlflow", "boto3", "webdataset"}, names
+    code = textwrap.dedent(
+        f"""
+        import sys, numpy as np, brainlm
+        model = brainlm.load({str(trained["model"])!r})
+        x = np.load({str(trained["recordings"][0])!r}).T
+        print(model.embed(x, tr=0.72).shape)
+        print(sorted({{"deepspeed", "ray", "mlflow", "boto3"}} & {{m.split(".")[0] for m in sys.modules}}))
+        """
+    )
+    run = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[:2] == ["(32,)", "[]"], run.stdout
