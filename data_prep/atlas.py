@@ -24,8 +24,12 @@ class AtlasSource:
     sha256: str = ""
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
+def read_table(path: str | Path, need_coords: bool = True) -> pd.DataFrame:
+    """An atlas table: ``name, x, y, z[, network, index]`` (TSV or CSV), or a lookup table in nilearn's layout
+    (``index, name[, network]``) when a label image gives the coordinates (``need_coords=False``)."""
     path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--atlas-table {path}: no such file; expected a TSV/CSV with name, x, y, z[, network]")
     sep = "," if path.suffix == ".csv" else "\t"
     try:
         table = pd.read_csv(path, sep=sep)
@@ -33,20 +37,36 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise InputError(f"cannot read the atlas table {path}: {err}") from err
     table.columns = [str(c).strip().lower() for c in table.columns]
     missing = [c for c in ("x", "y", "z") if c not in table.columns]
-    if missing:
+    if missing and need_coords:
         raise InputError(
-            f"atlas table {path}: missing column(s) {missing}; expected a TSV/CSV with columns "
-            f"name, x, y, z (MNI mm) and optionally network and index, got {list(table.columns)}"
+            f"atlas table {path}: missing column(s) {missing}; expected a TSV/CSV with columns name, x, y, z (MNI mm) "
+            f"and optionally network and index, got {list(table.columns)} (a lookup table without coordinates works "
+            "with --atlas LABELS.nii.gz, whose parcels give them)"
         )
+    if "index" in table and "background" in table.get("name", pd.Series(dtype=str)).astype(str).str.lower().values:
+        table = table[table["name"].astype(str).str.lower() != "background"]  # nilearn's LUTs list label 0
+    if not missing:
+        for axis in ("x", "y", "z"):
+            bad = pd.to_numeric(table[axis], errors="coerce").isna()
+            if bad.any():
+                row = int(bad.to_numpy().nonzero()[0][0])
+                raise InputError(
+                    f"atlas table {path}: column {axis} of row {row + 1} ({table.iloc[row].get('name', '')}) is "
+                    f"{table[axis].iloc[row]!r}; expected MNI coordinates in mm as numbers"
+                )
     return table
 
 
-def atlas_from_table(path: str | Path) -> tuple[Atlas, list[int] | None]:
-    """An atlas from its table; also returns the ``index`` column (label values) when present."""
-    table = read_table(path)
+def atlas_from_table(path: str | Path, need_coords: bool = True) -> tuple[Atlas, list[int] | None]:
+    """An atlas from its table; also returns the ``index`` column (label values) when present. Without x, y, z
+    (``need_coords=False``) the coordinates are zeros, to be filled from the label image."""
+    table = read_table(path, need_coords)
     names = [str(v) for v in table["name"]] if "name" in table else [f"parcel-{i}" for i in range(len(table))]
     networks = [str(v) for v in table["network"]] if "network" in table else None
-    coords = table[["x", "y", "z"]].to_numpy(dtype=float).round(3).tolist()
+    if {"x", "y", "z"} <= set(table.columns):
+        coords = table[["x", "y", "z"]].to_numpy(dtype=float).round(3).tolist()
+    else:
+        coords = [[0.0, 0.0, 0.0] for _ in names]
     values = [int(v) for v in table["index"]] if "index" in table else None
     return Atlas(name=Path(path).stem, labels=names, coords_mm=coords, networks=networks), values
 
@@ -64,7 +84,10 @@ def load_atlas(image: str | Path | None, table: str | Path | None) -> AtlasSourc
     if image is None and table is None:
         raise InputError("an atlas is needed: pass --atlas LABELS.nii.gz and/or --atlas-table TABLE.tsv")
     sha = hashlib.sha256()
-    table_atlas, table_values = atlas_from_table(table) if table is not None else (None, None)
+    table_atlas, table_values = (
+        atlas_from_table(table, need_coords=image is None) if table is not None else (None, None)
+    )
+    table_has_coords = table is not None and {"x", "y", "z"} <= set(read_table(table, need_coords=False).columns)
     if table is not None:
         sha.update(_file_sha256(table).encode())
     if image is None:
@@ -72,6 +95,8 @@ def load_atlas(image: str | Path | None, table: str | Path | None) -> AtlasSourc
 
     import nibabel as nib
 
+    if not Path(str(image)).is_file():
+        raise InputError(f"--atlas {image}: no such file; expected a 3D label image or 4D maps (.nii / .nii.gz)")
     sha.update(_file_sha256(image).encode())
     try:
         img = nib.load(str(image))
@@ -109,7 +134,10 @@ def load_atlas(image: str | Path | None, table: str | Path | None) -> AtlasSourc
             raise AtlasMismatchError(
                 f"atlas table {table} has {table_atlas.num_parcels} rows but {image} has {n} parcels"
             )
-        # The table's names, networks and coordinates win: they are what the user curated.
+        # The table's names, networks and coordinates win: they are what the user curated. A lookup table without
+        # coordinates takes the image's (each parcel's centre of mass in MNI mm).
+        if not table_has_coords:
+            table_atlas.coords_mm = np.asarray(coords, dtype=float).round(3).tolist()
         return AtlasSource(atlas=table_atlas, image=str(image), kind=kind, label_values=values, sha256=sha.hexdigest())
     atlas = Atlas(
         name=name,

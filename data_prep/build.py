@@ -40,9 +40,9 @@ from brainlm.data.store import LocalStore, open_store, sha256_file
 from brainlm.exceptions import BrainLMError, InputError, ShardError
 from brainlm.model.scaling import NORMALIZE, RobustScaler
 from data_prep.atlas import AtlasSource, load_atlas
-from data_prep.parcellate import load_array, orient, parcellate_nifti, resample_time
+from data_prep.parcellate import Cleaning, clean_array, load_array, orient, parcellate_nifti, resample_time
 from data_prep.qc import check_length, check_signal, check_tr
-from data_prep.sources import RecordingSpec, discover, read_participants, strip_sub
+from data_prep.sources import RecordingSpec, discover, find_participants, read_participants, strip_sub
 
 STAGES = ("all", "parcellate", "plan", "shards", "manifest")
 PLAN = "_state/plan.json"
@@ -73,7 +73,18 @@ class BuildConfig:
     resample_atlas: bool = False
     """Let nilearn resample the atlas to each image instead of refusing a grid mismatch."""
     confounds: list[str] | None = None
-    """fMRIPrep confound columns to regress out (BIDS inputs)."""
+    """Confound columns to regress out: of fMRIPrep's *_desc-confounds_timeseries.tsv beside each image or array (a
+    missing value, as in the first row of derivatives, takes the column mean)."""
+    denoise: str = "none"
+    """fMRIPrep denoising through nilearn's load_confounds_strategy: simple (motion, white matter / CSF, cosine
+    high-pass), scrubbing (simple + high-motion frames removed), compcor, or none."""
+    high_pass: float | None = None
+    """High-pass cutoff in Hz given to the masker (with each recording's TR), e.g. 0.008."""
+    space: str | None = None
+    """Output space of a derivatives folder holding several (e.g. MNI152NLin2009cAsym); default the only one."""
+    participants: str | None = None
+    """participants.tsv (phenotypes); default INPUTS/participants.tsv or that of the BIDS dataset INPUTS derives
+    from (dataset_description.json SourceDatasets, or the folder above derivatives/)."""
     normalize: str = "demean"
     """Per-recording normalisation before the robust scaling: demean (remove each parcel's median), psc (percent
     signal change, for raw BOLD intensities) or none."""
@@ -166,6 +177,8 @@ def _fingerprint(spec: RecordingSpec, atlas: AtlasSource, cfg: BuildConfig) -> s
             "resample": cfg.resample,
             "resample_atlas": cfg.resample_atlas,
             "confounds": cfg.confounds,
+            # new settings enter the fingerprint only when used, so earlier builds resume as they were
+            **{k: v for k, v in (("denoise", cfg.denoise), ("high_pass", cfg.high_pass)) if v not in (None, "none")},
         }
     )
 
@@ -175,17 +188,25 @@ def _parcellate_one(job: tuple[RecordingSpec, AtlasSource, dict, str, str]) -> d
     store = open_store(store_url)
     record = {**spec.to_dict(), "fingerprint": fingerprint, "status": "ok", "reason": None}
     try:
+        cleaning = params["cleaning"]
         if spec.kind == "nifti":
-            signal, header_tr = parcellate_nifti(spec, atlas, params["confounds"], params["resample_atlas"])
+            signal, header_tr, done = parcellate_nifti(spec, atlas, cleaning)
             tr, orientation = spec.tr or header_tr or params["tr"], "RT"
+            record.update(done)
         else:
             if not os.path.exists(spec.path):
                 raise InputError(f"{spec.path}: listed in recordings.tsv but the file does not exist")
             signal, orientation = orient(load_array(spec.path), atlas.atlas.num_parcels, spec.path)
             tr = spec.tr or params["tr"]
+            signal = clean_array(signal, spec, cleaning, tr)
+            if cleaning.confounds:
+                record["confound_columns"] = cleaning.confounds
         check_tr(tr, params["tr"], spec.path, params["resample"])
         if params["resample"] and abs(tr - params["tr"]) > 1e-3:
+            record["source_tr"] = float(tr)
             signal, tr = resample_time(signal, tr, params["tr"]), params["tr"]
+        if record.get("frames_scrubbed"):  # too short to crop: say so before QC reads what regression left
+            check_length(signal.shape[1], params["crop"], spec.path, record["frames_scrubbed"])
         check_signal(signal, atlas.atlas.labels, spec.path)
         buf = io.BytesIO()
         np.save(buf, signal, allow_pickle=False)
@@ -211,8 +232,8 @@ def parcellate(cfg: BuildConfig, specs: list[RecordingSpec], atlas: AtlasSource,
     params = {
         "tr": cfg.tr,
         "resample": cfg.resample,
-        "confounds": cfg.confounds,
-        "resample_atlas": cfg.resample_atlas,
+        "cleaning": Cleaning(cfg.denoise, cfg.confounds, cfg.high_pass, cfg.resample_atlas),
+        "crop": cfg.crop,
     }
     records: dict[str, dict] = {}
     jobs = []
@@ -311,7 +332,7 @@ def make_plan(cfg: BuildConfig, records: list[dict], atlas: AtlasSource, phenoty
     for r in ok:
         try:
             check_tr(r["tr"], tr, r["path"], resample=False)
-            check_length(r["n_timepoints"], cfg.crop, r["path"])
+            check_length(r["n_timepoints"], cfg.crop, r["path"], r.get("frames_scrubbed", 0))
         except InputError as err:
             skipped.append({"recording": r["id"], "source": r["path"], "reason": str(err)})
             continue
@@ -381,6 +402,8 @@ def make_plan(cfg: BuildConfig, records: list[dict], atlas: AtlasSource, phenoty
             )
         }
         | {"source": r["path"]}
+        # what newer builds record beside: every BIDS entity, the TR before resampling, the cleaning done
+        | {k: r[k] for k in ("entities", "source_tr", "denoise", "frames_scrubbed", "confound_columns") if r.get(k)}
         for r in sorted(usable, key=lambda r: r["id"])
     ]
     plan = {
@@ -564,12 +587,14 @@ def build(cfg: BuildConfig) -> Manifest | None:
     inputs = Path(cfg.inputs)
     atlas_table = cfg.atlas_table or (str(inputs / "atlas.tsv") if (inputs / "atlas.tsv").exists() else None)
     atlas = load_atlas(cfg.atlas, atlas_table)
-    specs, kind = discover(cfg.inputs, cfg.kind, cfg.atlas)
+    specs, kind = discover(cfg.inputs, cfg.kind, cfg.atlas, cfg.space)
     if kind in ("bids", "nifti") and atlas.image is None:
         raise InputError(
             f"--inputs {cfg.inputs} holds NIfTI images ({kind}); pass --atlas LABELS.nii.gz to parcellate them"
         )
-    phenotypes = read_participants(inputs)
+    if cfg.participants and not Path(cfg.participants).is_file():
+        raise InputError(f"--participants {cfg.participants}: no such file; expected a BIDS participants.tsv")
+    phenotypes = read_participants(Path(cfg.participants) if cfg.participants else find_participants(inputs))
     print(
         f"build: {len(specs)} {kind} recording(s), atlas {atlas.atlas.name} "
         f"({atlas.atlas.num_parcels} parcels) -> {store.url}",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from brainlm.exceptions import AtlasMismatchError, DimensionError, InputError
+from brainlm.exceptions import AtlasMismatchError, DimensionError, EmptyRecordingError, InputError
 from data_prep.atlas import AtlasSource
 from data_prep.sources import RecordingSpec
 
@@ -79,16 +80,62 @@ def check_geometry(img, atlas_img, path: str, atlas_path: str) -> None:
         )
 
 
+DENOISE = ("none", "simple", "scrubbing", "compcor")
+
+
+@dataclass
+class Cleaning:
+    """How a recording is cleaned while it is parcellated (nilearn's masker / signal.clean)."""
+
+    denoise: str = "none"  # an fMRIPrep strategy (nilearn load_confounds_strategy), or none
+    confounds: list[str] | None = None  # explicit confound columns (fMRIPrep's table, or one beside an array)
+    high_pass: float | None = None  # Hz
+    resample_atlas: bool = False
+
+    def __post_init__(self) -> None:
+        if self.denoise not in DENOISE:
+            raise InputError(f"--denoise {self.denoise!r}: expected one of {', '.join(DENOISE)}")
+        if self.denoise != "none" and self.confounds:
+            raise InputError("--denoise and --confounds both choose the confounds: give one")
+
+
+def confound_table(path: str, columns: list[str]) -> np.ndarray:
+    """Explicit confound columns; a missing value (fMRIPrep's derivatives start with n/a) takes the column mean."""
+    import pandas as pd
+
+    table = pd.read_csv(path, sep="\t", na_values=["n/a", "NA", ""])
+    missing = [c for c in columns if c not in table]
+    if missing:
+        raise InputError(f"{path}: no confound column(s) {missing}; columns: {', '.join(table.columns[:20])}")
+    chosen = table[columns].astype(float)
+    return chosen.fillna(chosen.mean()).fillna(0.0).to_numpy()
+
+
+def _strategy(spec: RecordingSpec, denoise: str):
+    """(confounds, sample_mask) of an fMRIPrep recording for a named strategy."""
+    from nilearn.interfaces.fmriprep import load_confounds_strategy
+
+    try:
+        confounds, sample_mask = load_confounds_strategy(spec.path, denoise_strategy=denoise)
+    except Exception as err:  # nilearn says which file or column it could not find
+        raise InputError(
+            f"{spec.path}: --denoise {denoise} needs fMRIPrep's confounds beside the image "
+            f"(*_desc-confounds_timeseries.tsv and .json): {type(err).__name__}: {err}"
+        ) from None
+    return confounds, sample_mask
+
+
 def parcellate_nifti(
     spec: RecordingSpec,
     atlas: AtlasSource,
-    confound_columns: list[str] | None = None,
-    resample_atlas: bool = False,
-) -> tuple[np.ndarray, float | None]:
-    """Mean signal per parcel of a 4D NIfTI (nilearn NiftiLabelsMasker / NiftiMapsMasker); and its header TR."""
+    cleaning: Cleaning | None = None,
+) -> tuple[np.ndarray, float | None, dict]:
+    """Mean signal per parcel of a 4D NIfTI (nilearn NiftiLabelsMasker / NiftiMapsMasker), cleaned as ``cleaning``
+    says: (signal [R, T], the header TR, what was done: frames scrubbed, confounds used)."""
     import nibabel as nib
     from nilearn.maskers import NiftiLabelsMasker, NiftiMapsMasker
 
+    cleaning = cleaning or Cleaning()
     if atlas.image is None:
         raise InputError(f"{spec.path}: a NIfTI input needs an atlas image; pass --atlas LABELS.nii.gz")
     try:
@@ -98,28 +145,41 @@ def parcellate_nifti(
         raise InputError(f"{spec.path}: unreadable NIfTI ({type(err).__name__}: {err})") from err
     if len(shape) != 4:
         raise DimensionError(f"{spec.path}: expected a 4D image (x, y, z, time), got shape {shape}")
+    check_finite_volumes(img, spec.path)
     atlas_img = nib.load(atlas.image)
-    if not resample_atlas:
+    if not cleaning.resample_atlas:
         check_geometry(img, atlas_img, spec.path, atlas.image)
     header_tr = float(img.header.get_zooms()[3]) if len(img.header.get_zooms()) > 3 else None
-    confounds = None
-    if confound_columns:
+    tr = spec.tr or header_tr
+    confounds, sample_mask, done = None, None, {}
+    if cleaning.denoise != "none":
+        confounds, sample_mask = _strategy(spec, cleaning.denoise)
+        done["denoise"] = cleaning.denoise
+        if sample_mask is not None:
+            done["frames_scrubbed"] = int(shape[3] - len(sample_mask))
+            if len(sample_mask) < 2:
+                raise EmptyRecordingError(
+                    f"{spec.path}: {len(sample_mask)} timepoints left after {done['frames_scrubbed']} high-motion "
+                    f"frames were scrubbed (--denoise {cleaning.denoise}); drop the recording or use another strategy"
+                )
+    elif cleaning.confounds:
         if not spec.confounds:
             raise InputError(f"{spec.path}: --confounds given but no *_desc-confounds_timeseries.tsv beside it")
-        import pandas as pd
-
-        table = pd.read_csv(spec.confounds, sep="\t")
-        missing = [c for c in confound_columns if c not in table]
-        if missing:
-            raise InputError(f"{spec.confounds}: no confound column(s) {missing}")
-        confounds = table[confound_columns].fillna(0.0).to_numpy()
-    kwargs = dict(standardize=None, detrend=False, resampling_target="data" if resample_atlas else None)
+        confounds = confound_table(spec.confounds, cleaning.confounds)
+        done["confound_columns"] = cleaning.confounds
+    kwargs = dict(
+        standardize=None,
+        detrend=False,
+        resampling_target="data" if cleaning.resample_atlas else None,
+        t_r=tr,
+        high_pass=cleaning.high_pass,
+    )
     if atlas.kind == "maps":
         masker = NiftiMapsMasker(maps_img=atlas_img, **kwargs)
     else:
         masker = NiftiLabelsMasker(labels_img=atlas_img, **kwargs)
     try:
-        signal_TR = masker.fit_transform(img, confounds=confounds)
+        signal_TR = masker.fit_transform(img, confounds=confounds, sample_mask=sample_mask)
     except Exception as err:
         raise InputError(f"{spec.path}: parcellation failed ({type(err).__name__}: {err})") from err
     if atlas.kind == "labels":
@@ -136,13 +196,56 @@ def parcellate_nifti(
             f"{spec.path}: parcellation gave {signal_TR.shape[1]} parcels but the atlas has "
             f"{atlas.atlas.num_parcels}; some parcels do not overlap the image"
         )
-    return np.ascontiguousarray(signal_TR.T, dtype=np.float32), header_tr
+    return np.ascontiguousarray(signal_TR.T, dtype=np.float32), header_tr, done
+
+
+def clean_array(signal_RT: np.ndarray, spec: RecordingSpec, cleaning: Cleaning, tr: float | None) -> np.ndarray:
+    """Confound regression (and high-pass) of a parcel array, as nilearn's masker does it for an image."""
+    if cleaning.denoise != "none":
+        raise InputError(
+            f"{spec.path}: --denoise reads fMRIPrep's confounds of an image; for parcel arrays name the columns with "
+            "--confounds (a *_desc-confounds_timeseries.tsv beside the array)"
+        )
+    if not cleaning.confounds and cleaning.high_pass is None:
+        return signal_RT
+    from nilearn.signal import clean
+
+    confounds = None
+    if cleaning.confounds:
+        if not spec.confounds:
+            raise InputError(f"{spec.path}: --confounds given but no *_desc-confounds_timeseries.tsv beside it")
+        confounds = confound_table(spec.confounds, cleaning.confounds)
+        if len(confounds) != signal_RT.shape[1]:
+            raise DimensionError(
+                f"{spec.confounds}: {len(confounds)} rows of confounds for {signal_RT.shape[1]} timepoints of "
+                f"{spec.path}"
+            )
+    if cleaning.high_pass is not None and tr is None:
+        raise InputError(f"{spec.path}: --high-pass needs the TR (recordings.tsv column tr, or --tr)")
+    cleaned = clean(
+        signal_RT.T, confounds=confounds, detrend=False, standardize=False, high_pass=cleaning.high_pass, t_r=tr
+    )
+    return np.ascontiguousarray(cleaned.T, dtype=np.float32)
+
+
+def check_finite_volumes(img, path: str) -> None:
+    """nilearn sets non-finite voxels to 0 before averaging: refuse them first, naming the volumes."""
+    data = img.dataobj
+    bad = []
+    for t in range(img.shape[3]):
+        vol = np.asanyarray(data[..., t])
+        if not np.isfinite(vol).all():
+            bad.append((t, int((~np.isfinite(vol)).sum())))
+    if bad:
+        shown = ", ".join(f"{t} ({n} voxels)" for t, n in bad[:8])
+        raise InputError(
+            f"{path}: {len(bad)} volume(s) hold non-finite values (NaN or inf): volume {shown}"
+            f"{' ...' if len(bad) > 8 else ''}; fix or drop them before parcellating (the masker would read them as 0)"
+        )
 
 
 def resample_time(signal_RT: np.ndarray, tr: float, target_tr: float) -> np.ndarray:
-    """Resample to ``target_tr`` with a cubic spline over time (same start, same duration)."""
-    from scipy.interpolate import CubicSpline
+    """Resample to ``target_tr`` with an anti-aliased polyphase filter (scipy.signal.resample_poly)."""
+    from brainlm.model.inference import resample_to
 
-    t = np.arange(signal_RT.shape[1]) * tr
-    new_t = np.arange(0.0, t[-1] + 1e-9, target_tr)
-    return CubicSpline(t, signal_RT, axis=1)(new_t).astype(np.float32)
+    return resample_to(signal_RT, tr, target_tr).astype(np.float32)

@@ -29,10 +29,11 @@ def check_signal(signal_RT: np.ndarray, labels: list[str], path: str) -> None:
         )
 
 
-def check_length(num_timepoints: int, crop: int, path: str) -> None:
+def check_length(num_timepoints: int, crop: int, path: str, scrubbed: int = 0) -> None:
     if num_timepoints < crop:
+        why = f" after {scrubbed} high-motion frames were scrubbed (--denoise)" if scrubbed else ""
         raise EmptyRecordingError(
-            f"{path}: {num_timepoints} timepoints, fewer than one crop of {crop}; lower --crop or drop the file"
+            f"{path}: {num_timepoints} timepoints{why}, fewer than one crop of {crop}; lower --crop or drop the file"
         )
 
 

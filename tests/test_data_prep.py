@@ -208,7 +208,8 @@ def test_tr_mismatch_is_skipped_unless_resampled(tmp_path):
     m = small_build(root, tmp_path / "o2", val_frac=0, test_frac=0, resample=True)
     assert not m.skipped
     rec = next(r for r in m.recordings if r["id"] == "r2")
-    assert rec["tr"] == 0.8 and rec["n_timepoints"] == 119  # 60 samples at 1.6 s span 94.4 s -> 119 at 0.8 s
+    # An anti-aliased polyphase filter (scipy's resample_poly): 60 samples at 1.6 s -> 120 at 0.8 s, the same 96 s.
+    assert rec["tr"] == 0.8 and rec["n_timepoints"] == 120 and rec["source_tr"] == 1.6
 
 
 # -- NIfTI and BIDS ------------------------------------------------------------------------------------------
