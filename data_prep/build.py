@@ -7,10 +7,10 @@ Stages and what makes each resumable (all state lives in the destination store):
                A record whose fingerprint matches is reused. Can be split across machines (``--part i/n``).
 2. plan        splits by subject, robust scaling fitted on training recordings, crops assigned to shards;
                every shard gets a spec hash of exactly what goes into it. Saved as ``_state/plan.json``.
-3. shards      each shard is written to a local temporary file with fixed tar metadata (so the same
-               inputs give the same bytes), then moved or uploaded atomically; a sidecar
-               ``_state/shards/*.json`` records its spec and sha256. A shard whose sidecar spec matches
-               and whose checksum matches is skipped on a re-run.
+3. shards      (data_prep/shards.py) each shard is written to a temporary file with fixed tar metadata (so
+               the same inputs give the same bytes) and per-sample checksums, then renamed or uploaded
+               atomically; a sidecar ``_state/shards/*.json`` records its spec and sha256. A shard whose
+               sidecar spec matches and whose checksum matches is skipped on a re-run.
 4. manifest    written last, atomically: the commit point. An older manifest that disagrees with the
                new plan is deleted before any shard is written, so no manifest ever claims stale data.
 """
@@ -20,29 +20,27 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from brainlm._version import __version__
-from brainlm.data.format import MANIFEST, SPLITS, Manifest, encode_sample, shard_key
-from brainlm.data.store import LocalStore, open_store, sha256_file
-from brainlm.exceptions import BrainLMError, InputError, ShardError
+from brainlm.data.format import MANIFEST, SPLITS, Manifest, shard_key
+from brainlm.data.store import LocalStore, open_store
+from brainlm.exceptions import BrainLMError, InputError
 from brainlm.model.scaling import NORMALIZE, RobustScaler
 from data_prep.atlas import AtlasSource, load_atlas
 from data_prep.parcellate import Cleaning, clean_array, load_array, orient, parcellate_nifti, resample_time
 from data_prep.qc import check_length, check_signal, check_tr
+from data_prep.shards import _load_parcellated, _sample_meta, _sidecar, remove_dead_uploads, write_shards
 from data_prep.sources import RecordingSpec, discover, find_participants, read_participants, strip_sub
+from data_prep.workers import Workers, progress_bar
 
 STAGES = ("all", "parcellate", "plan", "shards", "manifest")
 PLAN = "_state/plan.json"
@@ -132,34 +130,16 @@ class BuildConfig:
             raise InputError("--resample needs --tr SECONDS: the TR to resample every recording to")
         if self.workers < 1:
             raise InputError(f"--workers must be at least 1, got {self.workers}")
+        for flag, path, what in (
+            ("--splits", self.splits, "a TSV with columns subject and split"),
+            ("--participants", self.participants, "a BIDS participants.tsv"),
+        ):
+            if path and not Path(path).is_file():  # before any work, not after the parcellation
+                raise InputError(f"{flag} {path}: no such file; expected {what}")
 
 
 def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-class Workers:
-    """``map`` in this process (one worker) or in a process pool started on first use and shared by every stage of
-    the build (each worker imports the stack once: about a second, several with nilearn)."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.pool = n, None
-
-    def map(self, fn, jobs):
-        if self.n == 1:
-            return map(fn, jobs)
-        if self.pool is None:
-            # spawn: workers must not inherit boto3 clients, threads or locks from the parent.
-            self.pool = ProcessPoolExecutor(max_workers=self.n, mp_context=multiprocessing.get_context("spawn"))
-        return self.pool.map(fn, jobs, chunksize=1)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-
-
-def _bar(total: int, desc: str, unit: str, enabled: bool, **kw) -> tqdm:
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True, **kw)
 
 
 # -- stage 1: parcellate ------------------------------------------------------------------------------------
@@ -247,11 +227,11 @@ def parcellate(cfg: BuildConfig, specs: list[RecordingSpec], atlas: AtlasSource,
                 continue
         jobs.append((spec, atlas, params, store.url, fp))
     if jobs:
-        bar = _bar(len(jobs), "parcellate", "rec", cfg.progress)
+        progress = progress_bar(len(jobs), "parcellate", "rec", cfg.progress)
         for rec in workers.map(_parcellate_one, jobs):
             records[rec["id"]] = rec
-            bar.update()
-        bar.close()
+            progress.update()
+        progress.close()
     reused = len(specs) - len(jobs)
     if reused:
         print(f"parcellate: reused {reused} recording(s) parcellated by an earlier run", file=sys.stderr)
@@ -262,8 +242,11 @@ def parcellate(cfg: BuildConfig, specs: list[RecordingSpec], atlas: AtlasSource,
 
 
 def read_split_file(path: str) -> dict[str, str]:
+    """subject -> split from a TSV/CSV; a subject listed twice is an error (in two splits it would leak)."""
     import pandas as pd
 
+    if not Path(path).is_file():
+        raise InputError(f"--splits {path}: no such file; expected a TSV with columns subject and split")
     table = pd.read_csv(path, sep="\t" if not path.endswith(".csv") else ",", dtype=str)
     table.columns = [c.strip().lower() for c in table.columns]
     sub_col = "subject" if "subject" in table else "participant_id" if "participant_id" in table else None
@@ -274,7 +257,14 @@ def read_split_file(path: str) -> dict[str, str]:
     bad = sorted(set(table["split"]) - set(SPLITS))
     if bad:
         raise InputError(f"--splits {path}: split values {bad} are not one of {', '.join(SPLITS)}")
-    return {strip_sub(s): sp for s, sp in zip(table[sub_col], table["split"], strict=True)}
+    out: dict[str, str] = {}
+    for sub, split in zip(table[sub_col], table["split"], strict=True):
+        sub = strip_sub(sub)
+        if sub in out:
+            which = f"in {out[sub]} and {split}" if out[sub] != split else f"twice in {split}"
+            raise InputError(f"--splits {path}: subject {sub} is listed {which}; list every subject once")
+        out[sub] = split
+    return out
 
 
 def assign_splits(subjects: list[str], cfg: BuildConfig) -> dict[str, str]:
@@ -292,6 +282,13 @@ def assign_splits(subjects: list[str], cfg: BuildConfig) -> dict[str, str]:
                 f"--splits {cfg.splits}: {len(missing)} subject(s) have no split (e.g. {missing[:5]}); "
                 "list every subject, or drop --splits to split by hash"
             )
+        unknown = sorted(set(explicit) - set(subjects))
+        if unknown:
+            print(
+                f"warning: --splits {cfg.splits} lists {len(unknown)} subject(s) with no usable recording: "
+                f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}",
+                file=sys.stderr,
+            )
         return {s: explicit[s] for s in subjects}
     order = sorted(subjects, key=lambda s: hashlib.sha256(f"{cfg.seed}:{s}".encode()).hexdigest())
     n = len(order)
@@ -305,10 +302,6 @@ def assign_splits(subjects: list[str], cfg: BuildConfig) -> dict[str, str]:
     out.update({s: "val" for s in order[n_test : n_test + n_val]})
     out.update({s: "train" for s in order[n_test + n_val :]})
     return out
-
-
-def _load_parcellated(store, rec_id: str) -> np.ndarray:
-    return np.load(io.BytesIO(store.read_bytes(f"parcellated/{rec_id}.npy")), allow_pickle=False)
 
 
 def samples_per_shard(cfg: BuildConfig, num_parcels: int) -> int:
@@ -424,108 +417,6 @@ def make_plan(cfg: BuildConfig, records: list[dict], atlas: AtlasSource, phenoty
     return plan
 
 
-def _sample_meta(rec: dict, subjects: dict[str, dict]) -> dict:
-    return {
-        "recording": rec["id"],
-        "subject": rec["subject"],
-        "session": rec.get("session"),
-        "run": rec.get("run"),
-        "condition": rec["condition"],
-        "tr": rec["tr"],
-        "split": rec["split"],
-        "phenotypes": subjects.get(rec["subject"], {}),
-    }
-
-
-# -- stage 3: shards ----------------------------------------------------------------------------------------
-
-
-def _sidecar(shard: dict) -> str:
-    return f"_state/{shard['key'].removesuffix('.tar')}.json"
-
-
-def shard_is_current(store, shard: dict) -> bool:
-    """True when the shard exists, its sidecar spec matches the plan, and its checksum matches the sidecar."""
-    if not store.exists(_sidecar(shard)) or not store.exists(shard["key"]):
-        return False
-    side = json.loads(store.read_bytes(_sidecar(shard)))
-    if side.get("spec") != shard["spec"] or store.size(shard["key"]) != side.get("bytes"):
-        return False
-    if isinstance(store, LocalStore):
-        return sha256_file(store.url_of(shard["key"]))[0] == side.get("sha256")
-    # On S3 the checksum travels with the object as metadata, set in the same atomic upload.
-    return store.metadata(shard["key"]).get("sha256") == side.get("sha256")
-
-
-def _write_shard(job: tuple[dict, dict, dict, int, str]) -> dict:
-    import webdataset as wds
-
-    shard, recs, scaling, crop, store_url = job
-    store = open_store(store_url)
-    scaler = RobustScaler.from_dict(scaling)
-    cache: dict[str, np.ndarray] = {}
-    fd, tmp = tempfile.mkstemp(suffix=".tar", prefix="brainlm-shard-")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0, user="brainlm", group="brainlm") as sink:
-            for rec_id, start in shard["items"]:
-                if rec_id not in cache:
-                    cache[rec_id] = scaler.transform(_load_parcellated(store, rec_id))
-                crop_RT = cache[rec_id][:, start : start + crop]
-                if not np.isfinite(crop_RT.astype(np.float16)).all():
-                    raise ShardError(f"{rec_id} at {start}: values overflow float16 after scaling")
-                meta = recs[rec_id] | {"start": start, "n_timepoints": crop}
-                sink.write(encode_sample(rec_id, start, crop_RT, meta))
-        sha, size = sha256_file(tmp)
-        store.upload_file(tmp, shard["key"], metadata={"sha256": sha})
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    side = {
-        "key": shard["key"],
-        "split": shard["split"],
-        "samples": len(shard["items"]),
-        "bytes": size,
-        "sha256": sha,
-        "spec": shard["spec"],
-    }
-    store.write_bytes(_sidecar(shard), json.dumps(side, sort_keys=True).encode())
-    return side
-
-
-def write_shards(cfg: BuildConfig, plan: dict, workers: Workers) -> dict[str, int]:
-    """Stage 3: write every shard that is not already current. Returns counts."""
-    store = open_store(cfg.out)
-    if store.exists(MANIFEST):
-        old = json.loads(store.read_bytes(MANIFEST))
-        if old.get("plan_sha256") != plan["plan_sha256"]:
-            store.delete(MANIFEST)  # it describes other data: uncommit before touching any shard
-    todo = [s for s in plan["shards"] if not shard_is_current(store, s)]
-    subjects = plan["subjects"]
-    by_id = {r["id"]: r for r in plan["recordings"]}
-    jobs = [
-        (
-            s,
-            {rid: _sample_meta(by_id[rid], subjects) for rid in {i for i, _ in s["items"]}},
-            plan["scaling"],
-            plan["crop"],
-            store.url,
-        )
-        for s in todo
-    ]
-    written = 0
-    if jobs:
-        bar = _bar(sum(len(s["items"]) for s in todo), "shards", "crop", cfg.progress)
-        start = time.time()
-        for side in workers.map(_write_shard, jobs):
-            written += side["bytes"]
-            bar.update(side["samples"])
-            bar.set_postfix_str(
-                f"{written / 2**20:.0f} MiB, {written / 2**20 / max(time.time() - start, 1e-9):.1f} MiB/s"
-            )
-        bar.close()
-    return {"written": len(todo), "skipped": len(plan["shards"]) - len(todo), "bytes": written}
-
-
 # -- stage 4: manifest --------------------------------------------------------------------------------------
 
 
@@ -538,7 +429,10 @@ def write_manifest(cfg: BuildConfig, plan: dict, atlas: AtlasSource) -> Manifest
         side = json.loads(store.read_bytes(_sidecar(s)))
         if side["spec"] != s["spec"] or not store.exists(s["key"]) or store.size(s["key"]) != side["bytes"]:
             raise BuildError(f"shard {s['key']} does not match the plan; run the build again to rewrite it")
-        shards.append({k: side[k] for k in ("split", "samples", "bytes", "sha256")} | {"url": s["key"]})
+        entry = {k: side[k] for k in ("split", "samples", "bytes", "sha256")} | {"url": s["key"]}
+        if "digests" in side:  # per-sample checksums: what the loader verifies as it reads
+            entry["digests"] = side["digests"]
+        shards.append(entry)
     planned = {s["key"] for s in plan["shards"]}
     for key in store.list("shards"):
         if key not in planned:  # left over from an earlier, different build
@@ -584,7 +478,14 @@ def build(cfg: BuildConfig) -> Manifest | None:
     store = open_store(cfg.out)
     if isinstance(store, LocalStore):
         store.remove_stale_temporaries()
+    remove_dead_uploads()
     inputs = Path(cfg.inputs)
+    if not inputs.is_dir():
+        raise InputError(
+            f"--inputs {cfg.inputs}: no such folder; expected a folder of recordings (BIDS, NIfTI or arrays)"
+        )
+    if not any(inputs.iterdir()):
+        raise InputError(f"--inputs {cfg.inputs}: the folder is empty; expected recordings (BIDS, NIfTI or arrays)")
     atlas_table = cfg.atlas_table or (str(inputs / "atlas.tsv") if (inputs / "atlas.tsv").exists() else None)
     atlas = load_atlas(cfg.atlas, atlas_table)
     specs, kind = discover(cfg.inputs, cfg.kind, cfg.atlas, cfg.space)
@@ -592,8 +493,6 @@ def build(cfg: BuildConfig) -> Manifest | None:
         raise InputError(
             f"--inputs {cfg.inputs} holds NIfTI images ({kind}); pass --atlas LABELS.nii.gz to parcellate them"
         )
-    if cfg.participants and not Path(cfg.participants).is_file():
-        raise InputError(f"--participants {cfg.participants}: no such file; expected a BIDS participants.tsv")
     phenotypes = read_participants(Path(cfg.participants) if cfg.participants else find_participants(inputs))
     print(
         f"build: {len(specs)} {kind} recording(s), atlas {atlas.atlas.name} "

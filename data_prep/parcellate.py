@@ -72,11 +72,14 @@ def orient(arr: np.ndarray, num_parcels: int, path: str) -> tuple[np.ndarray, st
 def check_geometry(img, atlas_img, path: str, atlas_path: str) -> None:
     """Refuse an image whose grid differs from the atlas's (nilearn would silently resample)."""
     if img.shape[:3] != atlas_img.shape[:3] or not np.allclose(img.affine, atlas_img.affine, atol=1e-3):
+
+        def grid(im) -> str:  # shape, voxel sizes and origin: what differs between two grids
+            zooms = np.sqrt((im.affine[:3, :3] ** 2).sum(axis=0)).round(3).tolist()
+            return f"shape {tuple(im.shape[:3])}, voxels {zooms} mm, origin {im.affine[:3, 3].round(3).tolist()}"
+
         raise AtlasMismatchError(
-            f"{path}: image grid {img.shape[:3]} (affine diagonal {np.diag(img.affine)[:3].round(3).tolist()}) "
-            f"does not match the atlas {atlas_path} grid {atlas_img.shape[:3]} (affine diagonal "
-            f"{np.diag(atlas_img.affine)[:3].round(3).tolist()}); resample one to the other, or pass "
-            "--resample-atlas to let nilearn resample the atlas to each image"
+            f"{path}: image grid ({grid(img)}) does not match the atlas {atlas_path} grid ({grid(atlas_img)}); "
+            "resample one to the other, or pass --resample-atlas to let nilearn resample the atlas to each image"
         )
 
 

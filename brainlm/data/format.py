@@ -42,6 +42,16 @@ def encode_sample(recording: str, start: int, signal_RT: np.ndarray, meta: dict[
     }
 
 
+def sample_digest(signal_npy: bytes, meta_json: bytes) -> str:
+    """A sample's checksum (the bytes of both its members), as the manifest lists it and the loader verifies it."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    h.update(signal_npy)
+    h.update(meta_json)
+    return h.hexdigest()
+
+
 def decode_signal(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 

@@ -20,14 +20,16 @@ Consequences:
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from brainlm.data.format import Manifest, decode_signal, shard_urls
+from brainlm.data.format import Manifest, decode_signal, sample_digest, shard_urls
 from brainlm.data.store import register_webdataset_s3
 from brainlm.exceptions import ShardError
 from brainlm.model.masking import seeded_masks
@@ -39,22 +41,64 @@ def sample_seed(seed: int, slot: int, position: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1]))
 
 
-def read_shard(url: str) -> Iterator[dict]:
-    """The raw samples of one shard, in order, through a WebDataset pipeline (no node/worker splitting:
-    the streams above decide who reads what)."""
+ON_CORRUPT = ("error", "skip")
+_skipped: dict[str, int] = {}  # url -> corrupt samples skipped in this process (on_corrupt="skip")
+
+
+def read_shard(
+    url: str, digests: list[str] | None = None, samples: int | None = None, on_corrupt: str = "error"
+) -> Iterator[dict]:
+    """The raw samples of one shard, in order, through a WebDataset pipeline (no node/worker splitting: the streams
+    above decide who reads what). Each sample is checked against the manifest's checksum (``digests``) as it is
+    read, and a shard read to its end must hold the ``samples`` the manifest lists: a corrupt shard is an error
+    naming it, or with ``on_corrupt="skip"`` its bad samples are skipped, counted and reported."""
+    import tarfile
+
     import webdataset as wds
 
+    if on_corrupt not in ON_CORRUPT:
+        raise ShardError(f"data.on_corrupt must be one of {', '.join(ON_CORRUPT)}; got {on_corrupt!r}")
+
+    def corrupt(why: str) -> None:
+        message = (
+            f"{url} is corrupt: {why}. Rebuild it (python -m data_prep build with the same arguments resumes and "
+            "rewrites shards whose checksum fails; python -m data_prep inspect lists them), or set "
+            "data.on_corrupt=skip to train on without its bad samples"
+        )
+        if on_corrupt == "error":
+            raise ShardError(message)
+        _skipped[url] = _skipped.get(url, 0) + 1
+        print(f"warning: {message} (skipped {_skipped[url]} sample(s) of it so far)", file=sys.stderr, flush=True)
+
     pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
-    yield from pipeline
+    k = 0
+    try:
+        for raw in pipeline:
+            ok = digests is None or (
+                k < len(digests)
+                and "signal.npy" in raw
+                and "json" in raw
+                and sample_digest(raw["signal.npy"], raw["json"]) == digests[k]
+            )
+            if not ok:
+                corrupt(f"sample {k} ({raw.get('__key__')}) does not match its checksum in the manifest")
+            else:
+                yield raw
+            k += 1
+    except (tarfile.TarError, OSError, ValueError, KeyError) as err:
+        corrupt(f"unreadable after {k} sample(s) ({type(err).__name__}: {err})")
+        return
+    if samples is not None and k != samples:
+        corrupt(f"{k} sample(s) read but the manifest lists {samples}")
 
 
-def rotated(url: str, size: int, first: int, skip: int) -> Iterator[dict]:
+def rotated(url: str, size: int, first: int, skip: int, **check: Any) -> Iterator[dict]:
     """A shard's records ``first, first + 1, ..., size - 1, 0, ..., first - 1``, from the ``skip``-th on
-    (``skip < size``)."""
+    (``skip < size``); ``check`` goes to ``read_shard``."""
     begin = (first + skip) % size
     segments = [(begin, size), (0, first)] if begin >= first else [(begin, first)]
     for lo, hi in segments:
-        for k, raw in enumerate(read_shard(url)):
+        for k, raw in enumerate(read_shard(url, **check)):
             if k >= hi:
                 break
             if k >= lo:
@@ -86,6 +130,7 @@ class MaskSpec:
 class ShardInfo:
     url: str
     samples: int
+    digests: list[str] | None = None  # per-sample checksums from the manifest (older manifests have none)
 
 
 class SlotStreams(IterableDataset):
@@ -100,11 +145,13 @@ class SlotStreams(IterableDataset):
         seed: int,
         start: int = 0,
         masks: MaskSpec | None = None,
+        on_corrupt: str = "error",
     ) -> None:
         if not shards:
             raise ShardError("no shards to stream from")
         self.shards, self.slots, self.num_slots = shards, slots, num_slots
         self.window, self.seed, self.start, self.mask_spec = window, seed, start, masks
+        self.on_corrupt = on_corrupt
 
     def stream(self, slot: int, start: int) -> Iterator[tuple[np.ndarray, int]]:
         """Slot ``slot``'s samples from position ``start`` on: (window [R, W] float32, sample seed)."""
@@ -121,7 +168,9 @@ class SlotStreams(IterableDataset):
                     position += size
                     continue
                 skip = max(0, start - position)
-                for k, raw in enumerate(rotated(self.shards[s].url, size, int(phase * size), skip), start=skip):
+                info = self.shards[s]
+                check = {"digests": info.digests, "samples": size, "on_corrupt": self.on_corrupt}
+                for k, raw in enumerate(rotated(info.url, size, int(phase * size), skip, **check), start=skip):
                     seed = sample_seed(self.seed, slot, position + k)
                     signal = window_of(decode_signal(raw["signal.npy"]), self.window, np.random.default_rng(seed))
                     yield signal.astype(np.float32), seed
@@ -162,12 +211,15 @@ class TrainLoader:
         prefetch: int = 4,
         start: int = 0,
         masks: MaskSpec | None = None,
+        on_corrupt: str = "error",
     ) -> None:
         urls = shard_urls(manifest, root, split)
-        shards = [ShardInfo(u, s["samples"]) for u, s in zip(urls, manifest.shards_of(split), strict=True)]
+        shards = [
+            ShardInfo(u, s["samples"], s.get("digests")) for u, s in zip(urls, manifest.shards_of(split), strict=True)
+        ]
         slots = list(range(rank * micro_batch_size, (rank + 1) * micro_batch_size))
         self.workers = min(num_workers, micro_batch_size)
-        dataset = SlotStreams(shards, slots, micro_batch_size * world_size, window, seed, start, masks)
+        dataset = SlotStreams(shards, slots, micro_batch_size * world_size, window, seed, start, masks, on_corrupt)
         self.position = start
         kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if self.workers else {}
         self.loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, **kwargs)
@@ -193,8 +245,8 @@ def fixed_samples(
     """The first ``count`` crops of a split in manifest order, first window of each: a fixed evaluation set."""
     register_webdataset_s3()
     signals, metas = [], []
-    for url in shard_urls(manifest, root, split):
-        for raw in read_shard(url):
+    for url, info in zip(shard_urls(manifest, root, split), manifest.shards_of(split), strict=True):
+        for raw in read_shard(url, info.get("digests"), info["samples"]):
             signals.append(window_of(decode_signal(raw["signal.npy"]), window, None).astype(np.float32))
             metas.append(json.loads(raw["json"]))
             if len(signals) == count:

@@ -119,8 +119,8 @@ def recordings(
     register_webdataset_s3()
     W = ctx.model.config.num_timepoints
     crops: dict[str, list[tuple[int, np.ndarray, dict]]] = {}
-    for url in shard_urls(ctx.manifest, ctx.root, split):
-        for raw in read_shard(url):
+    for url, info in zip(shard_urls(ctx.manifest, ctx.root, split), ctx.manifest.shards_of(split), strict=True):
+        for raw in read_shard(url, info.get("digests"), info["samples"]):
             meta = json.loads(raw["json"])
             if where and any(str(meta.get(k)) != v for k, v in where.items()):
                 continue

@@ -40,6 +40,24 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+def require_store() -> None:
+    """Refuse to read a registry that is not there: with MLFLOW_TRACKING_URI unset MLflow would create an empty
+    ./mlflow.db in the working directory and report every model missing."""
+    import mlflow
+
+    from brainlm.exceptions import BrainLMError
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        raise BrainLMError(
+            "MLFLOW_TRACKING_URI is not set and MLflow's default store "
+            f"{uri[len('sqlite:///') :]} does not exist: set MLFLOW_TRACKING_URI to the store that holds the "
+            "registry (after make demo: sqlite:///$PWD/demo/runs/mlflow.db), or pass an exported model folder"
+        )
+
+
 def tracking_store() -> str:
     """Which MLflow store is in use, and where that choice came from (for the first line users see)."""
     import mlflow

@@ -15,7 +15,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from brainlm.exceptions import BrainLMError
-from brainlm.tracking.env import PARENT_TAG, mlflow_defaults
+from brainlm.tracking.env import PARENT_TAG, mlflow_defaults, require_store
 from brainlm.tracking.pyfunc import example_and_signature, pip_requirements, python_model_for
 
 RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)  # MLflow's own: models:/NAME/latest, @v3
@@ -62,6 +62,7 @@ def resolve_model(uri: str | Path, cache: str | Path | None = None) -> Path:
     cache = Path(cache or os.environ.get("BRAINLM_CACHE", Path.home() / ".cache" / "brainlm")) / "models"
     target = cache / uri.replace(":/", "_").replace("/", "_").replace("@", "_")
     mlflow_defaults()
+    require_store()
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
     except Exception as err:
@@ -85,6 +86,7 @@ def check_alias(alias: str) -> None:
 
 def _client() -> mlflow.MlflowClient:
     mlflow_defaults()
+    require_store()
     return mlflow.MlflowClient()
 
 

@@ -81,6 +81,11 @@ class Tracker:
 
         self._call("log_artifact", mlflow.log_artifact, str(path), artifact_path)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        self._call("set_tags", mlflow.set_tags, tags)
+
     def log_dict(self, data: dict, name: str) -> None:
         import mlflow
 

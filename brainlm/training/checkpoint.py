@@ -1,6 +1,6 @@
 """Checkpoints that survive a kill: written under a temporary name, renamed when every rank is done.
 
-    out_dir/checkpoints/step_00000200/   DeepSpeed's shards + brainlm.json + rng_rank{r}.pt
+    out_dir/checkpoints/step_00000200/   DeepSpeed's shards + brainlm.json + rng_rank{r}.safetensors
     out_dir/checkpoints/latest           "step_00000200", replaced atomically after the rename
 
 A checkpoint folder without the ``.tmp-`` prefix is complete. Temporary folders left by a killed run are
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from brainlm import atomic
 from brainlm.exceptions import CheckpointError
@@ -59,13 +60,10 @@ class Checkpointer:
         tag = tag_of(step)
         tmp = f".tmp-{tag}"
         ds.save_checkpoint(engine, str(self.folder), tmp, client_state={"step": step})
-        torch.save(
-            {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
-            self.folder / tmp / f"rng_rank{self.rank}.pt",
-        )
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng |= {f"cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
+        save_file(rng, self.folder / tmp / f"rng_rank{self.rank}.safetensors")
         _barrier()
         final = self.folder / tag
         if self.rank == 0:
@@ -103,8 +101,14 @@ class Checkpointer:
                 "the per-rank RNG are laid out per rank: resume with the same number of nodes x GPUs"
             )
         ds.load_checkpoint(engine, str(path.parent), path.name)
-        rng = torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False)
+        rng_file = path / f"rng_rank{self.rank}.safetensors"
+        if rng_file.exists():
+            rng = load_file(rng_file)
+            cuda = [rng[f"cuda_{i}"] for i in range(len(rng) - 1)]
+        else:  # checkpoints of earlier versions: a torch file, read as tensors only
+            old = ds.weights_only_load(str(path / f"rng_rank{self.rank}.pt"))
+            rng, cuda = {"torch": old["torch"]}, old.get("cuda") or []
         torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
         return meta

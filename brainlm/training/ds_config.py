@@ -11,10 +11,48 @@ from typing import Any
 from brainlm.exceptions import ConfigError
 from brainlm.training.recipe import PretrainConfig, global_batch, lr_of
 
+# DeepSpeed's top-level config sections (0.19): anything else is a typo DeepSpeed would ignore without a word.
+KNOWN_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "optimizer", "scheduler", "fp16", "bf16", "amp", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state",
+    "prescale_gradients", "gradient_predivide_factor", "sparse_gradients", "communication_data_type",
+    "seq_parallel_communication_data_type", "data_types", "activation_checkpointing", "flops_profiler",
+    "comms_logger", "tensorboard", "wandb", "csv_monitor", "comet", "checkpoint", "aio", "elasticity", "autotuning",
+    "compression_training", "data_efficiency", "curriculum_learning", "progressive_layer_drop", "eigenvalue",
+    "quantize_training", "sparse_attention", "pipeline", "nebula", "compile", "torch_autocast", "disable_allgather",
+    "fp32_allreduce", "dataloader_drop_last", "timers", "weight_quantization", "hybrid_engine",
+    "use_data_before_expert_parallelism", "graph_harvesting", "tensor_parallel", "zenflow", "mics_shard_size",
+}  # fmt: skip
+OPTIMIZERS = ("AdamW", "Adam")  # what the recipe's optim.* (betas, weight decay) describe
+
+
+def check_keys(ds: dict[str, Any], source: str) -> None:
+    """Unknown top-level keys (a misspelling DeepSpeed would ignore) and optimizers the recipe cannot drive."""
+    import difflib
+
+    unknown = sorted(k for k in ds if k not in KNOWN_KEYS and not k.startswith("_"))
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(KNOWN_KEYS), n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(
+            f"{source}: unknown DeepSpeed key(s) {', '.join(hints)}; DeepSpeed would ignore them silently. Fix the "
+            "spelling, or prefix a note's key with _ "
+        )
+    kind = (ds.get("optimizer") or {}).get("type", "AdamW")
+    if kind not in OPTIMIZERS:
+        raise ConfigError(
+            f"{source}: optimizer.type {kind!r}: the recipe's optimizer settings (optim.base_lr, betas, weight decay) "
+            f"describe AdamW; use {' or '.join(OPTIMIZERS)}"
+        )
+
 
 def read_ds_config(ds_config: dict[str, Any] | str | Path) -> dict[str, Any]:
-    """The DeepSpeed JSON as a dict (a dict is passed through)."""
+    """The DeepSpeed JSON as a dict (a dict is checked and passed through)."""
     if isinstance(ds_config, dict):
+        check_keys(ds_config, "the DeepSpeed config")
         return ds_config
     path = Path(ds_config)
     if not path.exists():
@@ -27,6 +65,7 @@ def read_ds_config(ds_config: dict[str, Any] | str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(ds, dict):
         raise ConfigError(f"--deepspeed {path}: expected a JSON object, got {type(ds).__name__}")
+    check_keys(ds, f"--deepspeed {path}")
     return ds
 
 

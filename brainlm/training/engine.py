@@ -27,7 +27,7 @@ class DistContext:
         return self.rank == 0
 
 
-def init_distributed() -> DistContext:
+def init_distributed(timeout_s: float = 600.0) -> DistContext:
     """Join (or create) the process group: under the deepspeed launcher, torchrun, or plain python."""
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -44,7 +44,9 @@ def init_distributed() -> DistContext:
     # DeepSpeed's ZeRO calls a collective that torch deprecates; one warning per step is noise.
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather_into_tensor")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        from datetime import timedelta
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     if not cuda and not os.environ.get("OMP_NUM_THREADS"):
         # Ranks on one machine share its cores: oversubscribed threads run slower, not faster. A thread count
         # given from outside (OMP_NUM_THREADS, as Ray sets for a trial) wins.
@@ -108,7 +110,35 @@ def save_checkpoint(engine, folder: str, tag: str, client_state: dict) -> None:
     engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
 
 
+def _deepspeed_globals() -> list:
+    """The DeepSpeed classes its ZeRO 1-3 checkpoints pickle beside their tensors (found by loading them with
+    weights_only=True): the only objects a resume unpickles."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def weights_only_load(path: str, map_location=None):
+    """torch.load with weights_only=True and DeepSpeed's few classes allowed: a crafted checkpoint cannot run code."""
+    import pickle
+
+    from brainlm.exceptions import CheckpointError
+
+    with torch.serialization.safe_globals(_deepspeed_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = next((ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln), str(err).splitlines()[0])
+            raise CheckpointError(
+                f"{path} holds objects a checkpoint should not ({first}); brainlm loads only tensors and DeepSpeed's "
+                "own state. Resume only from checkpoints your own runs wrote"
+            ) from None
+
+
 def load_checkpoint(engine, folder: str, tag: str) -> dict:
+    engine.checkpoint_engine.load = weights_only_load  # DeepSpeed's own engine unpickles anything
     path, client_state = engine.load_checkpoint(
         folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )

@@ -5,6 +5,7 @@ them together; ``launcher/pretrain.py``, the scaling sweep's trials and the test
 
 Masks come with the batches: the loader draws each sample's mask from the sample's seed (``MaskSpec``), in the
 worker that reads it; validation windows carry the evaluation protocol's masks (``brainlm.eval.metrics``).
+One file of about 400 lines on purpose: the whole run reads in order, each part a short function or method.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from brainlm import atomic
 from brainlm.data.format import Manifest, load_manifest
 from brainlm.data.loader import MaskSpec, TrainLoader, fixed_samples
 from brainlm.eval.metrics import R2Sums, protocol_seeds
@@ -106,6 +108,7 @@ def build_loader(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext, start_ste
         cfg.data.prefetch,
         start=start_step * cfg.train.grad_accum,
         masks=MaskSpec(c.num_patches, c.mask_ratio, c.masking),
+        on_corrupt=cfg.data.on_corrupt,
     )
 
 
@@ -271,7 +274,17 @@ class Trainer:
         meta = self.ckpt.load(self.engine, path, self.plan.model.to_dict())
         if self.ctx.is_main:
             print(f"resumed from {path} at step {meta['step']}", flush=True)
+            self._forget_after(meta["step"])
         return meta["step"], meta.get("mlflow_run_id")
+
+    def _forget_after(self, step: int) -> None:
+        """metrics.jsonl without the records of steps after ``step`` (the killed run logged them; this one logs
+        them again)."""
+        log = self.out_dir / "metrics.jsonl"
+        if not log.exists():
+            return
+        kept = [line for line in log.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        atomic.write_text(log, "".join(f"{line}\n" for line in kept))
 
     def export(self) -> Path:
         """The consolidated model folder (rank 0 writes it; every rank calls this)."""
@@ -323,13 +336,18 @@ class Trainer:
 def run(cfg: PretrainConfig, ds_config: dict | str | Path = "ds_config.json") -> RunResult:
     """Train, checkpoint, validate, export and register; every rank calls this."""
     plan = preflight(cfg, ds_config)
-    ctx = ds.init_distributed()
+    ctx = ds.init_distributed(cfg.train.dist_timeout_s)
     try:
-        return _run(cfg, plan, ctx)
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        result = _run(cfg, plan, ctx)
+    except BaseException as err:
+        # No collective on the way out: the other ranks may be waiting in one that this rank will never join. Say
+        # what happened here and now; the launcher stops the other ranks when this one exits.
+        print(f"rank {ctx.rank}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def _run(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> RunResult:
@@ -359,6 +377,9 @@ def _run(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> RunResult:
     loader = build_loader(cfg, plan, ctx, start_step)
     val = build_validation(cfg, plan, ctx)
     trainer.tracker = build_tracker(cfg, plan, ctx, ds_resolved, run_id)
+    if trainer.tracker is not None and start_step:
+        # MLflow keeps every value it was sent: the steps after the checkpoint appear twice in its history.
+        trainer.tracker.set_tags({"brainlm.resumed_at_steps": str(start_step)})
     if ctx.is_main:
         w, gb = ctx.world_size, trainer.global_batch
         print(
@@ -386,6 +407,13 @@ def _run(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> RunResult:
                     cfg.tracking.alias,
                     {"manifest_sha256": plan.manifest.plan_sha256, "git_sha": git_sha(), "preset": cfg.preset},
                 )
+                if result.registered_version is None:
+                    print(
+                        f"warning: the model was not registered as {cfg.tracking.register_as} (MLflow tracking is "
+                        f"off or failed, see above); use the folder {result.model_dir} as --model",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         tracker.end()
     return result
 

@@ -35,6 +35,9 @@ class DataConfig:
     """DataLoader worker processes per rank (0 = read in the training process)."""
     prefetch: int = 4
     """Micro-batches each worker prepares ahead."""
+    on_corrupt: str = "error"
+    """A shard sample that fails its checksum (or a shard short of its samples): error (stop, naming the shard) |
+    skip (leave the sample out, warn and count)."""
     steps_per_epoch: int | None = None
     """Optimizer steps per epoch; default: the train split's crops / global batch (rounded up)."""
 
@@ -85,6 +88,8 @@ class TrainConfig:
     """auto (the latest checkpoint in out_dir, if any) | a checkpoint folder | null (start fresh)."""
     export: bool = True
     """Export model.safetensors + config.json + scaling.json to out_dir/model at the end."""
+    dist_timeout_s: float = 600.0
+    """Seconds a collective waits for the other ranks before the job fails (a rank that died or hangs)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, about 1/3 more compute."""
     peak_tflops: float | None = None
@@ -199,6 +204,10 @@ def validate(cfg: PretrainConfig) -> None:
     ):
         if value < 1:
             raise ConfigError(f"`{key}` must be at least 1, got {value}")
+    if cfg.data.on_corrupt not in ("error", "skip"):
+        raise ConfigError(f"`data.on_corrupt` must be error or skip, got {cfg.data.on_corrupt!r}")
+    if t.dist_timeout_s <= 0:
+        raise ConfigError(f"`train.dist_timeout_s` must be positive, got {t.dist_timeout_s}")
     if not 0 <= o.warmup_fraction < 1:
         raise ConfigError(f"`optim.warmup_fraction` must be in [0, 1), got {o.warmup_fraction}")
     if t.resume not in (None, "auto") and not Path(t.resume).exists():
@@ -212,7 +221,15 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict[str, Any] |
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"recipe {path} does not exist; recipes live in configs/pretrain/")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise ConfigError(
+                f"recipe {path} is not valid YAML{at}: {getattr(err, 'problem', None) or err}; fix the file "
+                "(configs/pretrain/debug.yaml is a working example)"
+            ) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"recipe {path}: expected a mapping of sections, got {type(raw).__name__}")
     if isinstance(overrides, list):

@@ -1,0 +1,294 @@
+"""Failure behaviour, probed as a careful user and an attacker would: corrupt shards are refused at read time, a NaN
+volume is named, a crafted checkpoint runs no code, one rank's error ends the job at once, two "nodes" on this
+machine train the curve one node does, and bad inputs get messages instead of tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import psutil
+import pytest
+
+from brainlm.exceptions import ConfigError, InputError, ShardError
+from tests.conftest import ROOT, free_port, run_cli
+from tests.test_pretrain import COMMON, VENV_BIN, assert_same, deepspeed_cmd, losses, run
+
+pytestmark = pytest.mark.slow
+
+
+def args_for(shards: Path, out: Path, steps: int = 20, *extra: str) -> list[str]:
+    return [
+        "--data.shards", str(shards), "--train.micro_batch_size", "4", "--train.max_steps", str(steps),
+        "--train.ckpt_every", "10", "--train.out_dir", str(out), "--tracking.enabled", "false", *extra,
+    ]  # fmt: skip
+
+
+# -- shards verified as they are read -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shards(tiny_shards, tmp_path) -> Path:
+    copy = tmp_path / "shards"
+    shutil.copytree(tiny_shards, copy)
+    return copy
+
+
+def first_train_shard(shards: Path) -> Path:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    return shards / next(s["url"] for s in manifest["shards"] if s["split"] == "train")
+
+
+def read_all(shards: Path, on_corrupt: str = "error") -> int:
+    from brainlm.data.format import load_manifest
+    from brainlm.data.loader import read_shard
+
+    manifest, _ = load_manifest(str(shards))
+    info = manifest.shards_of("train")[0]
+    return sum(1 for _ in read_shard(str(first_train_shard(shards)), info["digests"], info["samples"], on_corrupt))
+
+
+def test_flipped_bytes_in_a_shard_are_refused_or_skipped(shards):
+    assert read_all(shards) == 34
+    import tarfile
+
+    path = first_train_shard(shards)
+    with tarfile.open(path) as tar:  # the payload of the 10th sample's signal, not a tar header
+        member = [m for m in tar.getmembers() if m.name.endswith(".signal.npy")][10]
+    data = bytearray(path.read_bytes())
+    at = member.offset_data + member.size // 2
+    data[at : at + 64] = bytes(b ^ 0xFF for b in data[at : at + 64])
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"train-000000.tar is corrupt: sample \d+ .* does not match its checksum"):
+        read_all(shards)
+    assert read_all(shards, on_corrupt="skip") == 33  # the bad sample is left out, the rest read
+
+
+def test_a_truncated_shard_is_short_of_its_samples(shards):
+    path = first_train_shard(shards)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ShardError, match=r"is corrupt: .*(unreadable|sample\(s\) read but the manifest lists 34)"):
+        read_all(shards)
+
+
+def test_training_on_a_corrupt_shard_stops_naming_it(shards, tmp_path):
+    path = first_train_shard(shards)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a header cut off: the reader stops early
+    proc = run(deepspeed_cmd(args_for(shards, tmp_path / "run", 40), ranks=1))  # every slot passes every shard
+    assert proc.returncode != 0 and "train-000000.tar is corrupt" in proc.stdout + proc.stderr
+
+
+# -- NIfTI: a NaN volume is named -----------------------------------------------------------------------------
+
+
+def test_a_nan_volume_is_named_not_zeroed(tmp_path):
+    from data_prep.build import BuildConfig, build
+
+    labels = np.zeros((6, 6, 6), np.int16)
+    labels[:3] = 1
+    labels[3:] = 2
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "atlas_dseg.nii.gz")
+    (tmp_path / "atlas.tsv").write_text("name\tx\ty\tz\na\t1\t2\t3\nb\t4\t5\t6\n")
+    rng = np.random.default_rng(0)
+    src = tmp_path / "in"
+    src.mkdir()
+    for s in range(1, 6):
+        data = rng.standard_normal((6, 6, 6, 50)).astype(np.float32) + 100
+        if s == 3:
+            data[..., 5] = np.nan
+        img = nib.Nifti1Image(data, np.eye(4))
+        img.header.set_zooms((1, 1, 1, 2.0))
+        nib.save(img, src / f"sub-{s}_task-rest_bold.nii.gz")
+    m = build(
+        BuildConfig(
+            inputs=str(src), out=str(tmp_path / "out"), atlas=str(tmp_path / "atlas_dseg.nii.gz"),
+            atlas_table=str(tmp_path / "atlas.tsv"), crop=20, val_frac=0, test_frac=0, progress=False,
+        )
+    )  # fmt: skip
+    reason = {s["recording"]: s["reason"] for s in m.skipped}["sub-3_task-rest"]
+    assert "1 volume(s) hold non-finite values (NaN or inf): volume 5 (216 voxels)" in reason
+
+
+# -- checkpoints: nothing is unpickled ------------------------------------------------------------------------
+
+
+class Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_runs_no_code(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    first = run(deepspeed_cmd(args_for(tiny_shards, out, 10), ranks=1))
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = out / "checkpoints" / "step_00000010"
+    assert (ckpt / "rng_rank0.safetensors").exists() and not (ckpt / "rng_rank0.pt").exists()
+    marker = tmp_path / "pwned"
+    optim = next(ckpt.glob("*optim_states.pt"))
+    optim.write_bytes(pickle.dumps(Exploit(str(marker))))
+    resumed = run(deepspeed_cmd(args_for(tiny_shards, out, 20, "--train.resume", "auto"), ranks=1))
+    assert resumed.returncode != 0 and not marker.exists()
+    assert "holds objects a checkpoint should not" in resumed.stdout + resumed.stderr
+
+
+# -- one rank's failure ends the job --------------------------------------------------------------------------
+
+
+def test_a_killed_loader_worker_ends_the_job_within_a_minute(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = deepspeed_cmd(args_for(tiny_shards, out, 400, "--data.num_workers", "1", "--train.dist_timeout_s", "300"))
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        workers = []
+        while not workers:
+            assert time.time() < deadline and proc.poll() is None, "no loader worker appeared"
+            time.sleep(0.5)
+            ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()]
+            workers = [c for r in ranks for c in r.children()]  # its DataLoader worker
+        time.sleep(2)  # training is under way
+        killed = time.time()
+        workers[0].send_signal(signal.SIGKILL)
+        output, _ = proc.communicate(timeout=90)
+        took = time.time() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and took < 60, f"the job took {took:.0f} s to end"
+    assert "rank 1: RuntimeError" in output and "DataLoader worker" in output
+
+
+# -- two nodes on one machine ---------------------------------------------------------------------------------
+
+
+def torchrun_node(node: int, port: int, args: list[str], log: Path) -> subprocess.Popen:
+    cmd = [
+        f"{VENV_BIN}/torchrun", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+        "--master-addr", "127.0.0.1", "--master-port", str(port), "launcher/pretrain.py", "--deepspeed",
+        "ds_config.json", *COMMON, *args,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
+def test_two_nodes_train_the_one_node_curve_and_resume(tiny_shards, tmp_path):
+    one = tmp_path / "one"
+    assert run(deepspeed_cmd(args_for(tiny_shards, one, 20))).returncode == 0
+    two = tmp_path / "two"
+    port = free_port()
+    nodes = [torchrun_node(n, port, args_for(tiny_shards, two, 10), tmp_path / f"node{n}.log") for n in (0, 1)]
+    assert [p.wait(300) for p in nodes] == [0, 0], (tmp_path / "node0.log").read_text()[-3000:]
+    assert_same(losses(two), losses(one), range(1, 11))
+    # Resume on both nodes continues the curve.
+    port = free_port()
+    resume = args_for(tiny_shards, two, 20, "--train.resume", "auto")
+    nodes = [torchrun_node(n, port, resume, tmp_path / f"resume{n}.log") for n in (0, 1)]
+    assert [p.wait(300) for p in nodes] == [0, 0], (tmp_path / "resume0.log").read_text()[-3000:]
+    assert "resumed from" in (tmp_path / "resume0.log").read_text()
+    assert_same(losses(two), losses(one), range(1, 21))
+    # A node lost (its launcher and its ranks killed) ends the other node's job within the process-group timeout.
+    port = free_port()
+    long = args_for(tiny_shards, tmp_path / "long", 5000, "--train.dist_timeout_s", "30", "--train.log_every", "50")
+    nodes = [torchrun_node(n, port, long, tmp_path / f"long{n}.log") for n in (0, 1)]
+    deadline = time.time() + 180
+    while "step" not in (tmp_path / "long0.log").read_text():
+        assert time.time() < deadline and nodes[0].poll() is None, (tmp_path / "long0.log").read_text()[-2000:]
+        time.sleep(0.5)
+    for p in [*psutil.Process(nodes[1].pid).children(recursive=True), psutil.Process(nodes[1].pid)]:
+        p.send_signal(signal.SIGKILL)
+    start = time.time()
+    assert nodes[0].wait(120) != 0 and time.time() - start < 90
+
+
+# -- messages instead of tracebacks ---------------------------------------------------------------------------
+
+
+def test_bad_inputs_get_messages_not_tracebacks(tiny_shards, tmp_path):
+    from brainlm.model import BrainLM, get_preset
+    from brainlm.training.ds_config import read_ds_config
+    from brainlm.training.recipe import load_recipe
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model:\n  preset: debug\n   mask_ratio: 0.5\n")
+    with pytest.raises(ConfigError, match=r"recipe .*bad.yaml is not valid YAML at line 3"):
+        load_recipe(bad_yaml)
+    bad_json = tmp_path / "ds.json"
+    bad_json.write_text('{"train_batch_size": "auto",}')
+    with pytest.raises(ConfigError, match=r"is not valid JSON: .* line 1"):
+        read_ds_config(bad_json)
+    ds = json.loads((ROOT / "ds_config.json").read_text())
+    with pytest.raises(ConfigError, match=r"optimizer.type 'SGD'.*use AdamW or Adam"):
+        read_ds_config({**ds, "optimizer": {"type": "SGD", "params": {}}})
+    with pytest.raises(
+        ConfigError, match=r"unknown DeepSpeed key\(s\) 'gradient_cliping' \(did you mean 'gradient_clipping'"
+    ):
+        read_ds_config({**ds, "gradient_cliping": 1.0})
+
+    model_dir = tmp_path / "model"
+    BrainLM(get_preset("debug", num_parcels=7)).save_pretrained(model_dir)
+    weights = (model_dir / "model.safetensors").read_bytes()
+    (model_dir / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    proc = run_cli("-m", "brainlm.cli", "reconstruct", "--model", str(model_dir), "--shards", str(tiny_shards),
+                   "--out", str(tmp_path / "r"))  # fmt: skip
+    assert proc.returncode == 2 and "truncated or damaged" in proc.stderr and "Traceback" not in proc.stderr
+    (model_dir / "config.json").write_text("{not json")
+    proc = run_cli("-m", "brainlm.cli", "reconstruct", "--model", str(model_dir), "--shards", str(tiny_shards),
+                   "--out", str(tmp_path / "r"))  # fmt: skip
+    assert proc.returncode == 2 and "config.json is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+    src = tmp_path / "arrays"
+    src.mkdir()
+    np.save(src / "a.npy", np.random.default_rng(0).standard_normal((7, 60)).astype(np.float32))
+    rows = "".join(f"p{i}\t{i}\t0\t0\n" for i in range(6))
+
+    def build(*extra: str) -> str:
+        proc = run_cli("-m", "data_prep", "build", "--inputs", str(src), "--out", str(tmp_path / "o"), *extra)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        return proc.stderr
+
+    (src / "atlas.tsv").write_text("name\tx\ty\tz\n" + rows + "p6\tleft\t0\t0\n")
+    (src / "recordings.tsv").write_text("file\tsubject\ttr\na.npy\ts1\tfast\n")
+    assert "column x of row 7 (p6) is 'left'; expected MNI coordinates" in build()
+    (src / "atlas.tsv").write_text("name\tx\ty\tz\n" + rows + "p6\t6\t0\t0\n")
+    assert "missing.nii.gz: no such file" in build("--atlas", str(tmp_path / "missing.nii.gz"))
+    assert "the tr of a.npy is 'fast'; expected seconds" in build()
+    (src / "recordings.tsv").write_text("file\tsubject\ttr\na.npy\ts1\t0.7\n")
+    assert "nope.tsv: no such file" in build("--splits", str(tmp_path / "nope.tsv"))
+    proc = run_cli("-m", "data_prep", "build", "--inputs", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "no such folder" in proc.stderr and "atlas is needed" not in proc.stderr
+
+
+def test_split_conflicts_are_errors_and_unknown_subjects_a_warning(tmp_path):
+    from data_prep.build import read_split_file
+
+    both = tmp_path / "both.tsv"
+    both.write_text("subject\tsplit\ns1\ttrain\ns1\ttest\n")
+    with pytest.raises(InputError, match="subject s1 is listed in train and test"):
+        read_split_file(str(both))
+
+
+def test_written_files_follow_the_umask(tiny_shards):
+    mode = (tiny_shards / "manifest.json").stat().st_mode & 0o777
+    shard = next((tiny_shards / "shards" / "train").glob("*.tar")).stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    assert mode == shard == expected, (oct(mode), oct(shard))
