@@ -120,7 +120,7 @@ def embed_files(
             if spec.kind == "nifti":
                 if source is None or source.image is None:
                     raise InputError(f"{spec.path}: a NIfTI input needs atlas= (the model's label image or maps)")
-                signal_RT, header_tr = parcellate_nifti(spec, source)
+                signal_RT, header_tr, _ = parcellate_nifti(spec, source)
                 tr = spec.tr or header_tr
             else:
                 signal_RT, tr = load_array(spec.path), spec.tr
