@@ -148,7 +148,7 @@ def parcellate_nifti(
         raise InputError(f"{spec.path}: unreadable NIfTI ({type(err).__name__}: {err})") from err
     if len(shape) != 4:
         raise DimensionError(f"{spec.path}: expected a 4D image (x, y, z, time), got shape {shape}")
-    check_finite_volumes(img, spec.path)
+    img = load_checked(img, spec.path)
     atlas_img = nib.load(atlas.image)
     if not cleaning.resample_atlas:
         check_geometry(img, atlas_img, spec.path, atlas.image)
@@ -231,20 +231,22 @@ def clean_array(signal_RT: np.ndarray, spec: RecordingSpec, cleaning: Cleaning, 
     return np.ascontiguousarray(cleaned.T, dtype=np.float32)
 
 
-def check_finite_volumes(img, path: str) -> None:
-    """nilearn sets non-finite voxels to 0 before averaging: refuse them first, naming the volumes."""
-    data = img.dataobj
-    bad = []
-    for t in range(img.shape[3]):
-        vol = np.asanyarray(data[..., t])
-        if not np.isfinite(vol).all():
-            bad.append((t, int((~np.isfinite(vol)).sum())))
-    if bad:
-        shown = ", ".join(f"{t} ({n} voxels)" for t, n in bad[:8])
-        raise InputError(
-            f"{path}: {len(bad)} volume(s) hold non-finite values (NaN or inf): volume {shown}"
-            f"{' ...' if len(bad) > 8 else ''}; fix or drop them before parcellating (the masker would read them as 0)"
-        )
+def load_checked(img, path: str):
+    """The image's data read once (a compressed file read volume by volume costs a re-read per volume), refused
+    if non-finite values are present (nilearn would set them to 0 before averaging), and handed back in memory so
+    the masker does not decompress it again."""
+    data = np.asanyarray(img.dataobj)
+    if np.issubdtype(data.dtype, np.floating):
+        finite_T = np.isfinite(data).reshape(-1, data.shape[3], order="F").all(axis=0)
+        if not finite_T.all():
+            bad = [(int(t), int((~np.isfinite(data[..., t])).sum())) for t in np.flatnonzero(~finite_T)]
+            shown = ", ".join(f"{t} ({n} voxels)" for t, n in bad[:8])
+            raise InputError(
+                f"{path}: {len(bad)} volume(s) hold non-finite values (NaN or inf): volume {shown}"
+                f"{' ...' if len(bad) > 8 else ''}; fix or drop them before parcellating (the masker would read them "
+                "as 0)"
+            )
+    return img.__class__(data, img.affine, img.header)
 
 
 def resample_time(signal_RT: np.ndarray, tr: float, target_tr: float) -> np.ndarray:
