@@ -237,9 +237,8 @@ def load_checked(img, path: str):
     the masker does not decompress it again."""
     data = np.asanyarray(img.dataobj)
     if np.issubdtype(data.dtype, np.floating):
-        finite_T = np.isfinite(data).reshape(-1, data.shape[3], order="F").all(axis=0)
-        if not finite_T.all():
-            bad = [(int(t), int((~np.isfinite(data[..., t])).sum())) for t in np.flatnonzero(~finite_T)]
+        bad = [(t, int(n)) for t in range(data.shape[3]) if (n := data[..., t].size - np.isfinite(data[..., t]).sum())]
+        if bad:
             shown = ", ".join(f"{t} ({n} voxels)" for t, n in bad[:8])
             raise InputError(
                 f"{path}: {len(bad)} volume(s) hold non-finite values (NaN or inf): volume {shown}"
