@@ -564,3 +564,49 @@ def test_gpu_saved_model_loads_on_cpu(batch, tmp_path):
     torch.testing.assert_close(loaded.encode(*batch)[0], cpu_model.encode(*batch)[0])
     on_gpu = BrainLM.from_pretrained(tmp_path, map_location="cuda")
     assert next(on_gpu.parameters()).is_cuda
+
+
+# ---------------------------------------------------------------- the decoder's Gaussian prior
+
+
+def test_gaussian_prior_starts_at_the_prior_and_learns_a_correction(batch, tmp_path):
+    """An untrained model with `decoder_prior: gaussian` predicts the prior exactly (zero correction); the prior's
+    statistics travel with the weights; another atlas falls back to the window's own covariance."""
+    from brainlm.model import prior
+
+    signal, coords = batch
+    model = build(decoder_prior="gaussian", prior_ridge=0.05, prior_shrinkage=0.5)
+    train = torch.randn(40, R, T) @ torch.randn(T, T) * 0.1 + torch.randn(R)[None, :, None]
+    model.fit_prior(train, coords)
+    mu, cov = prior.fit(train)
+    out = model(signal, coords)
+    mask_BRN = out.mask_BL.reshape(B, R, N)
+    expected = model.patchify(prior.impute(signal, mask_BRN, mu, cov, P, 0.05, 0.5))
+    assert torch.allclose(out.pred_BLP, expected, atol=1e-6)
+    other = model(signal, coords + 5.0, mask_BL=out.mask_BL).pred_BLP  # another atlas: the window's own covariance
+    own = model.patchify(prior.impute(signal, mask_BRN, None, None, P, 0.05, 0.5))
+    assert torch.allclose(other, own, atol=1e-6) and not torch.allclose(other, expected, atol=1e-3)
+    out.loss.backward()  # the correction learns: the zero head gets a gradient, and after one step so does the rest
+    assert model.decoder_pred.weight.grad.abs().sum() > 0
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
+    model(signal, coords).loss.backward()
+    assert model.decoder_prior_embed.weight.grad.abs().sum() > 0
+
+    model.save_pretrained(tmp_path / "m")
+    loaded = BrainLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.prior_cov_RR, model.prior_cov_RR)
+    assert torch.equal(
+        loaded(signal, coords, mask_BL=out.mask_BL).pred_BLP, model(signal, coords, mask_BL=out.mask_BL).pred_BLP
+    )
+
+
+def test_gaussian_prior_errors():
+    with pytest.raises(ConfigError, match="norm_target"):
+        tiny(decoder_prior="gaussian", norm_target=True)
+    with pytest.raises(ConfigError, match=r"`model\.prior_shrinkage` must be in"):
+        tiny(decoder_prior="gaussian", prior_shrinkage=1.5)
+    with pytest.raises(InputError, match="no prior to fit"):
+        build().fit_prior(torch.zeros(2, R, T), torch.zeros(R, 3))
+    with pytest.raises(DimensionError, match=r"sized for `model\.num_parcels` = 7"):
+        build(decoder_prior="gaussian").fit_prior(torch.zeros(2, R + 1, T), torch.zeros(R + 1, 3))

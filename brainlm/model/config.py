@@ -15,6 +15,7 @@ BLOCK_NORMS = ("pre", "post")
 TEMPORAL_LAYOUTS = ("halves", "interleaved")
 DECODER_HEADS = ("linear", "mlp")
 DECODER_ATTENTIONS = ("joint", "factorized")
+DECODER_PRIORS = ("none", "gaussian")
 NON_NEGATIVE = {"value_conv_kernel"}  # int fields where 0 means off
 # Keys older exported configs carry that are no longer model fields: activation checkpointing is a training choice
 # now (`train.activation_checkpointing`), not part of what a model computes.
@@ -81,6 +82,15 @@ class ModelConfig:
     coordinates' parcel count at run time, not to an atlas)."""
     decoder_head: str = "linear"
     """linear: Linear(E -> P) (MAE) | mlp: Linear(E -> E/2) -> LeakyReLU(0.1) -> Linear(E/2 -> P) (the paper)."""
+    decoder_prior: str = "none"
+    """none: masked tokens enter the decoder as the mask token (MAE) | gaussian: each masked patch also carries a
+    linear Gaussian imputation from the visible parcels (the training split's covariance shrunk toward the
+    window's own: the adaptive baseline, brainlm/model/prior.py), and the decoder predicts the correction to it.
+    The prior's statistics are fitted on the training split when pretraining starts."""
+    prior_ridge: float = 0.1
+    """lam of the Gaussian prior: ridge on the visible parcels' covariance, in units of its mean variance."""
+    prior_shrinkage: float = 0.25
+    """alpha of the Gaussian prior: weight of the window's own covariance against the training split's, in [0, 1]."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # f.type is a string: annotations are postponed above
@@ -114,6 +124,15 @@ class ModelConfig:
             raise ConfigError(f"`model.dropout` must be in [0, 1), got {self.dropout!r}")
         if not self.layer_norm_eps > 0.0:
             raise ConfigError(f"`model.layer_norm_eps` must be positive, got {self.layer_norm_eps!r}")
+        if not self.prior_ridge > 0.0:
+            raise ConfigError(f"`model.prior_ridge` must be positive, got {self.prior_ridge!r}")
+        if not 0.0 <= self.prior_shrinkage <= 1.0:
+            raise ConfigError(f"`model.prior_shrinkage` must be in [0, 1], got {self.prior_shrinkage!r}")
+        if self.decoder_prior == "gaussian" and self.norm_target:
+            raise ConfigError(
+                "`model.decoder_prior: gaussian` predicts a correction to values, and `model.norm_target` makes the "
+                "targets per-patch normalised: turn one of them off"
+            )
         if self.value_conv_kernel and self.value_conv_kernel % 2 == 0:
             raise ConfigError(
                 f"`model.value_conv_kernel` must be 0 or odd (a centred kernel), got {self.value_conv_kernel}"
@@ -126,6 +145,7 @@ class ModelConfig:
             ("temporal_layout", TEMPORAL_LAYOUTS),
             ("decoder_head", DECODER_HEADS),
             ("decoder_attention", DECODER_ATTENTIONS),
+            ("decoder_prior", DECODER_PRIORS),
         ):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"`model.{name}` must be one of {', '.join(choices)}; got {getattr(self, name)!r}")

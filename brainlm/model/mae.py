@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from brainlm.exceptions import DimensionError, InputError
-from brainlm.model import io
+from brainlm.model import io, prior
 from brainlm.model.config import ModelConfig
 from brainlm.model.layers import Block, FactorizedBlock, FourierCoordEncoder, sincos_1d
 from brainlm.model.masking import num_kept, sample_mask
@@ -95,6 +95,14 @@ class BrainLM(nn.Module):
             self.decoder_pred = nn.Sequential(nn.Linear(E, E // 2), nn.LeakyReLU(0.1), nn.Linear(E // 2, c.patch_size))
         else:
             self.decoder_pred = nn.Linear(E, c.patch_size)
+        # The Gaussian prior (brainlm/model/prior.py): its statistics are buffers (saved with the weights, filled by
+        # `fit_prior`), the imputed patch is embedded into the masked tokens, and the head predicts the correction.
+        self.decoder_prior_embed = nn.Linear(c.patch_size, E) if c.decoder_prior == "gaussian" else None
+        if self.decoder_prior_embed is not None:
+            R = c.num_parcels
+            self.register_buffer("prior_mu_R", torch.zeros(R))
+            self.register_buffer("prior_cov_RR", torch.zeros(R, R))
+            self.register_buffer("prior_coords_R3", torch.zeros(R, 3))
 
         self.scaling: dict[str, Any] | None = None  # the robust-scaling statistics, set by from_pretrained
         self.extra: dict[str, Any] | None = None
@@ -113,6 +121,42 @@ class BrainLM(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if self.decoder_prior_embed is not None:  # start from the prior itself: a zero correction
+            last = self.decoder_pred[-1] if isinstance(self.decoder_pred, nn.Sequential) else self.decoder_pred
+            nn.init.zeros_(last.weight)
+
+    # ------------------------------------------------------------------ the Gaussian prior
+
+    @torch.no_grad()
+    def fit_prior(self, windows_BRT: Tensor, coords_R3: Tensor) -> None:
+        """Fit the Gaussian prior's means and covariance on training windows of the atlas at `coords_R3`."""
+        if self.decoder_prior_embed is None:
+            raise InputError("this model has no prior to fit (`model.decoder_prior` is none)")
+        R = self.config.num_parcels
+        if tuple(windows_BRT.shape[1:2]) != (R,) or tuple(coords_R3.shape) != (R, 3):
+            raise DimensionError(
+                f"the prior is sized for `model.num_parcels` = {R}; got windows {tuple(windows_BRT.shape)} and "
+                f"coordinates {tuple(coords_R3.shape)}"
+            )
+        mu_R, cov_RR = prior.fit(windows_BRT)
+        self.prior_mu_R.copy_(mu_R)
+        self.prior_cov_RR.copy_(cov_RR)
+        self.prior_coords_R3.copy_(coords_R3)
+
+    def prior_patches(self, signal_BRT: Tensor, coords_R3: Tensor, mask_BL: Tensor) -> Tensor:
+        """The Gaussian prior of every token: prior_BLP. The fitted statistics when `coords_R3` is the atlas they
+        were fitted on, else the window's own covariance only."""
+        B, R, T = signal_BRT.shape
+        c = self.config
+        same_atlas = (
+            c.num_parcels == R
+            and bool(self.prior_cov_RR.diagonal().sum() > 0)
+            and torch.allclose(coords_R3.to(self.prior_coords_R3), self.prior_coords_R3, atol=1e-3)
+        )
+        mu, cov = (self.prior_mu_R, self.prior_cov_RR) if same_atlas else (None, None)
+        mask_BRN = mask_BL.reshape(B, R, T // c.patch_size)
+        prior_BRT = prior.impute(signal_BRT, mask_BRN, mu, cov, c.patch_size, c.prior_ridge, c.prior_shrinkage)
+        return self.patchify(prior_BRT)
 
     # ------------------------------------------------------------------ tokens and positions
 
@@ -240,13 +284,25 @@ class BrainLM(nn.Module):
             x_B1KD = block(x_B1KD)
         return self.norm(x_B1KD), mask_BL, ids_restore_BL
 
-    def forward_decoder(self, latent_B1KD: Tensor, ids_restore_BL: Tensor, coords_R3: Tensor) -> Tensor:
-        """Mask tokens in, unshuffle, add decoder positions, decode all tokens: pred_BLP."""
+    def forward_decoder(
+        self,
+        latent_B1KD: Tensor,
+        ids_restore_BL: Tensor,
+        coords_R3: Tensor,
+        prior_BLP: Tensor | None = None,
+        mask_BL: Tensor | None = None,
+    ) -> Tensor:
+        """Mask tokens in, unshuffle, add decoder positions, decode all tokens: pred_BLP.
+
+        With `prior_BLP` (and `mask_BL`), the masked tokens also embed their prior patch and the head's output is
+        added to the prior."""
         x_B1KE = self.decoder_embed(latent_B1KD)
         B, L = ids_restore_BL.shape
         K, E = x_B1KE.shape[1] - 1, x_B1KE.shape[2]
         x_BLE = torch.cat([x_B1KE[:, 1:], self.mask_token.expand(B, L - K, E)], dim=1)
         x_BLE = torch.gather(x_BLE, 1, ids_restore_BL[:, :, None].expand(B, L, E))  # unshuffle
+        if prior_BLP is not None:
+            x_BLE = x_BLE + mask_BL[:, :, None].to(x_BLE.dtype) * self.decoder_prior_embed(prior_BLP.to(x_BLE.dtype))
         N = L // coords_R3.shape[0]
         x_BLE = x_BLE + self._pos_embed(coords_R3, N, self.decoder_spatial_embed, self.decoder_parcel_embed, E)
         x_B1LE = torch.cat([x_B1KE[:, :1], x_BLE], dim=1)
@@ -254,7 +310,8 @@ class BrainLM(nn.Module):
         R = coords_R3.shape[0]
         for block in self.decoder_blocks:
             x_B1LE = block(x_B1LE, R) if isinstance(block, FactorizedBlock) else block(x_B1LE)
-        return self.decoder_pred(self.decoder_norm(x_B1LE))[:, 1:]  # drop CLS
+        pred_BLP = self.decoder_pred(self.decoder_norm(x_B1LE))[:, 1:]  # drop CLS
+        return pred_BLP if prior_BLP is None else pred_BLP + prior_BLP.to(pred_BLP.dtype)
 
     def forward_loss(self, signal_BRT: Tensor, pred_BLP: Tensor, mask_BL: Tensor) -> Tensor:
         """Mean squared error over the removed tokens only (targets per-patch normalised if norm_target)."""
@@ -280,7 +337,10 @@ class BrainLM(nn.Module):
         latent_B1KD, mask_BL, ids_restore_BL = self.forward_encoder(
             signal_BRT, coords_R3, mask_ratio, mask_BL=mask_BL, generator=generator
         )
-        pred_BLP = self.forward_decoder(latent_B1KD, ids_restore_BL, coords_R3)
+        prior_BLP = None
+        if self.decoder_prior_embed is not None:
+            prior_BLP = self.prior_patches(signal_BRT, coords_R3, mask_BL)
+        pred_BLP = self.forward_decoder(latent_B1KD, ids_restore_BL, coords_R3, prior_BLP, mask_BL)
         return MAEOutput(self.forward_loss(signal_BRT, pred_BLP, mask_BL), pred_BLP, mask_BL)
 
     # ------------------------------------------------------------------ inference
@@ -339,7 +399,8 @@ class BrainLM(nn.Module):
         """Training FLOPs per sample (forward + backward = 3 x forward) at the config's window length.
 
         Counts every matmul (2 FLOPs per multiply-add) and attention's QK^T and AV, in the encoder
-        (1 + K tokens) and the decoder (1 + L tokens); norms, softmax and activations are left out."""
+        (1 + K tokens) and the decoder (1 + L tokens); norms, softmax, activations and the Gaussian prior's
+        solves are left out."""
         c = self.config
         R = num_parcels or c.num_parcels
         N, P, D, E = c.num_patches, c.patch_size, c.hidden_size, c.decoder_hidden_size
@@ -368,6 +429,7 @@ class BrainLM(nn.Module):
             + spatial(E)
             + blocks(1 + L, E, c.decoder_mlp_dim, c.decoder_num_layers)
             + 2 * (1 + L) * head  # decoder_pred
+            + (2 * (L - K) * P * E if self.decoder_prior_embed is not None else 0)  # the prior patch embedding
         )
         return 3.0 * forward
 

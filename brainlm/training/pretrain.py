@@ -93,6 +93,17 @@ def build_model(cfg: PretrainConfig, plan: Plan) -> BrainLM:
     return model
 
 
+PRIOR_FIT_WINDOWS = 512  # training windows the Gaussian prior is fitted on (as `brainlm reconstruct`'s baselines)
+
+
+def fit_prior(model: BrainLM, cfg: PretrainConfig, plan: Plan) -> None:
+    """Fit the decoder's Gaussian prior on the training split (every rank reads the same windows)."""
+    windows, _ = fixed_samples(
+        plan.manifest, plan.root, cfg.data.train_split, PRIOR_FIT_WINDOWS, plan.model.num_timepoints
+    )
+    model.fit_prior(windows, torch.tensor(plan.manifest.atlas.coords(), dtype=torch.float32))
+
+
 def build_loader(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext, start_step: int) -> TrainLoader:
     c = plan.model
     return TrainLoader(
@@ -352,6 +363,8 @@ def run(cfg: PretrainConfig, ds_config: dict | str | Path = "ds_config.json") ->
 
 def _run(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> RunResult:
     model = build_model(cfg, plan)
+    if model.decoder_prior_embed is not None:
+        fit_prior(model, cfg, plan)
     ds_resolved = resolve_ds_config(plan.ds_config, cfg, ctx.world_size, ds.bf16_supported())
     warmup = warmup_steps(cfg)
     engine = ds.initialize(

@@ -1,0 +1,75 @@
+"""The decoder's Gaussian prior (`model.decoder_prior: gaussian`): a linear imputation the transformer corrects.
+
+Each masked patch starts from the conditional expectation of a Gaussian model of the parcels at one timepoint,
+
+    E[x_M(t) | x_V(t)] = mu_M + C_MV (C_VV + lam s I)^-1 (x_V(t) - mu_V),   s = trace(C) / R,
+
+with C the training split's parcel covariance shrunk toward the window's own (its visible values, the masked ones
+imputed: C_w = (1 - alpha) C + alpha cov(window), two passes): the ``adaptive`` baseline of `brainlm reconstruct`
+(brainlm/eval/baselines.py), computed in torch for a whole batch. The decoder then predicts the correction to it.
+The baseline is the floor the model starts from, and what the model scores above it is the transformer's doing.
+
+mu and C are buffers fitted on training windows (`fit`); on another atlas (other coordinates) the prior has no
+population covariance and falls back to the window's own (C = I in the first pass).
+
+Shapes: B windows, R parcels, T timepoints, N patches, P timepoints per patch; masks are True where masked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+PASSES = 2  # re-estimations of the window's own covariance, as the adaptive baseline
+
+
+def fit(windows_BRT: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-parcel means and the parcel covariance pooled over every timepoint of the windows: (mu_R, cov_RR)."""
+    x = windows_BRT.double()
+    flat_RX = x.transpose(0, 1).reshape(x.shape[1], -1)
+    return flat_RX.mean(dim=1), torch.cov(flat_RX)
+
+
+def _spatial(xc_BNRP: Tensor, vis_BNR: Tensor, cov_BRR: Tensor, ridge: float) -> Tensor:
+    """C_MV (C_VV + ridge I)^-1 x_V for every patch of every window, batched; centred values in and out.
+
+    Masked parcels get an identity row and a zero right-hand side, so one R x R solve per patch covers any visible
+    set: z_V = (C_VV + ridge I)^-1 x_V, z_M = 0, and C z is the imputation on the masked rows."""
+    v = vis_BNR.to(cov_BRR.dtype)
+    eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+    A = v[..., :, None] * v[..., None, :] * cov_BRR[:, None] + eye * (1 - v + ridge * v)[..., None, :]
+    z = torch.linalg.solve(A, v[..., None] * xc_BNRP)
+    return torch.where(vis_BNR[..., None], xc_BNRP, cov_BRR[:, None] @ z)
+
+
+@torch.no_grad()
+def impute(
+    signal_BRT: Tensor,
+    mask_BRN: Tensor,
+    mu_R: Tensor | None,
+    cov_RR: Tensor | None,
+    patch_size: int,
+    ridge: float,
+    shrinkage: float,
+) -> Tensor:
+    """The prior for every value (the visible ones are the signal itself): prior_BRT, in the signal's dtype.
+
+    ``mu_R`` / ``cov_RR`` None: no population model (another atlas), the window's own covariance only."""
+    B, R, T = signal_BRT.shape
+    N, P = T // patch_size, patch_size
+    x = signal_BRT.double()
+    if cov_RR is None:
+        mu_R = torch.zeros(R, dtype=x.dtype, device=x.device)
+        cov_RR = torch.eye(R, dtype=x.dtype, device=x.device)
+    mu_R, cov_RR = mu_R.to(x), cov_RR.to(x)
+    scale = float(torch.diagonal(cov_RR).mean())
+    xc_BNRP = (x - mu_R[:, None]).reshape(B, R, N, P).transpose(1, 2)
+    vis_BNR = ~mask_BRN.transpose(1, 2)
+    cov_BRR = cov_RR.expand(B, R, R)
+    pred_BNRP = _spatial(xc_BNRP, vis_BNR, cov_BRR, ridge * scale)
+    for _ in range(PASSES):
+        filled_BRT = pred_BNRP.transpose(1, 2).reshape(B, R, T)
+        own_BRR = filled_BRT @ filled_BRT.transpose(1, 2) / T
+        cov_BRR = (1 - shrinkage) * cov_RR + shrinkage * own_BRR
+        pred_BNRP = _spatial(xc_BNRP, vis_BNR, cov_BRR, ridge * scale)
+    return (pred_BNRP.transpose(1, 2).reshape(B, R, T) + mu_R[:, None]).to(signal_BRT.dtype)
