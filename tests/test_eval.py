@@ -330,9 +330,9 @@ def test_attention_maps_per_condition(cohort, tmp_path):
 
 
 def test_bad_inputs_get_clear_errors(cohort, tiny_shards, tmp_path):
-    from brainlm.eval.common import load_context
+    from brainlm.eval.common import load_context, split_windows
     from brainlm.eval.finetune import FinetuneConfig, finetune
-    from brainlm.model import BrainLM, get_preset
+    from brainlm.model import BrainLM, get_preset, prior
 
     with_table = tmp_path / "table-model"
     BrainLM(get_preset("debug", num_parcels=60, learned_parcel_embedding=True)).save_pretrained(with_table)
@@ -340,6 +340,15 @@ def test_bad_inputs_get_clear_errors(cohort, tiny_shards, tmp_path):
         load_context(str(with_table), str(tiny_shards))
     # A model that places parcels by their coordinates only runs on another atlas (transfer).
     assert load_context(str(cohort["model"]), str(tiny_shards)).coords_R3.shape == (7, 3)
+    # There the decoder's Gaussian prior is refitted on the shards' training windows, as the baselines are.
+    with_prior = tmp_path / "prior-model"
+    model = BrainLM(get_preset("debug", num_parcels=60, num_timepoints=40, decoder_prior="gaussian"))
+    model.fit_prior(torch.randn(8, 60, model.config.num_timepoints), torch.randn(60, 3))
+    model.save_pretrained(with_prior)
+    ctx = load_context(str(with_prior), str(tiny_shards))
+    mu, cov = prior.fit(split_windows(ctx, "train", prior.FIT_WINDOWS)[0])
+    assert ctx.model.prior_fits(ctx.coords_R3) and torch.allclose(ctx.model.prior_cov_RR.double(), cov, atol=1e-5)
+    assert torch.allclose(ctx.model.prior_mu_R.double(), mu, atol=1e-5)
     with pytest.raises(InputError, match="'shoe_size' is not a phenotype of these shards; columns: age"):
         finetune(str(cohort["model"]), str(cohort["shards"]), tmp_path, FinetuneConfig(target="shoe_size"))
     with pytest.raises(InputError, match="labelled training subjects"):

@@ -570,12 +570,14 @@ def test_gpu_saved_model_loads_on_cpu(batch, tmp_path):
 
 
 def test_gaussian_prior_starts_at_the_prior_and_learns_a_correction(batch, tmp_path):
-    """An untrained model with `decoder_prior: gaussian` predicts the prior exactly (zero correction); the prior's
+    """With a zero correction a model with `decoder_prior: gaussian` predicts the prior exactly; the prior's
     statistics travel with the weights; another atlas falls back to the window's own covariance."""
     from brainlm.model import prior
 
     signal, coords = batch
     model = build(decoder_prior="gaussian", prior_ridge=0.05, prior_shrinkage=0.5)
+    with torch.no_grad():
+        model.decoder_pred.weight.zero_()  # a zero correction (the default init is MAE's, as the head learns faster)
     train = torch.randn(40, R, T) @ torch.randn(T, T) * 0.1 + torch.randn(R)[None, :, None]
     model.fit_prior(train, coords)
     mu, cov = prior.fit(train)
@@ -608,5 +610,39 @@ def test_gaussian_prior_errors():
         tiny(decoder_prior="gaussian", prior_shrinkage=1.5)
     with pytest.raises(InputError, match="no prior to fit"):
         build().fit_prior(torch.zeros(2, R, T), torch.zeros(R, 3))
-    with pytest.raises(DimensionError, match=r"sized for `model\.num_parcels` = 7"):
-        build(decoder_prior="gaussian").fit_prior(torch.zeros(2, R + 1, T), torch.zeros(R + 1, 3))
+    with pytest.raises(DimensionError, match=r"got windows \(2, 7, 24\) and coordinates \(8, 3\)"):
+        build(decoder_prior="gaussian").fit_prior(torch.zeros(2, R, T), torch.zeros(R + 1, 3))
+    with pytest.raises(DimensionError, match="learned parcel table"):
+        build(decoder_prior="gaussian", learned_parcel_embedding=True).fit_prior(
+            torch.zeros(2, R + 1, T), torch.zeros(R + 1, 3)
+        )
+
+
+def test_gaussian_prior_refits_on_another_atlas_and_saves_its_size(batch, tmp_path):
+    """Refitted on another atlas's windows, the prior is that atlas's (not the window-only fallback), and the model
+    saves and loads with the new size."""
+    from brainlm.model import prior
+    from brainlm.model.masking import sample_mask
+
+    _, coords = batch
+    model = build(decoder_prior="gaussian")
+    model.fit_prior(torch.randn(20, R, T), coords)
+    R2 = R + 3
+    signal2, coords2 = torch.randn(B, R2, T), torch.randn(R2, 3) * 40
+    train2 = torch.randn(30, R2, T) @ torch.randn(T, T) * 0.1
+    mask_BL = sample_mask(B, R2, N, 0.5, generator=torch.Generator().manual_seed(0))
+    mask_BRN = mask_BL.reshape(B, R2, N)
+    c = model.config
+    own = model.patchify(prior.impute(signal2, mask_BRN, None, None, P, c.prior_ridge, c.prior_shrinkage))
+    assert torch.allclose(model.prior_patches(signal2, coords2, mask_BL), own, atol=1e-6)
+    model.fit_prior(train2, coords2)
+    mu, cov = prior.fit(train2)
+    fitted = model.patchify(prior.impute(signal2, mask_BRN, mu, cov, P, c.prior_ridge, c.prior_shrinkage))
+    assert torch.allclose(model.prior_patches(signal2, coords2, mask_BL), fitted, atol=1e-6)
+    assert not torch.allclose(fitted, own, atol=1e-3)
+    model.save_pretrained(tmp_path / "m")
+    loaded = BrainLM.from_pretrained(tmp_path / "m")
+    assert loaded.prior_cov_RR.shape == (R2, R2)
+    assert torch.equal(
+        loaded(signal2, coords2, mask_BL=mask_BL).pred_BLP, model(signal2, coords2, mask_BL=mask_BL).pred_BLP
+    )

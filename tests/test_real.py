@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from tests.conftest import ROOT, run_cli
 
@@ -59,7 +60,7 @@ def test_a_short_run_on_real_data_beats_zero_fill_on_held_out_subjects(real, tmp
     assert manifest["splits"]["test"]["subjects"] == ["213522", "377451"]
     train = run_cli(
         "launcher/pretrain.py", "--config", "configs/pretrain/cpu-real.yaml", "--data.shards", str(tmp_path / "shards"),
-        "--train.out_dir", str(tmp_path / "run"), "--train.max_steps", "200", "--train.log_every", "50",
+        "--train.out_dir", str(tmp_path / "run"), "--train.max_steps", "100", "--train.log_every", "50",
         "--train.val_every", "0", "--train.ckpt_every", "0", "--data.num_workers", "0", "--tracking.enabled", "false",
         timeout=900,
     )  # fmt: skip
@@ -71,6 +72,16 @@ def test_a_short_run_on_real_data_beats_zero_fill_on_held_out_subjects(real, tmp
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     pooled = json.loads((tmp_path / "eval" / "metrics.json").read_text())["pooled_r2"]["random"]
-    assert pooled["model"] > pooled["zero"] + 0.2, pooled  # measured: 0.4+ after 200 steps
+    assert pooled["model"] > pooled["zero"] + 0.2, pooled
     # The linear baselines on real data are strong: the bar docs/results-real.md measures the model against.
     assert pooled["ridge"] > 0.4 and pooled["adaptive"] >= pooled["ridge"] - 0.01, pooled
+    # The recipe's decoder starts from the adaptive baseline, fitted on the training split (the windows the
+    # baselines are fitted on), and 100 steps of learning a correction do not fall below it (measured: +0.004).
+    from brainlm.eval.common import load_context, split_windows
+    from brainlm.model import prior
+
+    ctx = load_context(str(tmp_path / "run" / "model"), str(tmp_path / "shards"), "cpu")
+    mu, cov = prior.fit(split_windows(ctx, "train", 512)[0])
+    assert torch.allclose(ctx.model.prior_cov_RR.double(), cov, atol=1e-5)
+    assert torch.allclose(ctx.model.prior_mu_R.double(), mu, atol=1e-5)
+    assert pooled["model"] > pooled["adaptive"] - 0.005, pooled

@@ -79,7 +79,24 @@ def load_context(model_uri: str, shards: str, device: str | torch.device | None 
             flush=True,
         )
     coords = torch.tensor(manifest.atlas.coords(), dtype=torch.float32)
-    return Context(model, manifest, root, coords, model_dir).to(device)
+    ctx = Context(model, manifest, root, coords, model_dir)
+    if model.decoder_prior_embed is not None and not model.prior_fits(coords):
+        refit_prior(ctx)
+    return ctx.to(device)
+
+
+def refit_prior(ctx: Context, split: str = "train") -> None:
+    """Fit the decoder's Gaussian prior on the shards' own training windows: its statistics belong to an atlas,
+    and on another one they are refitted in closed form from the windows the linear baselines are fitted on
+    (without any, the prior falls back to each window's own covariance)."""
+    from brainlm.model import prior
+
+    if ctx.manifest.num_samples(split) == 0:
+        print(f"note: no {split!r} windows to fit the decoder's prior on: it uses each window's own covariance")
+        return
+    windows, _ = split_windows(ctx, split, prior.FIT_WINDOWS)
+    ctx.model.fit_prior(windows, ctx.coords_R3)
+    print(f"note: the decoder's Gaussian prior is refitted on {len(windows)} {split!r} windows of these shards")
 
 
 def split_windows(ctx: Context, split: str, limit: int | None = None) -> tuple[torch.Tensor, list[dict]]:

@@ -22,6 +22,7 @@ import torch
 from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, r2_parts, time_mask
 from brainlm.eval.common import Context, load_context, split_windows, table, write_metrics
 from brainlm.eval.metrics import fixed_masks
+from brainlm.model import prior
 from brainlm.model.config import MASKINGS
 
 METHODS = ("model", "zero", "mean", "interp", "ridge", "spatiotemporal", "adaptive")
@@ -84,7 +85,9 @@ class Baselines:
         return chosen[masking]
 
 
-def fit_baselines(ctx: Context, train_limit: int = 512, val_limit: int = 64, mask_ratio: float = 0.5) -> Baselines:
+def fit_baselines(
+    ctx: Context, train_limit: int = prior.FIT_WINDOWS, val_limit: int = 64, mask_ratio: float = 0.5
+) -> Baselines:
     """Means and the Gaussian model from training windows; ridge strengths are chosen on validation windows."""
     train, _ = split_windows(ctx, ctx_split(ctx, "train"), train_limit)
     train_np = train.numpy()

@@ -121,39 +121,59 @@ class BrainLM(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if self.decoder_prior_embed is not None:  # start from the prior itself: a zero correction
-            last = self.decoder_pred[-1] if isinstance(self.decoder_pred, nn.Sequential) else self.decoder_pred
-            nn.init.zeros_(last.weight)
 
     # ------------------------------------------------------------------ the Gaussian prior
 
+    PRIOR_BUFFERS = ("prior_mu_R", "prior_cov_RR", "prior_coords_R3")
+
     @torch.no_grad()
     def fit_prior(self, windows_BRT: Tensor, coords_R3: Tensor) -> None:
-        """Fit the Gaussian prior's means and covariance on training windows of the atlas at `coords_R3`."""
+        """Fit the Gaussian prior's means and covariance on training windows of the atlas at `coords_R3`. Any atlas:
+        the model places parcels by their coordinates, so refitting on another atlas's training windows is how a
+        pretrained model is used there (`brainlm.eval.common.load_context` does it on transfer)."""
         if self.decoder_prior_embed is None:
             raise InputError("this model has no prior to fit (`model.decoder_prior` is none)")
-        R = self.config.num_parcels
-        if tuple(windows_BRT.shape[1:2]) != (R,) or tuple(coords_R3.shape) != (R, 3):
+        R = windows_BRT.shape[1] if windows_BRT.ndim == 3 else -1
+        if R < 2 or tuple(coords_R3.shape) != (R, 3):
             raise DimensionError(
-                f"the prior is sized for `model.num_parcels` = {R}; got windows {tuple(windows_BRT.shape)} and "
-                f"coordinates {tuple(coords_R3.shape)}"
+                "the prior is fitted on windows [batch, parcels, timepoints] and their atlas's coordinates "
+                f"[parcels, 3]; got windows {tuple(windows_BRT.shape)} and coordinates {tuple(coords_R3.shape)}"
+            )
+        if self.parcel_embed is not None and self.config.num_parcels != R:
+            raise DimensionError(
+                f"the windows have {R} parcels but the learned parcel table (`model.learned_parcel_embedding`) has "
+                f"`model.num_parcels` = {self.config.num_parcels}"
             )
         mu_R, cov_RR = prior.fit(windows_BRT)
-        self.prior_mu_R.copy_(mu_R)
-        self.prior_cov_RR.copy_(cov_RR)
-        self.prior_coords_R3.copy_(coords_R3)
+        for name, value in zip(self.PRIOR_BUFFERS, (mu_R, cov_RR, coords_R3), strict=True):
+            old = self._buffers[name]
+            self._buffers[name] = value.to(device=old.device, dtype=old.dtype).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A prior refitted on another atlas has that atlas's size: take the saved statistics' shape.
+        if self.decoder_prior_embed is not None:
+            for name in self.PRIOR_BUFFERS:
+                saved = state_dict.get(prefix + name)
+                if saved is not None and saved.shape != self._buffers[name].shape:
+                    old = self._buffers[name]
+                    self._buffers[name] = torch.zeros(saved.shape, device=old.device, dtype=old.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def prior_fits(self, coords_R3: Tensor) -> bool:
+        """Whether the prior's statistics were fitted on the atlas at `coords_R3`."""
+        return (
+            self.decoder_prior_embed is not None
+            and self.prior_cov_RR.shape[0] == coords_R3.shape[0]
+            and bool(self.prior_cov_RR.diagonal().sum() > 0)
+            and torch.allclose(coords_R3.to(self.prior_coords_R3), self.prior_coords_R3, atol=1e-3)
+        )
 
     def prior_patches(self, signal_BRT: Tensor, coords_R3: Tensor, mask_BL: Tensor) -> Tensor:
         """The Gaussian prior of every token: prior_BLP. The fitted statistics when `coords_R3` is the atlas they
         were fitted on, else the window's own covariance only."""
         B, R, T = signal_BRT.shape
         c = self.config
-        same_atlas = (
-            c.num_parcels == R
-            and bool(self.prior_cov_RR.diagonal().sum() > 0)
-            and torch.allclose(coords_R3.to(self.prior_coords_R3), self.prior_coords_R3, atol=1e-3)
-        )
-        mu, cov = (self.prior_mu_R, self.prior_cov_RR) if same_atlas else (None, None)
+        mu, cov = (self.prior_mu_R, self.prior_cov_RR) if self.prior_fits(coords_R3) else (None, None)
         mask_BRN = mask_BL.reshape(B, R, T // c.patch_size)
         prior_BRT = prior.impute(signal_BRT, mask_BRN, mu, cov, c.patch_size, c.prior_ridge, c.prior_shrinkage)
         return self.patchify(prior_BRT)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 PASSES = 2  # re-estimations of the window's own covariance, as the adaptive baseline
+FIT_WINDOWS = 512  # training windows the prior is fitted on (as `brainlm reconstruct`'s baselines)
 
 
 def fit(windows_BRT: Tensor) -> tuple[Tensor, Tensor]:

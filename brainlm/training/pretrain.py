@@ -27,7 +27,7 @@ from brainlm.data.format import Manifest, load_manifest
 from brainlm.data.loader import MaskSpec, TrainLoader, fixed_samples
 from brainlm.eval.metrics import R2Sums, protocol_seeds
 from brainlm.exceptions import NonFiniteLossError, ShardError
-from brainlm.model import BrainLM, ModelConfig
+from brainlm.model import BrainLM, ModelConfig, prior
 from brainlm.model.masking import seeded_masks
 from brainlm.tracking.env import default_tracking_uri, git_sha
 from brainlm.tracking.runs import Tracker
@@ -93,15 +93,14 @@ def build_model(cfg: PretrainConfig, plan: Plan) -> BrainLM:
     return model
 
 
-PRIOR_FIT_WINDOWS = 512  # training windows the Gaussian prior is fitted on (as `brainlm reconstruct`'s baselines)
-
-
-def fit_prior(model: BrainLM, cfg: PretrainConfig, plan: Plan) -> None:
-    """Fit the decoder's Gaussian prior on the training split (every rank reads the same windows)."""
+def fit_prior(model: BrainLM, cfg: PretrainConfig, plan: Plan) -> dict[str, torch.Tensor]:
+    """Fit the decoder's Gaussian prior on the training split (every rank reads the same windows); returns its
+    fp32 statistics, which the export writes (a bf16 engine casts the module's buffers to bf16)."""
     windows, _ = fixed_samples(
-        plan.manifest, plan.root, cfg.data.train_split, PRIOR_FIT_WINDOWS, plan.model.num_timepoints
+        plan.manifest, plan.root, cfg.data.train_split, prior.FIT_WINDOWS, plan.model.num_timepoints
     )
     model.fit_prior(windows, torch.tensor(plan.manifest.atlas.coords(), dtype=torch.float32))
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("prior_")}
 
 
 def build_loader(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext, start_step: int) -> TrainLoader:
@@ -187,6 +186,7 @@ class Trainer:
         self.flops = model.flops_per_sample(plan.model.mask_ratio, plan.num_parcels)
         self.peak = cfg.train.peak_tflops or ds.peak_tflops(ctx.device)
         self._window = {"start": time.time(), "samples": 0, "wait": 0.0}
+        self.prior_state: dict[str, torch.Tensor] = {}  # the Gaussian prior's fp32 statistics, if the model has one
 
     # -- one step ------------------------------------------------------------------------------------------
 
@@ -303,7 +303,7 @@ class Trainer:
         target = self.out_dir / "model"
         if self.ctx.is_main:
             model = BrainLM(self.plan.model)
-            model.load_state_dict(state)
+            model.load_state_dict({**state, **self.prior_state})
             m = self.plan.manifest
             model.save_pretrained(
                 target,
@@ -363,8 +363,7 @@ def run(cfg: PretrainConfig, ds_config: dict | str | Path = "ds_config.json") ->
 
 def _run(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> RunResult:
     model = build_model(cfg, plan)
-    if model.decoder_prior_embed is not None:
-        fit_prior(model, cfg, plan)
+    prior_state = fit_prior(model, cfg, plan) if model.decoder_prior_embed is not None else {}
     ds_resolved = resolve_ds_config(plan.ds_config, cfg, ctx.world_size, ds.bf16_supported())
     warmup = warmup_steps(cfg)
     engine = ds.initialize(
@@ -378,6 +377,7 @@ def _run(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> RunResult:
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, plan, ctx, model, engine, dtype)
+    trainer.prior_state = prior_state
     start_step, run_id = trainer.resume()
     if start_step >= cfg.train.max_steps and (out_dir / "model" / "config.json").exists():
         if ctx.is_main:
