@@ -104,22 +104,26 @@ def test_adaptive_follows_each_windows_own_coupling():
 # ---------------------------------------------------------------- the model's Gaussian prior (brainlm/model/prior.py)
 
 
-@pytest.mark.parametrize("masking", ["random", "parcel"])
-def test_model_prior_is_the_adaptive_baseline(masking):
+@pytest.mark.parametrize(
+    ("masking", "B", "R", "T", "P"), [("random", 5, 6, 24, 4), ("parcel", 5, 6, 24, 4), ("random", 16, 300, 100, 20)]
+)
+def test_model_prior_is_the_adaptive_baseline(masking, B, R, T, P):
     """The decoder's prior, batched in torch, is the adaptive baseline to float precision: same statistics, same
-    imputation, masks of either kind (with windows where every token of a patch is masked or visible)."""
+    imputation, masks of either kind (with windows where every token of a patch is masked or visible), and at a
+    training batch of 300 parcels (the Cholesky solve; the batched LU it replaced returned garbage pivots under
+    multi-threaded MKL on a batch of the synthetic cohort, a failure that depends on the data and the threads and
+    that these AR windows do not trigger)."""
     from brainlm.model import prior
 
-    R, T, P = 6, 24, 4
     train = ar_windows(64, R, T, 0.8, 0.9)
-    test = ar_windows(5, R, T, 0.8, 0.9, seed=3) * np.linspace(0.5, 2.0, R)[None, :, None]  # its own covariance
+    test = ar_windows(B, R, T, 0.8, 0.9, seed=3) * np.linspace(0.5, 2.0, R)[None, :, None]  # its own covariance
     g = GaussianImputer(train, max_lag=P)
     mu, cov = prior.fit(torch.from_numpy(train))
     np.testing.assert_allclose(mu.numpy(), g.mu_R, atol=1e-12)
     np.testing.assert_allclose(cov.numpy(), g.cov_RR, atol=1e-12)
-    mask = fixed_masks(5, R, T // P, 0.5, masking)
+    mask = fixed_masks(B, R, T // P, 0.5, masking)
     tmask = time_mask(mask, R, T // P, P)
-    ours = prior.impute(torch.from_numpy(test), mask.reshape(5, R, T // P), mu, cov, P, 0.1, 0.5).numpy()
+    ours = prior.impute(torch.from_numpy(test), mask.reshape(B, R, T // P), mu, cov, P, 0.1, 0.5).numpy()
     theirs = g.adaptive(test, tmask, P, 0.1, 0.5)
     np.testing.assert_allclose(ours, theirs, atol=1e-9)
     np.testing.assert_allclose(ours[~tmask], test[~tmask], atol=1e-12)  # visible values: the signal itself
