@@ -81,7 +81,7 @@ def test_a_short_run_on_real_data_beats_zero_fill_on_held_out_subjects(real, tmp
     from brainlm.model import prior
 
     ctx = load_context(str(tmp_path / "run" / "model"), str(tmp_path / "shards"), "cpu")
-    mu, cov = prior.fit(split_windows(ctx, "train", 512)[0])
+    mu, cov = prior.fit(split_windows(ctx, "train", prior.FIT_WINDOWS)[0])
     assert torch.allclose(ctx.model.prior_cov_RR.double(), cov, atol=1e-5)
     assert torch.allclose(ctx.model.prior_mu_R.double(), mu, atol=1e-5)
     assert pooled["model"] > pooled["adaptive"] - 0.005, pooled

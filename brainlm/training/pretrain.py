@@ -100,7 +100,7 @@ def fit_prior(model: BrainLM, cfg: PretrainConfig, plan: Plan) -> dict[str, torc
         plan.manifest, plan.root, cfg.data.train_split, prior.FIT_WINDOWS, plan.model.num_timepoints
     )
     model.fit_prior(windows, torch.tensor(plan.manifest.atlas.coords(), dtype=torch.float32))
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("prior_")}
+    return {name: getattr(model, name).detach().clone() for name in BrainLM.PRIOR_BUFFERS}
 
 
 def build_loader(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext, start_step: int) -> TrainLoader:
@@ -174,7 +174,16 @@ class Trainer:
     """One rank's training: ``step`` (an optimizer step over grad_accum micro-batches), ``log``, ``validate``,
     ``checkpoint``, ``export``; ``fit`` runs them to ``train.max_steps``."""
 
-    def __init__(self, cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext, model: BrainLM, engine, dtype) -> None:
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        plan: Plan,
+        ctx: ds.DistContext,
+        model: BrainLM,
+        engine,
+        dtype,
+        prior_state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.cfg, self.plan, self.ctx, self.model, self.engine, self.dtype = cfg, plan, ctx, model, engine, dtype
         self.out_dir = Path(cfg.train.out_dir)
         self.coords_R3 = torch.tensor(plan.manifest.atlas.coords(), device=ctx.device, dtype=dtype)
@@ -186,7 +195,7 @@ class Trainer:
         self.flops = model.flops_per_sample(plan.model.mask_ratio, plan.num_parcels)
         self.peak = cfg.train.peak_tflops or ds.peak_tflops(ctx.device)
         self._window = {"start": time.time(), "samples": 0, "wait": 0.0}
-        self.prior_state: dict[str, torch.Tensor] = {}  # the Gaussian prior's fp32 statistics, if the model has one
+        self.prior_state = prior_state or {}  # the Gaussian prior's fp32 statistics, if the model has one
 
     # -- one step ------------------------------------------------------------------------------------------
 
@@ -376,8 +385,7 @@ def _run(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> RunResult:
     out_dir = Path(cfg.train.out_dir)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, plan, ctx, model, engine, dtype)
-    trainer.prior_state = prior_state
+    trainer = Trainer(cfg, plan, ctx, model, engine, dtype, prior_state)
     start_step, run_id = trainer.resume()
     if start_step >= cfg.train.max_steps and (out_dir / "model" / "config.json").exists():
         if ctx.is_main:
