@@ -26,10 +26,11 @@ def test_spatiotemporal_is_the_exact_gaussian_conditional():
     R, T, P = 3, 12, 4
     x = ar_windows(400, R, T, 0.8, 0.7)
     g = GaussianImputer(x, max_lag=T)
-    test = ar_windows(2, R, T, 0.8, 0.7, seed=1)
-    mask = torch.zeros(2, R * (T // P), dtype=torch.bool)
+    test = ar_windows(3, R, T, 0.8, 0.7, seed=1)
+    mask = torch.zeros(3, R * (T // P), dtype=torch.bool)
     mask[0, [1, 4, 5]] = True  # parcel 0 patch 1 (both neighbours visible), parcel 1 patches 1-2 (one gap)
     mask[1, [0, 3, 6, 7]] = True  # patch 0 of every parcel (no neighbour before), parcel 2 patches 0-1
+    mask[2, [1, 6, 7, 8]] = True  # parcel 2 never visible (no neighbour) beside parcel 0 with both neighbours
     tmask = time_mask(mask, R, T // P, P)
     lam = 0.05
     pred = g.spatiotemporal(test, tmask, P, lam)
@@ -37,7 +38,7 @@ def test_spatiotemporal_is_the_exact_gaussian_conditional():
     def cov(i: int, t: int, j: int, s: int) -> float:
         return g.full[s - t + g.offset][i, j]
 
-    for b in range(2):
+    for b in range(3):
         for r in range(R):
             for t in range(T):
                 if not tmask[b, r, t]:

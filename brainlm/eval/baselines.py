@@ -27,7 +27,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-MAX_SYSTEM_BYTES = 256 * 2**20  # batched solves are chunked to about this much memory
 REACH = 2  # the spatio-temporal baseline looks this many patches away for a visible patch of the parcel
 
 
@@ -146,51 +145,65 @@ class GaussianImputer:
                         before[~tokens_BRN[b, masked, n - d]] = d
                     if n + d < N:
                         after[~tokens_BRN[b, masked, n + d]] = d
-                for db, da in sorted(set(zip(before.tolist(), after.tolist(), strict=True))):
-                    group = masked[(before == db) & (after == da)]
+                groups = []  # (rows of ``masked``, the neighbouring timepoints S they share)
+                for db, da in sorted(set(zip(before.tolist(), after.tolist(), strict=True)) - {(0, 0)}):
                     patches = ([n - db] if db else []) + ([n + da] if da else [])
-                    S = np.concatenate([np.arange(m * P, (m + 1) * P) for m in patches] or [np.zeros(0, int)])
-                    out[b, group, n * P : (n + 1) * P] = self._condition(x[b], group, vis, S, n * P, P, lam)
+                    S = np.concatenate([np.arange(m * P, (m + 1) * P) for m in patches])
+                    groups.append((np.flatnonzero((before == db) & (after == da)), S))
+                out[b, masked, n * P : (n + 1) * P] = self._condition(x[b], masked, vis, groups, n * P, P, lam)
         return out
 
     def _condition(
-        self, x_RT: np.ndarray, group: np.ndarray, vis: np.ndarray, S: np.ndarray, t0: int, P: int, lam: float
+        self,
+        x_RT: np.ndarray,
+        masked: np.ndarray,
+        vis: np.ndarray,
+        groups: list[tuple[np.ndarray, np.ndarray]],
+        t0: int,
+        P: int,
+        lam: float,
     ) -> np.ndarray:
-        """E[x_r(t) | x_V(t), x_r(S)] for r in ``group``, t in [t0, t0 + P): [G, P]."""
-        G, V, s = len(group), len(vis), len(S)
-        if V == 0 and s == 0:
-            return np.repeat(self.mu_R[group, None], P, axis=1)
+        """E[x_r(t) | x_V(t), x_r(S_r)] for the masked parcels r at t in [t0, t0 + P): [M, P].
+
+        The joint system over [x_V(t), x_r(S)] is solved by blocks. Its V x V block A = C_VV + lam s I is the same
+        for every r and t and is solved once. The rest reduces to a small Schur complement per (r, t), of size
+        |S| (up to 2 patches). With B = Cov(x_V(t), x_r(S)), y = Cov(., x_r(t)) and f the centred features:
+            E = mu_r + y_V' A^-1 f_V + (y_S - B' A^-1 y_V)' (D - B' A^-1 B)^-1 (f_S - B' A^-1 f_V),
+        D = Cov(x_r(S), x_r(S)) + lam s I. The columns of B are lagged covariances C(S_j - t)[V, r], and within
+        a group (shared S) the lags S_j - t take at most 4P - 2 values: A^-1 is applied to those columns only."""
+        mu, full, off = self.mu_R, self.full, self.offset
+        ridge = lam * self.scale
+        V = len(vis)
         t_P = np.arange(t0, t0 + P)
-        mu = self.mu_R
-        full, off = self.full, self.offset
-        out = np.empty((G, P))
-        F = V + s
-        chunk = max(1, int(MAX_SYSTEM_BYTES // (8 * P * F * (F + 1))))
-        for lo in range(0, G, chunk):
-            rs = group[lo : lo + chunk]
-            g = len(rs)
-            A = np.zeros((g, P, F, F))
-            y = np.zeros((g, P, F))
-            f = np.zeros((g, P, F))
-            if V:
-                A[:, :, :V, :V] = self.cov_RR[np.ix_(vis, vis)]
-                y[:, :, :V] = self.cov_RR[np.ix_(vis, rs)].T[:, None, :]
-                f[:, :, :V] = (x_RT[vis][:, t_P] - mu[vis, None]).T[None]
-            if s:
-                # Cov(x_V(t), x_r(S)) = C(S - t)[V, r]
-                lag_PS = S[None, :] - t_P[:, None] + off
-                vr = full[:, vis][:, :, rs]  # [lags, V, g]
-                A_gPVS = vr[lag_PS].transpose(3, 0, 2, 1)  # [P, S, V, g] -> [g, P, V, S]
-                if V:
-                    A[:, :, :V, V:] = A_gPVS
-                    A[:, :, V:, :V] = A_gPVS.transpose(0, 1, 3, 2)
-                diag = full[:, rs, rs]  # [lags, g]: C_rr(lag)
-                A[:, :, V:, V:] = diag[S[None, :] - S[:, None] + off].transpose(2, 0, 1)[:, None]
-                y[:, :, V:] = diag[t_P[:, None] - S[None, :] + off].transpose(2, 0, 1)  # Cov(x_r(S), x_r(t))
-                f[:, :, V:] = (x_RT[rs][:, S] - mu[rs, None])[:, None, :]
-            A += lam * self.scale * np.eye(F)
-            w = np.linalg.solve(A, y[..., None])[..., 0]
-            out[lo : lo + g] = mu[rs, None] + (w * f).sum(-1)
+        f_VP = x_RT[vis][:, t_P] - mu[vis, None]
+        C_VM = self.cov_RR[np.ix_(vis, masked)]
+        # Every group's distinct lagged columns L [lags, V, g] beside C_VM, through one solve with A.
+        lagged = []
+        for rows, S in groups:
+            lags, idx_PS = np.unique(S[None, :] - t_P[:, None], return_inverse=True)
+            L = full[np.ix_(lags + off, vis, masked[rows])].astype(np.float64)
+            lagged.append((L, idx_PS.reshape(P, len(S))))
+        rhs = np.concatenate([C_VM, *(L.transpose(1, 0, 2).reshape(V, len(L) * L.shape[2]) for L, _ in lagged)], axis=1)
+        K_rhs = np.linalg.solve(self.cov_RR[np.ix_(vis, vis)] + ridge * np.eye(V), rhs) if V else np.zeros_like(rhs)
+        out = mu[masked, None] + K_rhs[:, : len(masked)].T @ f_VP
+        col = len(masked)
+        for (rows, S), (L, idx_PS) in zip(groups, lagged, strict=True):
+            rs = masked[rows]
+            nl, _, g = L.shape
+            KL_gVl = K_rhs[:, col : col + nl * g].reshape(V, nl, g).transpose(2, 0, 1)  # A^-1 B's columns
+            L_glV = L.transpose(2, 0, 1)
+            col += nl * g
+            diag = full[:, rs, rs].astype(np.float64)  # [lags, g]: C_rr(lag)
+            # Schur complements [g, P, s, s]: D - B' A^-1 B, B' A^-1 B gathered from the distinct lags.
+            BKB = L_glV @ KL_gVl
+            schur = diag[S[None, :] - S[:, None] + off].transpose(2, 0, 1)[:, None] + ridge * np.eye(len(S))
+            schur = schur - BKB[:, idx_PS[:, :, None], idx_PS[:, None, :]]
+            # u = f_S - B' A^-1 f_V and v = y_S - B' A^-1 y_V: [g, P, s].
+            BKf = (KL_gVl.transpose(0, 2, 1) @ f_VP)[:, idx_PS, np.arange(P)[:, None]]
+            u = (x_RT[rs][:, S] - mu[rs, None])[:, None, :] - BKf
+            BKy = np.einsum("gvl,vg->gl", KL_gVl, C_VM[:, rows], optimize=True)[:, idx_PS]
+            v = diag[t_P[:, None] - S[None, :] + off].transpose(2, 0, 1) - BKy
+            out[rows] += (v * np.linalg.solve(schur, u[..., None])[..., 0]).sum(-1)
         return out
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, r2_parts, time_mask
 from brainlm.eval.common import Context, load_context, split_windows, table, write_metrics
@@ -80,7 +81,8 @@ class Baselines:
             method_name, grid = LINEAR[name]
             method = getattr(self.gaussian, method_name)
             candidates = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-            scores = [r2_parts(method(self.val_BRT, tmask, P, **c), self.val_BRT, tmask)[0] for c in candidates]
+            bar = tqdm(candidates, desc=f"{name}: settings on {len(self.val_BRT)} val windows", leave=False)
+            scores = [r2_parts(method(self.val_BRT, tmask, P, **c), self.val_BRT, tmask)[0] for c in bar]
             chosen[masking] = candidates[int(np.argmax(scores))]
         return chosen[masking]
 
@@ -140,7 +142,8 @@ def reconstruct(
         mask_BL = fixed_masks(B, R, N, ratio, masking)
         tmask = time_mask(mask_BL, R, N, P)
         preds = {"model": model_predict(ctx, x, mask_BL)}
-        preds |= {name: baselines.predict(name, x_np, tmask, P, masking) for name in METHODS[1:]}
+        for name in tqdm(METHODS[1:], desc=f"baselines, {masking} masking", unit="baseline", leave=False):
+            preds[name] = baselines.predict(name, x_np, tmask, P, masking)
         metrics["pooled_r2"][masking], metrics["per_parcel_r2"][masking] = {}, {}
         for name, pred in preds.items():
             pooled, per = r2_parts(pred, x_np, tmask)
