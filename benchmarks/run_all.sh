@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/run_all.sh [OUT_DIR]        # default OUT_DIR: bench-results/   (`make bench` runs this)
 #
-# About 15 minutes on a quiet 2-core CPU: bench_model ~3-4 min, bench_pretrain ~7-8 min, bench_data_prep ~3 min.
+# About 20 minutes on a quiet 2-core CPU: bench_model ~3-4 min, bench_pretrain ~7-8 min, bench_data_prep ~3 min,
+# bench_baselines ~4 min.
 # Each runs as a module (python -m benchmarks.bench_NAME) from the repository root.
 # Environment: PYTHON (default: .venv/bin/python if present, else python), BENCH_WAIT_QUIET (seconds each
 # benchmark first waits for other processes to leave the CPU; default 0), BENCH_SKIP_MODEL=1 (reuse
@@ -45,4 +46,8 @@ echo "$(stamp) benchmarks.bench_data_prep"
 "$PYTHON" -m benchmarks.bench_data_prep --work "$WORK/data_prep" --wait-quiet "$WAIT" --out "$OUT/data_prep.json" \
     --pretrain-json "$OUT/pretrain.json" --model-json "$OUT/model.json" 2>&1 | tee "$OUT/data_prep.log"
 
-echo "$(stamp) done: $OUT/{model,pretrain,data_prep}.json"
+# 4. The reconstruction baselines: the spatio-temporal solve, blocked beside dense, at 94 and 300 parcels.
+echo "$(stamp) benchmarks.bench_baselines"
+"$PYTHON" -m benchmarks.bench_baselines --out "$OUT/baselines.json" 2>&1 | tee "$OUT/baselines.log"
+
+echo "$(stamp) done: $OUT/{model,pretrain,data_prep,baselines}.json"
