@@ -85,3 +85,14 @@ def test_a_short_run_on_real_data_beats_zero_fill_on_held_out_subjects(real, tmp
     assert torch.allclose(ctx.model.prior_cov_RR.double(), cov, atol=1e-5)
     assert torch.allclose(ctx.model.prior_mu_R.double(), mu, atol=1e-5)
     assert pooled["model"] > pooled["adaptive"] - 0.005, pooled
+    # scripts/real_ceiling.py measures the ridge imputation on the same protocol: with every training subject it
+    # is reconstruct's ridge column; the held-out subject's own other windows are worth more (measured: +0.09).
+    ceiling = run_cli(
+        "scripts/real_ceiling.py", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "ceiling.json")
+    )
+    assert ceiling.returncode == 0, ceiling.stderr[-3000:]
+    random = json.loads((tmp_path / "ceiling.json").read_text())["random"]
+    curve = list(random["k_training_subjects"].values())
+    assert len(curve) == 4 and curve == sorted(curve), random
+    assert abs(curve[-1] - pooled["ridge"]) < 1e-6, (random, pooled)
+    assert random["own_subject"] > pooled["ridge"] + 0.05, random

@@ -1,0 +1,76 @@
+"""Where the information to reconstruct a held-out real window lies: the ridge imputation (the visible parcels at
+the same timepoints) under three covariances, on the evaluation protocol of ``brainlm reconstruct``.
+
+    python scripts/real_ceiling.py --shards real/shards [--out real-results/ceiling.json]
+
+- ``k training subjects``: the covariance of k of the training subjects' windows (the mean over every choice of
+  k), for k = 1 .. all: how the population prior improves with more subjects.
+- ``own subject``: each test window's covariance from its own subject's *other* windows (not the window itself):
+  what knowing the subject's connectivity is worth, information a single window does not hold.
+The ridge strength is chosen on the validation windows with the training covariance, as ``reconstruct`` does.
+No model is involved; see docs/results-real.md for the figures and what they say.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from brainlm.data.format import load_manifest
+from brainlm.data.loader import fixed_samples
+from brainlm.eval.baselines import GaussianImputer, r2_parts, time_mask
+from brainlm.eval.metrics import fixed_masks
+from brainlm.eval.reconstruct import LAMBDAS
+
+
+def windows(shards: str, split: str, T: int) -> tuple[np.ndarray, np.ndarray]:
+    manifest, root = load_manifest(shards)
+    x, meta = fixed_samples(manifest, root, split, manifest.num_samples(split), T)
+    return x.numpy().astype(np.float64), np.array([m["subject"] for m in meta])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", required=True, help="shards built by data_prep build (train / val / test splits)")
+    ap.add_argument("--timepoints", type=int, default=100, help="window length (the model's num_timepoints)")
+    ap.add_argument("--patch-size", type=int, default=20)
+    ap.add_argument("--mask-ratio", type=float, default=0.5)
+    ap.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = ap.parse_args(argv)
+    T, P = args.timepoints, args.patch_size
+    (train, train_s), (val, _), (test, test_s) = (windows(args.shards, s, T) for s in ("train", "val", "test"))
+    R, N = test.shape[1], T // P
+    subjects = sorted(set(train_s))
+    result: dict = {"windows": {"train": len(train), "val": len(val), "test": len(test)}, "subjects": len(subjects)}
+    for masking in ("random", "parcel"):
+        tmask_val = time_mask(fixed_masks(len(val), R, N, args.mask_ratio, masking), R, N, P)
+        tmask = time_mask(fixed_masks(len(test), R, N, args.mask_ratio, masking), R, N, P)
+        full = GaussianImputer(train, max_lag=1)
+        lam = max(LAMBDAS, key=lambda v: r2_parts(full.spatial(val, tmask_val, P, v), val, tmask_val)[0])
+        row: dict = {"lam": lam, "k_training_subjects": {}}
+        for k in range(1, len(subjects) + 1):
+            scores = [
+                r2_parts(GaussianImputer(train[np.isin(train_s, c)], 1).spatial(test, tmask, P, lam), test, tmask)[0]
+                for c in itertools.combinations(subjects, k)
+            ]
+            row["k_training_subjects"][k] = float(np.mean(scores))
+        own = np.empty_like(test)
+        for b in range(len(test)):
+            others = (test_s == test_s[b]) & (np.arange(len(test)) != b)
+            own[b] = GaussianImputer(test[others], 1).spatial(test[b : b + 1], tmask[b : b + 1], P, lam)[0]
+        row["own_subject"] = r2_parts(own, test, tmask)[0]
+        result[masking] = row
+        curve = "  ".join(f"k={k} {v:.3f}" for k, v in row["k_training_subjects"].items())
+        print(f"{masking:7s} ridge with {curve}  |  own subject's other windows {row['own_subject']:.3f}  (lam {lam})")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
