@@ -25,11 +25,15 @@ from brainlm.data.loader import fixed_samples
 from brainlm.eval.baselines import GaussianImputer, r2_parts, time_mask
 from brainlm.eval.metrics import fixed_masks
 from brainlm.eval.reconstruct import LAMBDAS
+from brainlm.model import prior
+
+# The windows reconstruct's baselines see: at most prior.FIT_WINDOWS training windows, 64 validation windows.
+LIMITS = {"train": prior.FIT_WINDOWS, "val": 64, "test": None}
 
 
-def windows(shards: str, split: str, T: int) -> tuple[np.ndarray, np.ndarray]:
-    manifest, root = load_manifest(shards)
-    x, meta = fixed_samples(manifest, root, split, manifest.num_samples(split), T)
+def windows(manifest, root: str, split: str, T: int) -> tuple[np.ndarray, np.ndarray]:
+    n = manifest.num_samples(split)
+    x, meta = fixed_samples(manifest, root, split, min(n, LIMITS[split] or n), T)
     return x.numpy().astype(np.float64), np.array([m["subject"] for m in meta])
 
 
@@ -42,14 +46,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = ap.parse_args(argv)
     T, P = args.timepoints, args.patch_size
-    (train, train_s), (val, _), (test, test_s) = (windows(args.shards, s, T) for s in ("train", "val", "test"))
+    manifest, root = load_manifest(args.shards)
+    (train, train_s), (val, _), (test, test_s) = (windows(manifest, root, s, T) for s in ("train", "val", "test"))
     R, N = test.shape[1], T // P
     subjects = sorted(set(train_s))
     result: dict = {"windows": {"train": len(train), "val": len(val), "test": len(test)}, "subjects": len(subjects)}
+    full = GaussianImputer(train, max_lag=1)
     for masking in ("random", "parcel"):
         tmask_val = time_mask(fixed_masks(len(val), R, N, args.mask_ratio, masking), R, N, P)
         tmask = time_mask(fixed_masks(len(test), R, N, args.mask_ratio, masking), R, N, P)
-        full = GaussianImputer(train, max_lag=1)
         lam = max(LAMBDAS, key=lambda v: r2_parts(full.spatial(val, tmask_val, P, v), val, tmask_val)[0])
         row: dict = {"lam": lam, "k_training_subjects": {}}
         for k in range(1, len(subjects) + 1):
