@@ -24,7 +24,7 @@ from brainlm.data.format import load_manifest
 from brainlm.data.loader import fixed_samples
 from brainlm.eval.baselines import GaussianImputer, r2_parts, time_mask
 from brainlm.eval.metrics import fixed_masks
-from brainlm.eval.reconstruct import LAMBDAS
+from brainlm.eval.reconstruct import Baselines
 from brainlm.model import prior
 
 # The windows reconstruct's baselines see: at most prior.FIT_WINDOWS training windows, 64 validation windows.
@@ -51,11 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     R, N = test.shape[1], T // P
     subjects = sorted(set(train_s))
     result: dict = {"windows": {"train": len(train), "val": len(val), "test": len(test)}, "subjects": len(subjects)}
-    full = GaussianImputer(train, max_lag=1)
+    # reconstruct's own baselines, so the ridge strength is chosen on validation exactly as there.
+    baselines = Baselines(train.mean(axis=(0, 2)), GaussianImputer(train, max_lag=1), val, args.mask_ratio, {})
     for masking in ("random", "parcel"):
-        tmask_val = time_mask(fixed_masks(len(val), R, N, args.mask_ratio, masking), R, N, P)
         tmask = time_mask(fixed_masks(len(test), R, N, args.mask_ratio, masking), R, N, P)
-        lam = max(LAMBDAS, key=lambda v: r2_parts(full.spatial(val, tmask_val, P, v), val, tmask_val)[0])
+        lam = baselines.settings_of("ridge", masking, P)["lam"]
         row: dict = {"lam": lam, "k_training_subjects": {}}
         for k in range(1, len(subjects) + 1):
             scores = [
