@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import CpuMonitor, command_line, machine, now_utc, write_json
-from brainlm.eval.baselines import REACH, GaussianImputer, r2_parts, time_mask
+from brainlm.eval.baselines import REACH, GaussianImputer, patch_groups, r2_parts, time_mask
 from brainlm.eval.metrics import fixed_masks
 
 T, P = 200, 20
@@ -49,26 +49,9 @@ def dense_spatiotemporal(g: GaussianImputer, x_BRT: np.ndarray, tmask_BRT: np.nd
     """The replaced implementation: the joint system over [x_V(t), x_r(S)], dense, for every parcel and timepoint."""
     x = x_BRT.astype(np.float64)
     out = x.copy()
-    B, _, _ = x.shape
-    N = T // P
-    tokens_BRN = tmask_BRT[:, :, ::P]
-    for b in range(B):
-        for n in range(N):
-            masked = np.flatnonzero(tokens_BRN[b, :, n])
-            if not len(masked):
-                continue
-            vis = np.flatnonzero(~tokens_BRN[b, :, n])
-            before, after = np.zeros(len(masked), int), np.zeros(len(masked), int)
-            for d in range(REACH, 0, -1):
-                if n - d >= 0:
-                    before[~tokens_BRN[b, masked, n - d]] = d
-                if n + d < N:
-                    after[~tokens_BRN[b, masked, n + d]] = d
-            for db, da in sorted(set(zip(before.tolist(), after.tolist(), strict=True))):
-                group = masked[(before == db) & (after == da)]
-                patches = ([n - db] if db else []) + ([n + da] if da else [])
-                S = np.concatenate([np.arange(m * P, (m + 1) * P) for m in patches] or [np.zeros(0, int)])
-                out[b, group, n * P : (n + 1) * P] = dense_condition(g, x[b], group, vis, S, n * P, lam)
+    for b, n, masked, vis, groups in patch_groups(tmask_BRT[:, :, ::P], P):
+        for rows, S in groups:
+            out[b, masked[rows], n * P : (n + 1) * P] = dense_condition(g, x[b], masked[rows], vis, S, n * P, lam)
     return out
 
 

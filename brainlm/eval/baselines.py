@@ -52,6 +52,31 @@ def interpolate(x_BRT: np.ndarray, tmask_BRT: np.ndarray, fallback_R: np.ndarray
     return out
 
 
+def patch_groups(tokens_BRN: np.ndarray, P: int):
+    """For each window b and token column n with masked tokens: (b, n, masked parcels, visible parcels, groups).
+    The masked parcels are grouped by the nearest visible patches of their own before and after n (up to REACH
+    away); a group is (rows of ``masked``, the timepoints S of those patches), S empty where there are none."""
+    B, _, N = tokens_BRN.shape
+    for b in range(B):
+        for n in range(N):
+            masked = np.flatnonzero(tokens_BRN[b, :, n])
+            if not len(masked):
+                continue
+            vis = np.flatnonzero(~tokens_BRN[b, :, n])
+            before, after = np.zeros(len(masked), int), np.zeros(len(masked), int)
+            for d in range(REACH, 0, -1):
+                if n - d >= 0:
+                    before[~tokens_BRN[b, masked, n - d]] = d
+                if n + d < N:
+                    after[~tokens_BRN[b, masked, n + d]] = d
+            groups = []
+            for db, da in sorted(set(zip(before.tolist(), after.tolist(), strict=True))):
+                patches = ([n - db] if db else []) + ([n + da] if da else [])
+                S = np.concatenate([np.arange(m * P, (m + 1) * P) for m in patches] or [np.zeros(0, int)])
+                groups.append((np.flatnonzero((before == db) & (after == da)), S))
+            yield b, n, masked, vis, groups
+
+
 class GaussianImputer:
     """A stationary Gaussian model of windows [R, T], fitted on training windows: means and lagged covariances up to
     ``max_lag`` timepoints ((2 REACH + 1) patches: the farthest pair the spatio-temporal baseline conditions on)."""
@@ -129,28 +154,9 @@ class GaussianImputer:
         neighbouring patches (the ``spatiotemporal`` baseline)."""
         x = x_BRT.astype(np.float64)
         out = x.copy()
-        B, _, T = x.shape
-        N = T // P
-        tokens_BRN = tmask_BRT[:, :, ::P]
-        for b in range(B):
-            for n in range(N):
-                masked = np.flatnonzero(tokens_BRN[b, :, n])
-                if not len(masked):
-                    continue
-                vis = np.flatnonzero(~tokens_BRN[b, :, n])
-                # The nearest visible patch of each masked parcel before and after n (0: none within reach).
-                before, after = np.zeros(len(masked), int), np.zeros(len(masked), int)
-                for d in range(REACH, 0, -1):
-                    if n - d >= 0:
-                        before[~tokens_BRN[b, masked, n - d]] = d
-                    if n + d < N:
-                        after[~tokens_BRN[b, masked, n + d]] = d
-                groups = []  # (rows of ``masked``, the neighbouring timepoints S they share)
-                for db, da in sorted(set(zip(before.tolist(), after.tolist(), strict=True)) - {(0, 0)}):
-                    patches = ([n - db] if db else []) + ([n + da] if da else [])
-                    S = np.concatenate([np.arange(m * P, (m + 1) * P) for m in patches])
-                    groups.append((np.flatnonzero((before == db) & (after == da)), S))
-                out[b, masked, n * P : (n + 1) * P] = self._condition(x[b], masked, vis, groups, n * P, P, lam)
+        for b, n, masked, vis, groups in patch_groups(tmask_BRT[:, :, ::P], P):
+            with_S = [(rows, S) for rows, S in groups if len(S)]  # the rest: the spatial part of _condition alone
+            out[b, masked, n * P : (n + 1) * P] = self._condition(x[b], masked, vis, with_S, n * P, P, lam)
         return out
 
     def _condition(
