@@ -7,6 +7,9 @@ the same timepoints) under three covariances, on the evaluation protocol of ``br
   k), for k = 1 .. all: how the population prior improves with more subjects.
 - ``own subject``: each test window's covariance from its own subject's *other* windows (not the window itself):
   what knowing the subject's connectivity is worth, information a single window does not hold.
+- ``own subject, k nearest windows``: the covariance of the k other windows of the subject nearest in time, shrunk
+  toward the training covariance (the weight chosen on the validation subject the same way): how much context
+  beyond the window it takes to gain what.
 The ridge strength is chosen on the validation windows with the training covariance, as ``reconstruct`` does.
 No model is involved; see docs/results-real.md for the figures and what they say.
 """
@@ -24,7 +27,7 @@ from brainlm.data.format import load_manifest
 from brainlm.data.loader import fixed_samples
 from brainlm.eval.baselines import GaussianImputer, r2_parts, time_mask
 from brainlm.eval.metrics import fixed_masks
-from brainlm.eval.reconstruct import Baselines
+from brainlm.eval.reconstruct import ALPHAS, Baselines
 from brainlm.model import prior
 
 # The windows reconstruct's baselines see: at most prior.FIT_WINDOWS training windows, 64 validation windows.
@@ -37,6 +40,30 @@ def windows(manifest, root: str, split: str, T: int) -> tuple[np.ndarray, np.nda
     return x.numpy().astype(np.float64), np.array([m["subject"] for m in meta])
 
 
+def own_subject(
+    x: np.ndarray,
+    subject: np.ndarray,
+    tmask: np.ndarray,
+    P: int,
+    lam: float,
+    k: int | None,
+    alpha: float,
+    population: GaussianImputer,
+) -> float:
+    """Ridge R^2 with each window's covariance from other windows of its subject: the ``k`` nearest in time (all
+    when None), shrunk toward ``population`` by weight 1 - ``alpha``."""
+    pred = np.empty_like(x)
+    for b in range(len(x)):
+        others = np.flatnonzero((subject == subject[b]) & (np.arange(len(x)) != b))
+        others = others[np.argsort(np.abs(others - b), kind="stable")][:k]
+        g = GaussianImputer(x[others], max_lag=1)
+        if alpha < 1:  # the spatial imputation reads mu_R, cov_RR and scale only
+            g.mu_R, g.cov_RR = population.mu_R, (1 - alpha) * population.cov_RR + alpha * g.cov_RR
+            g.scale = float(np.trace(g.cov_RR)) / len(g.cov_RR)
+        pred[b] = g.spatial(x[b : b + 1], tmask[b : b + 1], P, lam)[0]
+    return r2_parts(pred, x, tmask)[0]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", required=True, help="shards built by data_prep build (train / val / test splits)")
@@ -47,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     T, P = args.timepoints, args.patch_size
     manifest, root = load_manifest(args.shards)
-    (train, train_s), (val, _), (test, test_s) = (windows(manifest, root, s, T) for s in ("train", "val", "test"))
+    (train, train_s), (val, val_s), (test, test_s) = (windows(manifest, root, s, T) for s in ("train", "val", "test"))
     R, N = test.shape[1], T // P
     subjects = sorted(set(train_s))
     result: dict = {"windows": {"train": len(train), "val": len(val), "test": len(test)}, "subjects": len(subjects)}
@@ -63,14 +90,18 @@ def main(argv: list[str] | None = None) -> dict:
                 for c in itertools.combinations(subjects, k)
             ]
             row["k_training_subjects"][k] = float(np.mean(scores))
-        own = np.empty_like(test)
-        for b in range(len(test)):
-            others = (test_s == test_s[b]) & (np.arange(len(test)) != b)
-            own[b] = GaussianImputer(test[others], 1).spatial(test[b : b + 1], tmask[b : b + 1], P, lam)[0]
-        row["own_subject"] = r2_parts(own, test, tmask)[0]
+        row["own_subject"] = own_subject(test, test_s, tmask, P, lam, None, 1.0, baselines.gaussian)
+        tmask_val = time_mask(fixed_masks(len(val), R, N, args.mask_ratio, masking), R, N, P)
+        row["own_subject_nearest"] = {}
+        for k in (1, 2, 4):
+            alpha = max(ALPHAS, key=lambda a: own_subject(val, val_s, tmask_val, P, lam, k, a, baselines.gaussian))
+            r2 = own_subject(test, test_s, tmask, P, lam, k, alpha, baselines.gaussian)
+            row["own_subject_nearest"][k] = {"r2": r2, "alpha": alpha}
         result[masking] = row
         curve = "  ".join(f"k={k} {v:.3f}" for k, v in row["k_training_subjects"].items())
+        near = "  ".join(f"{k} {v['r2']:.3f} (alpha {v['alpha']})" for k, v in row["own_subject_nearest"].items())
         print(f"{masking:7s} ridge with {curve}  |  own subject's other windows {row['own_subject']:.3f}  (lam {lam})")
+        print(f"{'':7s} own subject's nearest windows, shrunk: {near}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
