@@ -24,7 +24,7 @@ import torch
 from brainlm.exceptions import InputError
 from brainlm.model import BrainLM, BrainLMForPrediction
 from brainlm.model import io as model_io
-from brainlm.model.inference import POOLINGS
+from brainlm.model.inference import POOLINGS, resolve_device
 
 
 def _resolve_registry(uri: str) -> Path:
@@ -39,7 +39,7 @@ for _prefix in ("models:/", "runs:/"):
 
 def default_device() -> torch.device:
     """CUDA when a GPU is present, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(None)
 
 
 def load(source: str | Path, device: str | torch.device | None = None) -> BrainLM | BrainLMForPrediction:
@@ -52,7 +52,7 @@ def load(source: str | Path, device: str | torch.device | None = None) -> BrainL
             "models:/brainlm-debug@current, or runs:/RUN_ID/model"
         )
     cls = BrainLMForPrediction if (folder / "head.json").is_file() else BrainLM
-    return cls.from_pretrained(folder).to(torch.device(device) if device else default_device()).eval()
+    return cls.from_pretrained(folder).to(resolve_device(device)).eval()
 
 
 # -- recordings on disk ------------------------------------------------------------------------------------
@@ -77,6 +77,24 @@ class Embeddings:
         np.savez(out / "embeddings.npz", ids=np.asarray(self.ids), values=self.values)
         pd.DataFrame(self.meta).to_csv(out / "embeddings.tsv", sep="\t", index=False)
         return [out / "embeddings.npz", out / "embeddings.tsv"]
+
+
+# Parcel centres of the atlas given and the model's further apart than this (mean, mm) are another atlas or order.
+ATLAS_TOLERANCE_MM = 5.0
+
+
+def _check_same_atlas(given_R3: np.ndarray, trained_R3: np.ndarray) -> None:
+    """Refuse an atlas with the model's parcel count whose parcels are not the model's, in the model's order."""
+    if given_R3.shape != trained_R3.shape or not np.isfinite(given_R3).all():
+        return  # counts are checked by the caller; an atlas without centres cannot be compared
+    gap = np.linalg.norm(given_R3 - trained_R3, axis=1)
+    if gap.mean() > ATLAS_TOLERANCE_MM:
+        worst = int(np.argmax(gap))
+        raise InputError(
+            f"the atlas given has the model's {len(gap)} parcels, but their centres lie {gap.mean():.1f} mm from the "
+            f"model's on average (parcel {worst}: {gap[worst]:.1f} mm); expected the model's atlas in its order "
+            "(extra.json's atlas): parcellate with that atlas, or reorder its labels to match"
+        )
 
 
 def embed_files(
@@ -113,6 +131,10 @@ def embed_files(
             f"the atlas given has {source.atlas.num_parcels} parcels but the model was trained on {R}; parcellate with "
             "the model's atlas"
         )
+    if source is not None and trained and trained.get("coords_mm"):
+        _check_same_atlas(np.asarray(source.atlas.coords_mm, float), np.asarray(trained["coords_mm"], float))
+    if pooling not in POOLINGS:
+        raise InputError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
     coords = None if trained else source.atlas.coords()
     ids, rows, meta, skipped = [], [], [], []
     for spec in tqdm(specs, desc="embed", unit="rec", disable=not progress):

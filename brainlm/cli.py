@@ -15,14 +15,18 @@ from brainlm.schema import add_flags, add_version, from_flags
 
 def _reconstruct(a: argparse.Namespace) -> None:
     from brainlm.eval.reconstruct import reconstruct
+    from brainlm.model.config import MASKINGS
 
-    strategies = tuple(a.masking.split(",")) if a.masking else ("random", "tube", "parcel", "future")
+    strategies = tuple(m.strip() for m in a.masking.split(",") if m.strip()) if a.masking else MASKINGS
     reconstruct(a.model, a.shards, a.out, a.split, a.mask_ratio, strategies, a.limit, a.device)
 
 
 def _embed(a: argparse.Namespace) -> None:
     if bool(a.shards) == bool(a.inputs):
-        raise BrainLMError("brainlm embed: give --shards (a built shard set) or --inputs (files or a folder), not both")
+        given = "both were given" if a.shards else "neither was given"
+        raise BrainLMError(
+            f"brainlm embed: give --shards (a built shard set) or --inputs (files or a folder), one of them; {given}"
+        )
     if a.shards:
         from brainlm.eval.embed import embed
 

@@ -113,8 +113,11 @@ def read_participants(path: Path | None) -> dict[str, dict]:
 
 
 def _bids_tr(path: Path) -> float | None:
-    sidecar = Path(str(path).replace(".nii.gz", ".json").replace(".nii", ".json"))
-    if sidecar.exists():
+    """RepetitionTime from the BIDS JSON sidecar beside a recording (``NAME.json`` for ``NAME.nii.gz`` or an
+    array ``NAME.npy``), if there is one."""
+    suffix = _suffix(path)
+    sidecar = path.with_name(path.name[: -len(suffix)] + ".json") if suffix else path.with_suffix(".json")
+    if sidecar != path and sidecar.exists():
         try:
             tr = json.loads(sidecar.read_text()).get("RepetitionTime")
         except json.JSONDecodeError as err:
@@ -153,11 +156,13 @@ def discover(
         raise InputError(f"--inputs {src}: the folder is empty; expected recordings (NIfTI, BIDS or parcel arrays)")
     atlas_resolved = Path(atlas_image).resolve() if atlas_image else None
     if kind == "auto":
-        if any(p.name.endswith(PREPROC) for p in files):
+        if (root / "recordings.tsv").exists():  # a table of parcel arrays at the root says what the folder is
+            kind = "arrays"
+        elif any(p.name.endswith(PREPROC) for p in files):
             kind = "bids"
         elif any(_suffix(p) in NIFTI and p.resolve() != atlas_resolved and "atlas" not in p.name for p in files):
             kind = "nifti"
-        elif (root / "recordings.tsv").exists() or any(_is_recording_array(p) for p in files):
+        elif any(_is_recording_array(p) for p in files):
             kind = "arrays"
         else:
             raise InputError(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from brainlm.exceptions import TRMismatchError
+from brainlm.exceptions import InputError, TRMismatchError
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
@@ -31,9 +31,15 @@ def trained(tmp_path_factory) -> dict:
     )  # fmt: skip
     assert synth.returncode == 0, synth.stderr
     build = run_cli(
-        "-m", "data_prep", "build", "--inputs", str(root / "cohort"), "--kind", "arrays", "--out", str(root / "shards"),
+        "-m",
+        "data_prep",
+        "build",
+        "--inputs",
+        str(root / "cohort"),
+        "--out",
+        str(root / "shards"),
         "--quiet",
-    )  # fmt: skip
+    )  # fmt: skip  (the folder has NIfTI volumes too: its recordings.tsv says the arrays are the recordings)
     assert build.returncode == 0, build.stderr
     uri = f"sqlite:///{root / 'mlflow.db'}"
     train = run_cli(
@@ -45,7 +51,13 @@ def trained(tmp_path_factory) -> dict:
     )  # fmt: skip
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
     recordings = sorted((root / "cohort" / "recordings").glob("sub-*.npy"))
-    return {"root": root, "model": root / "run" / "model", "uri": uri, "recordings": recordings}
+    return {
+        "root": root,
+        "model": root / "run" / "model",
+        "uri": uri,
+        "recordings": recordings,
+        "shards": root / "shards",
+    }
 
 
 def readme_example() -> str:
@@ -173,3 +185,41 @@ def test_a_plain_install_loads_and_embeds_without_the_infrastructure(trained, tm
     run = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split("\n")[:2] == ["(32,)", "[]"], run.stdout
+
+
+def test_bad_input_is_refused_with_what_to_do_and_a_loaded_model_is_accepted(trained, tmp_path):
+    import brainlm
+
+    model = brainlm.load(trained["model"], device="cpu")
+    raw_TR = np.load(trained["recordings"][0]).T.copy()
+    raw_TR[10, 3] = np.nan
+    with pytest.raises(InputError, match=r"1 non-finite value.*parcel 3 at timepoint 10"):
+        model.embed(raw_TR)
+    # A folder of arrays: the recording with a NaN is skipped with its reason, the other one embedded.
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    np.save(folder / "sub-01_task-rest_bold.npy", raw_TR.T)
+    np.save(folder / "sub-02_task-rest_bold.npy", np.load(trained["recordings"][1]))
+    table = brainlm.embed_files(model, folder)
+    assert len(table.ids) == 1
+    assert len(table.skipped) == 1 and "non-finite" in table.skipped[0]["reason"]
+    # The model's parcels in another order: the parcel count matches, the centres do not.
+    atlas = (trained["root"] / "cohort" / "atlas.tsv").read_text().splitlines()
+    (tmp_path / "reversed.tsv").write_text("\n".join([atlas[0], *atlas[:0:-1]]) + "\n")
+    with pytest.raises(InputError, match=r"centres lie .* mm from the model's"):
+        brainlm.embed_files(model, folder, atlas_table=tmp_path / "reversed.tsv")
+    shards = str(trained["shards"])
+    with pytest.raises(InputError, match=r"among random, tube, parcel, future; got randm"):
+        brainlm.reconstruct(model, shards, tmp_path / "r", strategies=("randm",))
+    with pytest.raises(InputError, match=r"no split 'tset'.*its splits are test, train, val"):
+        brainlm.reconstruct(model, shards, tmp_path / "r", split="tset", strategies=("random",))
+    with pytest.raises(InputError, match=r"--group-by 'conditon'.*expected one of .*condition"):
+        brainlm.attention(model, shards, tmp_path / "a", group_by="conditon")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match=r"sees no CUDA GPU.*--device cpu"):
+            brainlm.load(trained["model"], device="cuda")
+    # An analysis takes the model already loaded, and leaves it as it was.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = brainlm.reconstruct(model, shards, tmp_path / "r", strategies=("random",), limit=4)
+    assert metrics["model"] == "a model given in memory" and np.isfinite(metrics["pooled_r2"]["random"]["model"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

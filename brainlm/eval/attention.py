@@ -14,6 +14,7 @@ import torch
 
 from brainlm.eval.common import autocast, load_context, recordings, table, write_metrics
 from brainlm.eval.perturb import top_report
+from brainlm.exceptions import InputError
 
 
 @torch.no_grad()
@@ -45,7 +46,16 @@ def attention(
     ctx = load_context(model, shards, device)
     atlas = ctx.manifest.atlas
     groups: dict[str, list[np.ndarray]] = {}
-    for rec in recordings(ctx, split):
+    recs = recordings(ctx, split)
+    known = sorted(
+        {k for r in recs for k in r.meta if k != "phenotypes"} | {k for r in recs for k in r.meta.get("phenotypes", {})}
+    )
+    if group_by not in known:
+        raise InputError(
+            f"--group-by {group_by!r}: the recordings of the {split!r} split have no such field; "
+            f"expected one of {', '.join(known)}"
+        )
+    for rec in recs:
         value = rec.meta.get(group_by, rec.meta.get("phenotypes", {}).get(group_by))
         groups.setdefault(str(value), []).append(rec.windows_NRW)
     out = Path(out)

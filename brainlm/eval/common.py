@@ -3,6 +3,7 @@ fixed masks, the summary table and metrics.json."""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from brainlm.data.format import Manifest, load_manifest
 from brainlm.data.loader import fixed_samples
 from brainlm.exceptions import DimensionError, InputError
 from brainlm.model import BrainLM
-from brainlm.model.inference import fisher_z, window_features
+from brainlm.model.inference import TR_TOLERANCE, autocast, fisher_z, model_tr, resolve_device, window_features
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Context:
     manifest: Manifest
     root: str
     coords_R3: torch.Tensor
-    model_dir: Path
+    model_dir: Path | None  # None for a model given as an object
 
     @property
     def device(self) -> torch.device:
@@ -32,7 +33,7 @@ class Context:
 
     def to(self, device: str | torch.device | None) -> Context:
         """The model and coordinates on ``device`` (None: CUDA when available, else the CPU)."""
-        device = torch.device(device) if device else default_device()
+        device = resolve_device(device)
         self.model.to(device)
         self.coords_R3 = self.coords_R3.to(device)
         return self
@@ -46,22 +47,21 @@ class Context:
         return autocast(self.device)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def load_context(model_uri: str, shards: str, device: str | torch.device | None = None) -> Context:
+def load_context(model_uri: str | Path | BrainLM, shards: str, device: str | torch.device | None = None) -> Context:
     """The model (on ``device``: default CUDA when available) and the shard set it is evaluated on."""
     from brainlm.tracking.registry import resolve_model
 
-    model_dir = resolve_model(model_uri)
-    model = BrainLM.from_pretrained(model_dir)
+    if isinstance(model_uri, BrainLM):  # a model already loaded in a notebook: a copy, which the refit may change
+        model, model_dir, model_uri = copy.deepcopy(model_uri), None, "the model given"
+    elif isinstance(model_uri, (str, Path)):
+        model_dir = resolve_model(str(model_uri))
+        model = BrainLM.from_pretrained(model_dir)
+    else:
+        raise InputError(
+            f"model: expected a BrainLM (from brainlm.load), a model folder or a models:/ / runs:/ URI; got "
+            f"{type(model_uri).__name__}"
+            + (" (a fine-tuned model: pass its pretrained backbone)" if hasattr(model_uri, "backbone") else "")
+        )
     manifest, root = load_manifest(shards)
     R_model, R_data = model.config.num_parcels, manifest.atlas.num_parcels
     trained = (model.extra or {}).get("atlas", {})
@@ -76,6 +76,15 @@ def load_context(model_uri: str, shards: str, device: str | torch.device | None 
         print(
             f"note: {model_uri} was trained on the atlas {trained.get('name')!r} ({R_model} parcels); the shards use "
             f"{manifest.atlas.name!r} ({R_data} parcels): parcels are placed by their coordinates (transfer)",
+            flush=True,
+        )
+    trained_tr = model_tr(model)
+    if trained_tr is not None and manifest.tr is not None and abs(float(manifest.tr) - trained_tr) > TR_TOLERANCE:
+        # Evaluating on another TR is a transfer experiment, not an error; it is said, as another atlas is.
+        print(
+            f"note: {model_uri} was trained at TR {trained_tr:g} s; the shards {shards} are at TR {manifest.tr:g} s: "
+            "each patch spans another duration (transfer); rebuild the shards with --tr "
+            f"{trained_tr:g} --resample to evaluate at the model's TR",
             flush=True,
         )
     coords = torch.tensor(manifest.atlas.coords(), dtype=torch.float32)
@@ -101,6 +110,8 @@ def refit_prior(ctx: Context, split: str = "train") -> None:
 
 def split_windows(ctx: Context, split: str, limit: int | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Every crop of a split (first window of each), in manifest order: fixed evaluation windows."""
+    if split not in ctx.manifest.splits:
+        raise InputError(f"no split {split!r} in {ctx.root}; its splits are {', '.join(sorted(ctx.manifest.splits))}")
     n = ctx.manifest.num_samples(split)
     if n == 0:
         raise InputError(

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, r2_parts, time_mask
 from brainlm.eval.common import Context, load_context, split_windows, table, write_metrics
 from brainlm.eval.metrics import fixed_masks
+from brainlm.exceptions import InputError
 from brainlm.model import prior
 from brainlm.model.config import MASKINGS
 
@@ -117,6 +118,11 @@ def reconstruct(
     """Run the protocol; writes metrics.json and figures into ``out``; returns the metrics."""
     from brainlm.eval import plots
 
+    unknown = [m for m in strategies if m not in MASKINGS]
+    if unknown or not strategies:
+        raise InputError(
+            f"masking strategies must be among {', '.join(MASKINGS)}; got {', '.join(strategies) or 'none'}"
+        )
     ctx = load_context(model, shards, device)
     cfg = ctx.model.config
     ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
@@ -133,7 +139,7 @@ def reconstruct(
         "baseline_settings": baselines.chosen,
         "pooled_r2": {},
         "per_parcel_r2": {},
-        "model": str(ctx.model_dir),
+        "model": str(ctx.model_dir) if ctx.model_dir else "a model given in memory",
     }
     rows = []
     per_parcel_random = {}

@@ -78,6 +78,14 @@ def _orient(a: np.ndarray, R: int, layout: str, index: int) -> np.ndarray:
             f"recording {index}: shape {a.shape} has no axis of {R} parcels, the model's atlas; parcellate it with "
             "the atlas the model was trained on (its extra.json names it) or pass the matching coordinates"
         )
+    bad = ~np.isfinite(rt)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise InputError(
+            f"recording {index}: {int(bad.sum())} non-finite value(s) (NaN or inf) in {len(rows)} parcel(s), e.g. "
+            f"parcel {rows[0]} at timepoint {int(np.flatnonzero(bad[rows[0]])[0])}; the model needs finite values "
+            "everywhere: fix or drop those timepoints (or the parcel) before embedding or reconstructing"
+        )
     return rt
 
 
@@ -146,7 +154,8 @@ def prepare(
         if not resample:
             raise TRMismatchError(
                 f"the recording's TR is {tr:g} s but the model was trained at TR {trained_tr:g} s; resample it "
-                f"(resample=True, an anti-aliased polyphase filter) or use a model trained at {tr:g} s"
+                f"(resample=True in Python, --resample on the command line: an anti-aliased polyphase filter) or use a "
+                f"model trained at {tr:g} s"
             )
         signals = [resample_to(s, tr, trained_tr) for s in signals]
         notes.append(f"resampled from TR {tr:g} s to {trained_tr:g} s")
@@ -191,10 +200,29 @@ def _device(model: BrainLM) -> torch.device:
     return next(model.parameters()).device
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU; nothing on the CPU (fp32)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` checked (None: CUDA when a GPU is present, else the CPU)."""
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise InputError(f"device {device!r} is not a device torch knows; expected cpu, cuda or cuda:N") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"device {device!r} asked for, but this PyTorch sees no CUDA GPU (torch {torch.__version__}); "
+            "use --device cpu (device='cpu'), or install a CUDA build of torch on a machine with a GPU"
+        )
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return resolved
 
 
 @torch.no_grad()
@@ -215,7 +243,7 @@ def window_features(
     out = []
     for i in range(0, len(windows_NRW), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(windows_NRW[i : i + batch_size])).to(device)
-        with _autocast(device):
+        with autocast(device):
             cls_BD, tokens_BLD = model.encode(x, coords)
         if pooling == "cls":
             out.append(cls_BD.float().cpu().numpy())
@@ -309,7 +337,7 @@ def reconstruct(
             ratio = c.mask_ratio if mask_ratio is None else mask_ratio
             mask_BL = seeded_masks([seed * 100_003 + w for w in range(W)], R, N, ratio, masking or c.masking)
         x = torch.from_numpy(windows).to(device)
-        with _autocast(device):
+        with autocast(device):
             res = model(x, prep.coords_R3.to(device), mask_BL=mask_BL.to(device))
         pred = model.unpatchify(res.pred_BLP.float(), R).cpu().numpy()
         tmask = mask_BL.reshape(W, R, N, 1).expand(W, R, N, P).reshape(W, R, N * P).numpy()
