@@ -12,6 +12,8 @@ import sys
 from brainlm.exceptions import BrainLMError
 from brainlm.schema import add_flags, add_version, from_flags
 
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
 
 def _reconstruct(a: argparse.Namespace) -> None:
     from brainlm.eval.reconstruct import reconstruct
@@ -321,8 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except (BrainLMError, FileNotFoundError) as err:
+    except BrainLMError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except PATH_ERRORS as err:  # a path that is not what the command expected: no traceback, the path named
+        print(f"error: {err.strerror or err}: {err.filename}; check the path given", file=sys.stderr)
         return 2
     return 0
 

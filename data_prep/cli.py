@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 
+from brainlm.cli import PATH_ERRORS
 from brainlm.exceptions import BrainLMError
 from brainlm.schema import add_flags, add_version, field_docs, from_flags
 from data_prep.build import BuildConfig
@@ -119,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except BrainLMError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except PATH_ERRORS as err:
+        print(f"error: {err.strerror or err}: {err.filename}; check the path given", file=sys.stderr)
         return 2
 
 
