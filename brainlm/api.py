@@ -24,7 +24,7 @@ import torch
 from brainlm.exceptions import InputError
 from brainlm.model import BrainLM, BrainLMForPrediction
 from brainlm.model import io as model_io
-from brainlm.model.inference import POOLINGS, resolve_device
+from brainlm.model.inference import check_pooling, resolve_device
 
 
 def _resolve_registry(uri: str) -> Path:
@@ -133,8 +133,7 @@ def embed_files(
         )
     if source is not None and trained and trained.get("coords_mm"):
         _check_same_atlas(np.asarray(source.atlas.coords_mm, float), np.asarray(trained["coords_mm"], float))
-    if pooling not in POOLINGS:
-        raise InputError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+    check_pooling(pooling)
     coords = None if trained else source.atlas.coords()
     ids, rows, meta, skipped = [], [], [], []
     for spec in tqdm(specs, desc="embed", unit="rec", disable=not progress):
@@ -219,8 +218,7 @@ class BrainLMEmbedder:
         return self.model
 
     def fit(self, X: Any, y: Any = None) -> BrainLMEmbedder:
-        if self.pooling not in POOLINGS:
-            raise InputError(f"pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}")
+        check_pooling(self.pooling)
         self._model()
         return self
 

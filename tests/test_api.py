@@ -30,16 +30,10 @@ def trained(tmp_path_factory) -> dict:
         "--parcels", "30", "--nifti",
     )  # fmt: skip
     assert synth.returncode == 0, synth.stderr
+    # No --kind: the folder has NIfTI volumes too, and its recordings.tsv says the arrays are the recordings.
     build = run_cli(
-        "-m",
-        "data_prep",
-        "build",
-        "--inputs",
-        str(root / "cohort"),
-        "--out",
-        str(root / "shards"),
-        "--quiet",
-    )  # fmt: skip  (the folder has NIfTI volumes too: its recordings.tsv says the arrays are the recordings)
+        "-m", "data_prep", "build", "--inputs", str(root / "cohort"), "--out", str(root / "shards"), "--quiet",
+    )  # fmt: skip
     assert build.returncode == 0, build.stderr
     uri = f"sqlite:///{root / 'mlflow.db'}"
     train = run_cli(

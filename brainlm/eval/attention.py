@@ -47,9 +47,7 @@ def attention(
     atlas = ctx.manifest.atlas
     groups: dict[str, list[np.ndarray]] = {}
     recs = recordings(ctx, split)
-    known = sorted(
-        {k for r in recs for k in r.meta if k != "phenotypes"} | {k for r in recs for k in r.meta.get("phenotypes", {})}
-    )
+    known = sorted({k for r in recs for k in (*r.meta, *r.meta.get("phenotypes", {}))} - {"phenotypes"})
     if group_by not in known:
         raise InputError(
             f"--group-by {group_by!r}: the recordings of the {split!r} split have no such field; "

@@ -78,9 +78,10 @@ def _orient(a: np.ndarray, R: int, layout: str, index: int) -> np.ndarray:
             f"recording {index}: shape {a.shape} has no axis of {R} parcels, the model's atlas; parcellate it with "
             "the atlas the model was trained on (its extra.json names it) or pass the matching coordinates"
         )
-    bad = ~np.isfinite(rt)
-    if bad.any():
-        rows = np.flatnonzero(bad.any(axis=1))
+    from data_prep.qc import non_finite
+
+    bad, rows = non_finite(rt)
+    if len(rows):
         raise InputError(
             f"recording {index}: {int(bad.sum())} non-finite value(s) (NaN or inf) in {len(rows)} parcel(s), e.g. "
             f"parcel {rows[0]} at timepoint {int(np.flatnonzero(bad[rows[0]])[0])}; the model needs finite values "
@@ -207,6 +208,11 @@ def autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise InputError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``device`` checked (None: CUDA when a GPU is present, else the CPU)."""
     if device is None or device == "":
@@ -233,8 +239,7 @@ def window_features(
     between parcels of their encoder-token sequences, upper triangle, as correlations: ``fisher_z`` them after any
     averaging. A mean- or CLS-pooled embedding averages signed, zero-mean signals away, so it cannot carry the
     coupling between networks; this second-order pooling can)."""
-    if pooling not in POOLINGS:
-        raise InputError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+    check_pooling(pooling)
     model.eval()
     device = _device(model)
     coords = coords_R3.to(device)
