@@ -9,10 +9,8 @@ import argparse
 import dataclasses
 import sys
 
-from brainlm.exceptions import BrainLMError
+from brainlm.exceptions import PATH_ERRORS, BrainLMError
 from brainlm.schema import add_flags, add_version, from_flags
-
-PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _reconstruct(a: argparse.Namespace) -> None:

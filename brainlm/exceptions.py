@@ -47,3 +47,7 @@ class SweepInterrupted(BrainLMError):
 
 class NonFiniteLossError(BrainLMError):
     """The loss became NaN or infinite (pretraining, fine-tuning, a perturbation)."""
+
+
+# OSErrors a command line reports as one error line naming the path (a path that is not what was expected).
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)

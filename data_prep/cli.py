@@ -6,8 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from brainlm.cli import PATH_ERRORS
-from brainlm.exceptions import BrainLMError
+from brainlm.exceptions import PATH_ERRORS, BrainLMError
 from brainlm.schema import add_flags, add_version, field_docs, from_flags
 from data_prep.build import BuildConfig
 from data_prep.synth import SynthConfig

@@ -10,16 +10,11 @@ from brainlm.exceptions import EmptyRecordingError, TRMismatchError
 FLAT_FRACTION = 1e-6
 
 
-def non_finite(signal_RT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The mask of NaN / inf values [R, T] and the parcels holding any."""
-    bad = ~np.isfinite(signal_RT)
-    return bad, np.flatnonzero(bad.any(axis=1))
-
-
 def check_signal(signal_RT: np.ndarray, labels: list[str], path: str) -> None:
     """Non-finite values and flat parcels."""
-    bad, rows = non_finite(signal_RT)
-    if len(rows):
+    bad = ~np.isfinite(signal_RT)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
         raise EmptyRecordingError(
             f"{path}: {int(bad.sum())} non-finite value(s) in {len(rows)} parcel(s) "
             f"(e.g. {', '.join(labels[i] for i in rows[:3])}); expected finite signals"
