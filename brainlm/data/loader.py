@@ -232,7 +232,17 @@ class TrainLoader:
         return self
 
     def __next__(self) -> dict:
-        parts = [next(self.iterator) for _ in range(max(self.workers, 1))]
+        try:
+            parts = [next(self.iterator) for _ in range(max(self.workers, 1))]
+        except (EOFError, ConnectionError) as err:
+            # A worker killed while handing over a batch breaks the pipe before PyTorch's own check of its workers
+            # ("DataLoader worker ... exited unexpectedly") runs: say the same thing.
+            if not self.workers:
+                raise
+            raise RuntimeError(
+                f"a DataLoader worker of this rank died while handing over a batch ({type(err).__name__}: {err}); "
+                "check the machine's memory (a worker killed by the OOM killer) and the system log"
+            ) from err
         self.position += 1
         if len(parts) == 1:  # one reader: already in slot order, no copy needed
             return parts[0]
