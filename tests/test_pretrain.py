@@ -346,6 +346,25 @@ def test_resume_into_a_different_model_is_refused(baseline, tiny_shards, tmp_pat
     )
 
 
+def test_init_from_continues_an_exported_model_and_refuses_another_architecture(baseline, tiny_shards, tmp_path):
+    """train.init_from: a run started from the baseline's export begins at the baseline's trained loss, not at a
+    fresh model's (without the copy it starts at 1.71 against 0.72 trained), and a recipe of another width is
+    refused naming the parameters that differ."""
+    out = tmp_path / "continued"
+    args = ["--data.shards", str(tiny_shards), "--train.micro_batch_size", "4", "--train.max_steps", "3",
+            "--train.out_dir", str(out), "--tracking.enabled", "false",
+            "--train.init_from", str(baseline / "model")]  # fmt: skip
+    proc = run(deepspeed_cmd(args))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    fresh, continued = losses(baseline), losses(out)
+    trained = sum(fresh[s] for s in range(36, 41)) / 5
+    assert fresh[1] - trained > 0.1, fresh  # the baseline learned: there is a gap to start inside
+    assert abs(continued[1] - trained) < 0.25 * (fresh[1] - trained), (continued[1], trained, fresh[1])
+    wider = run([sys.executable, "launcher/pretrain.py", *COMMON, *args, "--model.hidden_size", "64"])
+    assert wider.returncode == 2, wider.stdout[-2000:] + wider.stderr[-2000:]
+    assert "its architecture is not the recipe's model" in wider.stderr and "(32,) vs (64,)" in wider.stderr
+
+
 def test_bad_recipe_keys_and_values_name_the_flag():
     proc = run_cli("launcher/pretrain.py", "--train.max_step", "5")
     assert proc.returncode == 2 and "did you mean `train.max_steps`" in proc.stderr

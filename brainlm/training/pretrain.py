@@ -26,7 +26,7 @@ from brainlm import atomic
 from brainlm.data.format import Manifest, load_manifest
 from brainlm.data.loader import MaskSpec, TrainLoader, fixed_samples
 from brainlm.eval.metrics import R2Sums, protocol_seeds
-from brainlm.exceptions import NonFiniteLossError, ShardError
+from brainlm.exceptions import ConfigError, NonFiniteLossError, ShardError
 from brainlm.model import BrainLM, ModelConfig, prior
 from brainlm.model.masking import seeded_masks
 from brainlm.tracking.env import default_tracking_uri, git_sha
@@ -88,9 +88,40 @@ def apply_activation_checkpointing(model: BrainLM) -> None:
 def build_model(cfg: PretrainConfig, plan: Plan) -> BrainLM:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = BrainLM(plan.model)
+    if cfg.train.init_from:
+        init_weights(model, cfg.train.init_from)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     return model
+
+
+def init_weights(model: BrainLM, source: str) -> None:
+    """Copy an exported model's weights into ``model`` (``train.init_from``): every parameter must be there with
+    its shape; the prior's statistics are not taken (they belong to the source's atlas and are refitted here)."""
+    from brainlm.tracking.registry import resolve_model
+
+    folder = resolve_model(source)
+    state = {k: v for k, v in BrainLM.from_pretrained(folder).state_dict().items() if k not in BrainLM.PRIOR_BUFFERS}
+    own = {k: v for k, v in model.state_dict().items() if k not in BrainLM.PRIOR_BUFFERS}
+    missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or extra or shapes:
+        problems = "; ".join(
+            part for part in (
+                f"not in it: {', '.join(missing[:4])}" if missing else "",
+                f"not in the recipe's model: {', '.join(extra[:4])}" if extra else "",
+                f"other shapes (source vs recipe): {', '.join(shapes[:4])}" if shapes else "",
+            ) if part
+        )  # fmt: skip
+        raise ConfigError(
+            f"train.init_from {source}: its architecture is not the recipe's model ({problems}); set the recipe's "
+            f"model section to the source's (its config.json: {folder / 'config.json'})"
+        )
+    model.load_state_dict(state, strict=False)
 
 
 def fit_prior(model: BrainLM, cfg: PretrainConfig, plan: Plan) -> dict[str, torch.Tensor]:

@@ -86,6 +86,11 @@ class TrainConfig:
     """Checkpoints to keep."""
     resume: str | None = None
     """auto (the latest checkpoint in out_dir, if any) | a checkpoint folder | null (start fresh)."""
+    init_from: str | None = None
+    """Start from an exported model's weights (a folder, models:/NAME@ALIAS or runs:/...): continued pretraining, e.g.
+    on your cohort from a model pretrained on others. The recipe's model must have the same architecture (any atlas:
+    parcels are placed by their coordinates); the decoder prior is refitted on this shard set. A checkpoint to
+    resume from (train.resume) takes precedence."""
     export: bool = True
     """Export model.safetensors + config.json + scaling.json to out_dir/model at the end."""
     dist_timeout_s: float = 600.0
