@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from brainlm.exceptions import EmptyRecordingError, TRMismatchError
+from brainlm.model.scaling import non_finite
 
 # A parcel whose standard deviation is below this fraction of the recording's median parcel std is flat.
 FLAT_FRACTION = 1e-6
@@ -12,9 +13,8 @@ FLAT_FRACTION = 1e-6
 
 def check_signal(signal_RT: np.ndarray, labels: list[str], path: str) -> None:
     """Non-finite values and flat parcels."""
-    bad = ~np.isfinite(signal_RT)
-    if bad.any():
-        rows = np.flatnonzero(bad.any(axis=1))
+    bad, rows = non_finite(signal_RT)
+    if len(rows):
         raise EmptyRecordingError(
             f"{path}: {int(bad.sum())} non-finite value(s) in {len(rows)} parcel(s) "
             f"(e.g. {', '.join(labels[i] for i in rows[:3])}); expected finite signals"

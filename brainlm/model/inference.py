@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from brainlm.exceptions import DimensionError, InputError, TRMismatchError
-from brainlm.model.scaling import RobustScaler
+from brainlm.model.scaling import RobustScaler, non_finite
 
 if TYPE_CHECKING:
     from brainlm.model.mae import BrainLM
@@ -78,9 +78,8 @@ def _orient(a: np.ndarray, R: int, layout: str, index: int) -> np.ndarray:
             f"recording {index}: shape {a.shape} has no axis of {R} parcels, the model's atlas; parcellate it with "
             "the atlas the model was trained on (its extra.json names it) or pass the matching coordinates"
         )
-    bad = ~np.isfinite(rt)  # as data_prep.qc.check_signal (the model layer cannot import data_prep)
-    if bad.any():
-        rows = np.flatnonzero(bad.any(axis=1))
+    bad, rows = non_finite(rt)
+    if len(rows):
         raise InputError(
             f"recording {index}: {int(bad.sum())} non-finite value(s) (NaN or inf) in {len(rows)} parcel(s), e.g. "
             f"parcel {rows[0]} at timepoint {int(np.flatnonzero(bad[rows[0]])[0])}; the model needs finite values "

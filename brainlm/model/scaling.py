@@ -25,6 +25,13 @@ MIN_IQR = 1e-8
 NORMALIZE = ("demean", "psc", "none")
 
 
+def non_finite(signal_RT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mask of NaN / inf values [R, T] and the parcels holding any: the check before any scaling, shared by
+    the shard build's QC (``data_prep.qc``) and inference on a user's recording (``brainlm.model.inference``)."""
+    bad = ~np.isfinite(signal_RT)
+    return bad, np.flatnonzero(bad.any(axis=1))
+
+
 def normalize_recording(signal_RT: np.ndarray, mode: str, path: str = "recording") -> np.ndarray:
     """Per-recording normalisation, before the cohort-level robust scaling."""
     if mode == "none":
