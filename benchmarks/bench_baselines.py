@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import CpuMonitor, command_line, machine, now_utc, write_json
-from brainlm.eval.baselines import REACH, GaussianImputer, patch_groups, r2_parts, time_mask
-from brainlm.eval.metrics import fixed_masks
+from brainlm.eval.baselines import REACH, GaussianImputer, patch_groups
+from brainlm.protocol import fixed_masks, r2_parts, time_mask
 
 T, P = 200, 20
 

@@ -18,7 +18,14 @@ def _reconstruct(a: argparse.Namespace) -> None:
     from brainlm.model.config import MASKINGS
 
     strategies = tuple(m.strip() for m in a.masking.split(",") if m.strip()) if a.masking else MASKINGS
-    reconstruct(a.model, a.shards, a.out, a.split, a.mask_ratio, strategies, a.limit, a.device)
+    sources = [s.strip() for s in a.source_shards.split(",") if s.strip()] if a.source_shards else None
+    reconstruct(a.model, a.shards, a.out, a.split, a.mask_ratio, strategies, a.limit, a.device, sources)
+
+
+def _benchmark(a: argparse.Namespace) -> None:
+    from brainlm.benchmark import BenchmarkConfig, benchmark
+
+    benchmark(from_flags(BenchmarkConfig, a), a.overrides)
 
 
 def _embed(a: argparse.Namespace) -> None:
@@ -30,7 +37,7 @@ def _embed(a: argparse.Namespace) -> None:
     if a.shards:
         from brainlm.eval.embed import embed
 
-        embed(a.model, a.shards, a.out, tuple(a.splits.split(",")), a.device)
+        embed(a.model, a.shards, a.out, tuple(a.splits.split(",")), a.device, a.random_weights)
         return
     from brainlm.api import embed_files, load
 
@@ -186,6 +193,7 @@ def _io(p: argparse.ArgumentParser, shards_required: bool = True, device: bool =
 
 
 def parser() -> argparse.ArgumentParser:
+    from brainlm.benchmark import BenchmarkConfig
     from brainlm.eval.finetune import FinetuneConfig
     from brainlm.eval.perturb import PerturbConfig
 
@@ -209,7 +217,28 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--mask-ratio", type=float, help="default: the model's")
     r.add_argument("--masking", help="comma-separated strategies (default random,tube,parcel,future)")
     r.add_argument("--limit", type=int, help="evaluate at most this many windows")
+    r.add_argument(
+        "--source-shards",
+        help="comma-separated shard sets the model was pretrained on (default: what its extra.json records); the "
+        "baselines are fitted on them too (and on both) when they share the evaluated atlas",
+    )
     r.set_defaults(func=_reconstruct)
+
+    m = sub.add_parser(
+        "benchmark",
+        help="K subject folds: build, pretrain and evaluate each, pooled with intervals",
+        description="The evaluation protocol end to end (docs/evaluation.md): every subject a test subject once, "
+        "validation on subjects of its own, baselines fitted on the same data, paired bootstrap intervals over "
+        "windows and subjects. Recipe overrides (--train.max_steps 600 ...) follow the flags.",
+    )
+    add_flags(m, BenchmarkConfig)
+    m.set_defaults(func=_benchmark, takes_overrides=True)
+
+    sub.add_parser(
+        "pretrain",
+        help="pretrain with DeepSpeed in this process (as launcher/pretrain.py); --help lists every override",
+        add_help=False,
+    )
 
     e = sub.add_parser(
         "embed",
@@ -230,6 +259,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--pooling", default="cls", help="with --inputs: cls | mean | latent_fc (default cls)")
     e.add_argument("--resample", action="store_true", help="with --inputs: resample other TRs to the model's")
     e.add_argument("--stride", type=int, help="with --inputs: step between windows (default the window)")
+    e.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="with --shards: the random-weights control's embeddings (same architecture and pooling, untrained)",
+    )
     e.set_defaults(func=_embed)
 
     f = sub.add_parser(
@@ -318,7 +352,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pretrain"]:  # the recipe's own parser: --config, --deepspeed and dotted overrides
+        from brainlm.training.launch import main as pretrain
+
+        return pretrain(argv[1:], prog="brainlm pretrain")
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         args.func(args)
     except BrainLMError as err:

@@ -25,10 +25,10 @@ import numpy as np
 
 from brainlm.data.format import load_manifest
 from brainlm.data.loader import fixed_samples
-from brainlm.eval.baselines import GaussianImputer, r2_parts, time_mask
-from brainlm.eval.metrics import fixed_masks
+from brainlm.eval.baselines import GaussianImputer
 from brainlm.eval.reconstruct import ALPHAS, Baselines
 from brainlm.model import prior
+from brainlm.protocol import fixed_masks, r2_parts, time_mask
 
 # The windows reconstruct's baselines see: at most prior.FIT_WINDOWS training windows, 64 validation windows.
 LIMITS = {"train": prior.FIT_WINDOWS, "val": 64, "test": None}

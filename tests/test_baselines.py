@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, r2_parts, time_mask
-from brainlm.eval.metrics import fixed_masks
+from brainlm.eval.baselines import REACH, GaussianImputer, interpolate
+from brainlm.protocol import fixed_masks, r2_parts, time_mask
 
 
 def ar_windows(B: int, R: int, T: int, rho: float, coupling: float, seed: int = 0) -> np.ndarray:

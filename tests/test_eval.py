@@ -127,7 +127,7 @@ def test_reconstruction_beats_the_simple_baselines_by_registry_uri(cohort, tmp_p
 
 
 def test_fixed_masks_are_seeded_and_follow_their_strategy():
-    from brainlm.eval.metrics import fixed_masks
+    from brainlm.protocol import fixed_masks
 
     N = 2  # 40 timepoints in patches of 20
     a, b = fixed_masks(5, 7, N, 0.5, "random"), fixed_masks(5, 7, N, 0.5, "random")

@@ -61,6 +61,7 @@ LAYERS = [
     ("brainlm._version", "brainlm.exceptions", "brainlm.atomic", "brainlm.schema"),
     ("brainlm.model",),
     ("brainlm.data",),
+    ("brainlm.protocol",),
     ("brainlm.tracking", "data_prep"),
     ("brainlm.eval",),
     ("brainlm.training",),

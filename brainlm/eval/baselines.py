@@ -25,14 +25,8 @@ lam (and alpha) are chosen on the validation split; s = trace(C(0)) / R makes la
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 REACH = 2  # the spatio-temporal baseline looks this many patches away for a visible patch of the parcel
-
-
-def time_mask(mask_BL: torch.Tensor, R: int, N: int, P: int) -> np.ndarray:
-    """Token mask -> [B, R, T] bool (True = masked timepoint)."""
-    return mask_BL.reshape(-1, R, N, 1).expand(-1, R, N, P).reshape(-1, R, N * P).numpy().astype(bool)
 
 
 def interpolate(x_BRT: np.ndarray, tmask_BRT: np.ndarray, fallback_R: np.ndarray) -> np.ndarray:
@@ -211,18 +205,3 @@ class GaussianImputer:
             v = diag[t_P[:, None] - S[None, :] + off].transpose(2, 0, 1) - BKy
             out[rows] += (v * np.linalg.solve(schur, u[..., None])[..., 0]).sum(-1)
         return out
-
-
-def r2_parts(pred: np.ndarray, x: np.ndarray, tmask: np.ndarray) -> tuple[float, np.ndarray]:
-    """Pooled R^2 over masked values, and R^2 per parcel (NaN where a parcel has no masked value)."""
-    err = (pred - x) ** 2
-    pooled_sst = ((x[tmask] - x[tmask].mean()) ** 2).sum()
-    pooled = 1 - err[tmask].sum() / pooled_sst
-    per = np.full(x.shape[1], np.nan)
-    for r in range(x.shape[1]):
-        m = tmask[:, r]
-        if m.sum() > 1:
-            v = x[:, r][m]
-            sst = ((v - v.mean()) ** 2).sum()
-            per[r] = 1 - err[:, r][m].sum() / sst if sst > 0 else np.nan
-    return float(pooled), per

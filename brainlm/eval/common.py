@@ -26,6 +26,7 @@ class Context:
     root: str
     coords_R3: torch.Tensor
     model_dir: Path | None  # None for a model given as an object
+    prior_fitted_on: str | None = None  # set when the decoder's prior is refitted on these shards
 
     @property
     def device(self) -> torch.device:
@@ -103,8 +104,10 @@ def refit_prior(ctx: Context, split: str = "train") -> None:
     if ctx.manifest.num_samples(split) == 0:
         print(f"note: no {split!r} windows to fit the decoder's prior on: it uses each window's own covariance")
         return
-    windows, _ = split_windows(ctx, split, prior.FIT_WINDOWS)
+    windows, meta = split_windows(ctx, split, prior.FIT_WINDOWS)
     ctx.model.fit_prior(windows, ctx.coords_R3)
+    subjects = len({m["subject"] for m in meta})
+    ctx.prior_fitted_on = f"the {split} split of {ctx.root} ({len(windows)} windows, {subjects} subjects), refitted"
     print(f"note: the decoder's Gaussian prior is refitted on {len(windows)} {split!r} windows of these shards")
 
 
@@ -196,6 +199,21 @@ def latent_connectivity(model: BrainLM, windows_NRW: np.ndarray, coords_R3: torc
     return fisher_z(window_features(model, windows_NRW, coords_R3, "latent_fc", batch).mean(axis=0))
 
 
+def random_weights(model: BrainLM, seed: int = 0) -> BrainLM:
+    """The random-weights control: the same architecture, buffers (the prior's statistics, fixed encodings), scaling
+    and atlas, with every learned parameter freshly initialised (seeded). Whatever a representation result keeps with
+    this model, pooling and baselines gave it; what it loses is what pretraining added."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = BrainLM(model.config)
+    out = copy.deepcopy(model)
+    params = dict(fresh.named_parameters())
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            p.copy_(params[name])
+    return out
+
+
 def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,6 +228,29 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return v.tolist()
     raise TypeError(type(v))
+
+
+def comparison_table(comparisons: list, metric: str, units: str = "recordings", labels: list[str] | None = None) -> str:
+    """The verdicts: each margin (> 0: the first is better) with its paired bootstrap intervals over the evaluated
+    units and over subjects (``brainlm.protocol.Comparison``), and the winner, a tie unless both exclude 0."""
+    fmt = "[{:+.4f}, {:+.4f}]".format
+    labels = labels or [""] * len(comparisons)
+    rows = [
+        {
+            "comparison": f"{label}{c.a} vs {c.b}",
+            "margin": c.margin,
+            units: fmt(*c.windows),
+            "subjects": fmt(*c.subjects) if c.subjects else "- (1 subject)",
+            "winner": c.winner,
+        }
+        for c, label in zip(comparisons, labels, strict=True)
+    ]
+    return table(
+        rows,
+        ["comparison", "margin", units, "subjects", "winner"],
+        f"margins in {metric} (> 0: the first is better), 95% paired bootstrap intervals over {units} and subjects; "
+        "a winner only when both exclude 0",
+    )
 
 
 def table(rows: list[dict[str, Any]], columns: list[str], title: str = "") -> str:

@@ -1,5 +1,7 @@
 """``brainlm embed``: deterministic embeddings per recording (CLS and mean token), averaged over all of its
-non-overlapping windows."""
+non-overlapping windows. ``random_weights=True`` writes the random-weights control's embeddings instead (the same
+architecture and pooling, untrained weights: ``common.random_weights``), for a downstream analysis to show what
+pretraining adds."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from brainlm.eval.common import embed_windows, load_context, recordings, write_metrics
+from brainlm.eval.common import random_weights as untrained
 
 
 def embed(
@@ -18,8 +21,11 @@ def embed(
     out: str | Path,
     splits: tuple[str, ...] = ("train", "val", "test"),
     device: str | None = None,
+    random_weights: bool = False,
 ) -> dict[str, Any]:
     ctx = load_context(model, shards, device)
+    if random_weights:
+        ctx.model = untrained(ctx.model)
     rows, cls_all, mean_all = [], [], []
     for split in splits:
         if not ctx.manifest.num_samples(split):
@@ -54,10 +60,12 @@ def embed(
         "windows": int(sum(r["windows"] for r in rows)),
         "files": ["embeddings.npz", "embeddings.tsv"],
         "window": ctx.model.config.num_timepoints,
+        "weights": "random (the control)" if random_weights else "pretrained",
     }
     write_metrics(out, metrics)
     print(
-        f"embedded {len(rows)} recordings ({metrics['windows']} windows of {metrics['window']} timepoints), "
+        ("random-weights control: " if random_weights else "")
+        + f"embedded {len(rows)} recordings ({metrics['windows']} windows of {metrics['window']} timepoints), "
         f"D={metrics['dim']} -> {out / 'embeddings.npz'} (+ embeddings.tsv)"
     )
     return metrics

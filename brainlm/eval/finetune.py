@@ -15,11 +15,19 @@ In the same table, on the same recordings:
 - probe_latent_fc: the same on the frozen model's latent connectivity (parcel x parcel correlation of the
              encoder tokens; ``common.latent_connectivity``): what the representation holds beyond its pooled
              embedding
+- *_random:  the random-weights control (``common.random_weights``, on by default): the same head (and
+             fine-tuning) and the same probes on the architecture with untrained weights. What a probe keeps with
+             them, the pooling and the linear model gave it; the difference is what pretraining added.
+
+The verdicts: the model (probe_mlp or finetuned) against the best simple baseline (chance, svr_raw, fc_ridge), and
+each model representation against its random-weights control, each margin with paired bootstrap intervals over
+test recordings and over test subjects (``brainlm.protocol.intervals``); a winner only when both exclude 0.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,15 +42,19 @@ from brainlm.eval.common import (
     Context,
     Recording,
     autocast,
+    comparison_table,
     embed_windows,
     latent_connectivity,
     load_context,
+    random_weights,
     recordings,
     table,
     write_metrics,
 )
 from brainlm.exceptions import ConfigError, InputError, NonFiniteLossError
+from brainlm.model import BrainLM
 from brainlm.model.heads import BrainLMForPrediction, Transform
+from brainlm.protocol import UnitScores, best, compare
 
 TRANSFORMS = ("zscore", "minmax", "logminmax", "none")
 
@@ -79,6 +91,9 @@ class FinetuneConfig:
     """Repeats with different seeds (mean +- std)."""
     min_subjects: int = 6
     """Fewest labelled training subjects to go on with."""
+    control: bool = True
+    """The random-weights control: the same head (and fine-tuning) and probes on the same architecture with untrained
+    weights, beside the pretrained model (what pretraining adds); --no-control skips it."""
 
     device: str | None = None
     """cpu | cuda | cuda:N (default: CUDA when available, else the CPU); bf16 autocast on a GPU."""
@@ -219,10 +234,10 @@ def scores(pred: np.ndarray, y: np.ndarray, classification: bool) -> dict[str, f
 
 def train_one(
     data: FinetuneData, seed: int, report: Callable[[int, dict[str, float]], None] | None = None
-) -> tuple[BrainLMForPrediction, dict[str, float], list[dict[str, float]]]:
+) -> tuple[BrainLMForPrediction, dict[str, float], list[dict[str, float]], np.ndarray]:
     """Train one head (and backbone, unless frozen); returns the model at its best validation epoch, its test
-    scores and the per-epoch history. ``report(epoch, {"val_loss": ...})`` is called after every epoch
-    (Ray Tune's hook)."""
+    scores, the per-epoch history and its test predictions (one per recording). ``report(epoch, {"val_loss": ...})``
+    is called after every epoch (Ray Tune's hook)."""
     cfg, ctx = data.cfg, data.ctx
     classification = cfg.task == "classification"
     torch.manual_seed(seed)
@@ -271,7 +286,14 @@ def train_one(
         )
     model.load_state_dict(best_state)
     test = data.splits["test"]
-    return model, scores(_predict(model, test, ctx.coords_R3, classification), test.y, classification), history
+    pred = _predict(model, test, ctx.coords_R3, classification)
+    return model, scores(pred, test.y, classification), history, pred
+
+
+def unit_scores(pred: np.ndarray, y: np.ndarray, classification: bool) -> np.ndarray:
+    """Per test recording: whether its class was right (classification) or its squared error (regression); the
+    table's accuracy / MSE is their mean, and the intervals resample them."""
+    return (pred.argmax(axis=1) == y).astype(np.float64) if classification else (pred - y) ** 2
 
 
 # -- baselines ------------------------------------------------------------------------------------------------
@@ -285,7 +307,13 @@ def fc_features(rec: Recording) -> np.ndarray:
     return np.arctanh(np.clip(c[iu], -0.999999, 0.999999))
 
 
-def baselines(data: FinetuneData) -> dict[str, dict[str, float]]:
+SIMPLE_BASELINES = ("chance", "svr_raw", "fc_ridge")  # the bar: what needs no pretrained model
+PROBES = ("probe", "probe_latent_fc")  # linear probes of the frozen model's representations
+
+
+def baselines(data: FinetuneData, control: BrainLM | None = None) -> dict[str, np.ndarray]:
+    """Test predictions (one per recording) of the simple baselines and the linear probes; with ``control`` (the
+    random-weights model) also the probes of its representations (``probe_random``, ``probe_latent_fc_random``)."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.linear_model import LogisticRegressionCV, RidgeCV
     from sklearn.pipeline import make_pipeline
@@ -294,19 +322,17 @@ def baselines(data: FinetuneData) -> dict[str, dict[str, float]]:
 
     ctx, classification = data.ctx, data.cfg.task == "classification"
     train, test = data.splits["train"], data.splits["test"]
-    features = {
-        "svr_raw": lambda r: r.windows_NRW[0].ravel(),
-        "fc_ridge": fc_features,
-        "probe": lambda r: embed_windows(ctx.model, r.windows_NRW, ctx.coords_R3)[0].mean(axis=0),
-        "probe_latent_fc": lambda r: latent_connectivity(ctx.model, r.windows_NRW, ctx.coords_R3),
-    }
+    models = {"": ctx.model, **({"_random": control} if control is not None else {})}
+    features = {"svr_raw": lambda r: r.windows_NRW[0].ravel(), "fc_ridge": fc_features}
+    for suffix, m in models.items():
+        features[f"probe{suffix}"] = lambda r, m=m: embed_windows(m, r.windows_NRW, ctx.coords_R3)[0].mean(axis=0)
+        features[f"probe_latent_fc{suffix}"] = lambda r, m=m: latent_connectivity(m, r.windows_NRW, ctx.coords_R3)
     out = {}
     if classification:
         counts = np.bincount(train.y, minlength=len(data.classes))
-        prior = np.tile(counts / counts.sum(), (len(test.y), 1))
-        out["chance"] = scores(prior + 1e-9 * np.arange(len(data.classes)), test.y, True)
+        out["chance"] = np.tile(counts / counts.sum(), (len(test.y), 1)) + 1e-9 * np.arange(len(data.classes))
     else:
-        out["chance"] = scores(np.full(len(test.y), train.y.mean()), test.y, False)
+        out["chance"] = np.full(len(test.y), train.y.mean())
     for name, feat in features.items():
         x_train = np.stack([feat(r) for r in train.recordings])
         x_test = np.stack([feat(r) for r in test.recordings])
@@ -318,8 +344,7 @@ def baselines(data: FinetuneData) -> dict[str, dict[str, float]]:
         else:
             est = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 5, 15)))
         est.fit(x_train, train.y)
-        pred = est.predict_proba(x_test) if classification else est.predict(x_test)
-        out[name] = scores(pred, test.y, classification)
+        out[name] = est.predict_proba(x_test) if classification else est.predict(x_test)
     return out
 
 
@@ -342,30 +367,56 @@ def save_finetuned(model: BrainLMForPrediction, data: FinetuneData, path: str | 
     )
 
 
+def _seeds(data: FinetuneData, name: str) -> tuple[list[dict[str, Any]], np.ndarray, BrainLMForPrediction]:
+    """Train one head per seed: the per-seed test scores, the per-recording unit score averaged over seeds, and the
+    model of the seed with the best validation error."""
+    classification = data.cfg.task == "classification"
+    test_y = data.splits["test"].y
+    runs, units, best = [], [], None
+    for seed in range(data.cfg.seeds):
+        net, test_scores, history, pred = train_one(data, seed)
+        val_losses = [h["val_loss"] for h in history]
+        runs.append({"seed": seed, **test_scores, "best_epoch": int(np.argmin(val_losses) + 1)})
+        units.append(unit_scores(pred, test_y, classification))
+        if best is None or min(val_losses) < best[0]:
+            best = (min(val_losses), net)
+        print(f"{name}: seed {seed + 1}/{data.cfg.seeds} done (best epoch {runs[-1]['best_epoch']})", flush=True)
+    return runs, np.mean(units, axis=0), best[1]
+
+
 def finetune(model: str, shards: str, out: str | Path, cfg: FinetuneConfig) -> dict[str, Any]:
     ctx = load_context(model, shards, cfg.device)
     data = load_data(ctx, cfg)
     classification = cfg.task == "classification"
-    runs, best = [], None
-    for seed in range(cfg.seeds):
-        net, test_scores, history = train_one(data, seed)
-        val_best = min(h["val_loss"] for h in history)
-        runs.append({"seed": seed, **test_scores, "best_epoch": int(np.argmin([h["val_loss"] for h in history]) + 1)})
-        if best is None or val_best < best[0]:  # the saved model is the seed with the best validation error
-            best = (val_best, net)
-    name = "probe_mlp" if cfg.freeze else "finetuned"
     keys = ["accuracy", "auc"] if classification else ["mse", "r2", "pearson_r"]
+    name = "probe_mlp" if cfg.freeze else "finetuned"
+    runs, unit, best_net = _seeds(data, name)
     summary = {
         name: {k: float(np.mean([r[k] for r in runs])) for k in keys}
         | {f"{k}_std": float(np.std([r[k] for r in runs])) for k in keys}
     }
-    for base, s in baselines(data).items():
-        summary[base] = s | {f"{k}_std": 0.0 for k in keys}
+    units = {name: unit}
+    control = random_weights(ctx.model) if cfg.control else None
+    if control is not None:  # the same head (and fine-tuning) from random weights: what pretraining adds
+        control_data = dataclasses.replace(data, ctx=dataclasses.replace(ctx, model=control))
+        c_runs, units[f"{name}_random"], _ = _seeds(control_data, f"{name}_random")
+        summary[f"{name}_random"] = {k: float(np.mean([r[k] for r in c_runs])) for k in keys} | {
+            f"{k}_std": float(np.std([r[k] for r in c_runs])) for k in keys
+        }
+    test = data.splits["test"]
+    for base, pred in baselines(data, control).items():
+        summary[base] = scores(pred, test.y, classification) | {f"{k}_std": 0.0 for k in keys}
+        units[base] = unit_scores(pred, test.y, classification)
+    unit_set = UnitScores(units, higher_is_better=classification)
+    subjects = [r.subject for r in test.recordings]
+    bar = best(unit_set, list(SIMPLE_BASELINES))
+    comparisons = {"model_vs_best_baseline": compare(unit_set, subjects, name, bar)}
+    if control is not None:
+        for a in (name, *PROBES):
+            comparisons[f"{a}_vs_random_weights"] = compare(unit_set, subjects, a, f"{a}_random")
     primary = keys[0]
-    better = max if classification else min
-    winner = better(summary, key=lambda m: summary[m][primary])
     out = Path(out)
-    save_finetuned(best[1], data, out / "model")
+    save_finetuned(best_net, data, out / "model")
     metrics = {
         "target": cfg.target,
         "task": cfg.task,
@@ -375,7 +426,9 @@ def finetune(model: str, shards: str, out: str | Path, cfg: FinetuneConfig) -> d
         "recordings": {s: len(d.recordings) for s, d in data.splits.items()},
         "seeds": runs,
         "table": summary,
-        "winner": winner,
+        "best_baseline": bar,
+        "comparisons": {k: c.to_json() for k, c in comparisons.items()},
+        "winner": comparisons["model_vs_best_baseline"].winner,
         "primary_metric": primary,
         "model_dir": str(out / "model"),
     }
@@ -387,7 +440,8 @@ def finetune(model: str, shards: str, out: str | Path, cfg: FinetuneConfig) -> d
             ["method", *keys],
             f"{cfg.target} ({cfg.task}, {cfg.transform if not classification else 'classes ' + str(data.classes)}) "
             f"on {metrics['recordings']['test']} test recordings of {metrics['subjects']['test']} subjects; "
-            f"{'higher' if classification else 'lower'} is better; winner: {winner}",
+            f"{'higher' if classification else 'lower'} is better",
         )
     )
+    print(comparison_table(list(comparisons.values()), primary))
     return metrics

@@ -1,12 +1,20 @@
-"""``brainlm reconstruct``: masked-patch R^2 on held-out recordings, beside the baselines.
+"""``brainlm reconstruct``: masked-patch R^2 on held-out recordings, beside the baselines, with intervals.
 
-Protocol: every crop of the evaluation split (first window of each), one seeded mask per window and masking
-strategy (identical across runs and models), R^2 over the masked values only, unclipped: pooled over all
-of them (the paper's single number) and per parcel. Baselines (brainlm/eval/baselines.py), each from the same
-visible values: zero, the parcel's training mean, linear interpolation in time, ridge (the visible parcels at the
-same timepoint) and spatiotemporal (those and the parcel's own visible neighbouring patches): the last two are
-conditional expectations under a Gaussian model fitted on the training split, their ridge strength chosen on the
-validation split for each masking strategy. The strongest of them is the bar the model must clear.
+Protocol (``brainlm.protocol``; docs/evaluation.md): every crop of the evaluation split (first window of each), one
+seeded mask per window and masking strategy (identical across runs and models), R^2 over the masked values only,
+unclipped: pooled over all of them (the paper's single number) and per parcel. Baselines (brainlm/eval/baselines.py),
+each from the same visible values: zero, the parcel's training mean, linear interpolation in time, ridge (the
+visible parcels at the same timepoint), spatiotemporal (those and the parcel's own visible neighbouring patches) and
+adaptive (ridge under the window's own covariance shrunk toward the population's): the last three are conditional
+expectations under a Gaussian model, their settings chosen on the validation split for each masking strategy.
+
+The baselines are fitted on the data the model saw. Always on the training split of the evaluated shards; and when
+the model was pretrained on another shard set with the same atlas (its extra.json records it; ``source_shards``
+names it explicitly), also on that set's training split (``ridge@source``, ...) and on both together
+(``ridge@both``, ...). The strongest of them all is the bar: the margin is the model's R^2 minus the best
+baseline's, with paired bootstrap intervals over windows and over subjects, and the winner is named only when the
+intervals exclude 0 (``brainlm.protocol.intervals``); otherwise it is a tie. metrics.json says what each side was
+fitted on and keeps every window's sums, so folds and resamples can be pooled later (``brainlm benchmark``).
 """
 
 from __future__ import annotations
@@ -20,14 +28,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, r2_parts, time_mask
-from brainlm.eval.common import Context, load_context, split_windows, table, write_metrics
-from brainlm.eval.metrics import fixed_masks
-from brainlm.exceptions import InputError
+from brainlm.data.format import load_manifest
+from brainlm.data.loader import fixed_samples
+from brainlm.eval.baselines import REACH, GaussianImputer, interpolate
+from brainlm.eval.common import Context, comparison_table, load_context, split_windows, table, write_metrics
+from brainlm.exceptions import BrainLMError, InputError
 from brainlm.model import prior
 from brainlm.model.config import MASKINGS
+from brainlm.model.io import trained_on
+from brainlm.protocol import WindowSums, best, compare, fixed_masks, r2_parts, time_mask
 
-METHODS = ("model", "zero", "mean", "interp", "ridge", "spatiotemporal", "adaptive")
+SIMPLE = ("zero", "mean", "interp")
+LINEAR_NAMES = ("ridge", "spatiotemporal", "adaptive")
+METHODS = ("model", *SIMPLE, *LINEAR_NAMES)  # the columns on the evaluated shards' own training split
 
 
 @torch.no_grad()
@@ -63,6 +76,13 @@ class Baselines:
     mask_ratio: float
     chosen: dict[str, dict[str, dict[str, float]]]
 
+    @classmethod
+    def fit(cls, train_BRT: np.ndarray, val_BRT: np.ndarray, mask_ratio: float, patch_size: int) -> Baselines:
+        """Means and the Gaussian model from training windows; settings are chosen on ``val_BRT`` when asked."""
+        train = np.asarray(train_BRT)
+        gaussian = GaussianImputer(train, max_lag=(2 * REACH + 1) * patch_size)
+        return cls(train.mean(axis=(0, 2)), gaussian, np.asarray(val_BRT, dtype=np.float64), mask_ratio, {})
+
     def predict(self, name: str, x_BRT: np.ndarray, tmask_BRT: np.ndarray, P: int, masking: str) -> np.ndarray:
         if name == "zero":
             return np.zeros(x_BRT.shape)
@@ -88,21 +108,117 @@ class Baselines:
         return chosen[masking]
 
 
-def fit_baselines(
-    ctx: Context, train_limit: int = prior.FIT_WINDOWS, val_limit: int = 64, mask_ratio: float = 0.5
-) -> Baselines:
-    """Means and the Gaussian model from training windows; ridge strengths are chosen on validation windows."""
-    train, _ = split_windows(ctx, ctx_split(ctx, "train"), train_limit)
-    train_np = train.numpy()
-    val, _ = split_windows(ctx, ctx_split(ctx, "val"), val_limit)
-    P = ctx.model.config.patch_size
-    gaussian = GaussianImputer(train_np, max_lag=(2 * REACH + 1) * P)
-    return Baselines(train_np.mean(axis=(0, 2)), gaussian, val.numpy().astype(np.float64), mask_ratio, {})
+@dataclass
+class FitSet:
+    """Baselines fitted on one body of training data: ``target`` (the evaluated shards' training split),
+    ``source`` (the training split of the shards the model was pretrained on) or ``both``."""
+
+    name: str
+    fitted_on: str
+    baselines: Baselines
+
+    def columns(self) -> list[str]:
+        own = (*SIMPLE, *LINEAR_NAMES) if self.name == "target" else LINEAR_NAMES
+        return [n if self.name == "target" else f"{n}@{self.name}" for n in own]
 
 
 def ctx_split(ctx: Context, split: str) -> str:
     """A split that has samples: ``split`` itself, else train (tiny shard sets may lack val)."""
     return split if ctx.manifest.num_samples(split) else "train"
+
+
+def _describe(root: str, windows: int, subjects: int, split: str = "train") -> str:
+    return f"the {split} split of {root} ({windows} windows, {subjects} subjects)"
+
+
+def source_shards_of(ctx: Context, given: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """The shard sets the model was pretrained on that are not the evaluated ones: ``given``, else what its
+    extra.json records. Returns (sets, notes)."""
+    if given:
+        return list(given), []
+    recorded = trained_on(ctx.model.extra)
+    own_sha, own_root = ctx.manifest.plan_sha256, str(ctx.root).rstrip("/")
+    sets = [
+        str(r["shards"])
+        for r in recorded
+        if r.get("manifest_sha256") != own_sha and str(r["shards"]).rstrip("/") != own_root
+    ]
+    return sets, []
+
+
+def source_windows(ctx: Context, sets: list[str], notes: list[str]) -> tuple[np.ndarray | None, str]:
+    """Training windows of the source shard sets that share the evaluated atlas, and what they are."""
+    parts, described = [], []
+    atlas = ctx.manifest.atlas
+    for url in sets:
+        try:
+            manifest, root = load_manifest(url)
+        except (BrainLMError, OSError) as err:
+            notes.append(
+                f"the model's pretraining shards {url} cannot be read ({err}); its baselines are fitted on this "
+                "shard set only: pass --source-shards to fit them on what the model saw too"
+            )
+            continue
+        if manifest.atlas.labels != atlas.labels or not np.allclose(manifest.atlas.coords(), atlas.coords(), atol=1e-3):
+            notes.append(
+                f"the model was pretrained on {url} with another atlas ({manifest.atlas.name}, "
+                f"{manifest.atlas.num_parcels} parcels): no baseline here can use those parcels, so the baselines "
+                "are fitted on this shard set only (the model's prior, if any, is refitted on it too)"
+            )
+            continue
+        n = min(manifest.num_samples("train"), prior.FIT_WINDOWS)
+        if n == 0:
+            notes.append(f"{url} has no training windows to fit baselines on")
+            continue
+        x, meta = fixed_samples(manifest, root, "train", n, ctx.model.config.num_timepoints)
+        parts.append(x.numpy())
+        described.append(_describe(root, len(x), len({m["subject"] for m in meta})))
+    if not parts:
+        return None, ""
+    return np.concatenate(parts), " + ".join(described)
+
+
+def fit_baselines(
+    ctx: Context,
+    mask_ratio: float = 0.5,
+    train_limit: int = prior.FIT_WINDOWS,
+    val_limit: int = 64,
+    source_shards: list[str] | None = None,
+) -> tuple[list[FitSet], list[str]]:
+    """Baselines fitted on the evaluated shards' training split, and on the model's pretraining data when that is
+    another shard set of the same atlas (and on both). Settings are chosen on the validation windows."""
+    P = ctx.model.config.patch_size
+    train_split, val_split = ctx_split(ctx, "train"), ctx_split(ctx, "val")
+    train, train_meta = split_windows(ctx, train_split, train_limit)
+    val, _ = split_windows(ctx, val_split, val_limit)
+    train_np, val_np = train.numpy(), val.numpy()
+    subjects = len({m["subject"] for m in train_meta})
+    sets = [FitSet("target", _describe(ctx.root, len(train_np), subjects, train_split), None)]
+    sources, notes = source_shards_of(ctx, source_shards)
+    src_np, src_desc = source_windows(ctx, sources, notes) if sources else (None, "")
+    if src_np is not None:
+        sets.append(FitSet("source", src_desc, None))
+        sets.append(FitSet("both", f"{src_desc} + {sets[0].fitted_on}", None))
+    data = {"target": train_np, "source": src_np}
+    if src_np is not None:
+        data["both"] = np.concatenate([src_np, train_np])
+    for s in sets:
+        s.baselines = Baselines.fit(data[s.name], val_np, mask_ratio, P)
+    return sets, notes
+
+
+def model_fitted_on(ctx: Context) -> dict[str, str]:
+    """What the model's parts saw: its weights (pretraining) and its decoder prior."""
+    recorded = trained_on(ctx.model.extra)
+    weights = " then ".join(f"the train split of {r['shards']}" for r in recorded) or "not recorded"
+    out = {"weights": weights}
+    if ctx.model.decoder_prior_embed is not None:
+        out["prior"] = (
+            ctx.prior_fitted_on
+            or (recorded[-1:] and f"the train split of {recorded[-1]['shards']}")
+            or ("not recorded")
+        )
+    return out
 
 
 def reconstruct(
@@ -114,6 +230,7 @@ def reconstruct(
     strategies: tuple[str, ...] = MASKINGS,
     limit: int | None = None,
     device: str | None = None,
+    source_shards: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the protocol; writes metrics.json and figures into ``out``; returns the metrics."""
     from brainlm.eval import plots
@@ -126,30 +243,45 @@ def reconstruct(
     ctx = load_context(model, shards, device)
     cfg = ctx.model.config
     ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
-    x, _ = split_windows(ctx, split, limit)
+    x, meta = split_windows(ctx, split, limit)
     x_np = x.numpy().astype(np.float64)
+    subjects_W = [m["subject"] for m in meta]
     B, R, _ = x.shape
-    baselines = fit_baselines(ctx, mask_ratio=ratio)
+    fit_sets, notes = fit_baselines(ctx, mask_ratio=ratio, source_shards=source_shards)
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    baseline_names = [c for s in fit_sets for c in s.columns()]
+    fitted_on = {"model": model_fitted_on(ctx), **{s.name: s.fitted_on for s in fit_sets}}
     metrics: dict[str, Any] = {
         "split": split,
         "windows": B,
+        "subjects": sorted(set(subjects_W)),
         "parcels": R,
         "timepoints": cfg.num_timepoints,
         "mask_ratio": ratio,
-        "baseline_settings": baselines.chosen,
+        "fitted_on": fitted_on,
+        "notes": notes,
+        "baseline_settings": {s.name: s.baselines.chosen for s in fit_sets},
         "pooled_r2": {},
         "per_parcel_r2": {},
+        "comparisons": {},
+        "window_subjects": subjects_W,
+        "window_recordings": [m["recording"] for m in meta],
+        "window_sums": {},
         "model": str(ctx.model_dir) if ctx.model_dir else "a model given in memory",
     }
-    rows = []
+    verdicts: list = []
     per_parcel_random = {}
     N, P = x.shape[2] // cfg.patch_size, cfg.patch_size
     for masking in strategies:
         mask_BL = fixed_masks(B, R, N, ratio, masking)
         tmask = time_mask(mask_BL, R, N, P)
         preds = {"model": model_predict(ctx, x, mask_BL)}
-        for name in tqdm(METHODS[1:], desc=f"baselines, {masking} masking", unit="baseline", leave=False):
-            preds[name] = baselines.predict(name, x_np, tmask, P, masking)
+        columns = [(s, c) for s in fit_sets for c in s.columns()]
+        for s, column in tqdm(columns, desc=f"baselines, {masking} masking", unit="baseline", leave=False):
+            preds[column] = s.baselines.predict(column.split("@")[0], x_np, tmask, P, masking)
+        sums = WindowSums.of(preds, x_np, tmask)
+        metrics["window_sums"][masking] = sums.to_json()
         metrics["pooled_r2"][masking], metrics["per_parcel_r2"][masking] = {}, {}
         for name, pred in preds.items():
             pooled, per = r2_parts(pred, x_np, tmask)
@@ -161,16 +293,14 @@ def reconstruct(
             }
             if masking == "random":
                 per_parcel_random[name] = per
-        pooled = metrics["pooled_r2"][masking]
-        best_baseline = max(METHODS[1:], key=lambda m: pooled[m])
-        rows.append(
-            {
-                "masking": masking,
-                **pooled,
-                "margin": pooled["model"] - pooled[best_baseline],
-                "winner": "model" if pooled["model"] > pooled[best_baseline] else best_baseline,
-            }
-        )
+        bar = best(sums, baseline_names)
+        main = compare(sums, subjects_W, "model", bar)
+        metrics["comparisons"][masking] = {
+            "best_baseline": bar,
+            "model_vs_best": main.to_json(),
+            "model_vs": {b: compare(sums, subjects_W, "model", b).to_json() for b in baseline_names if b != bar},
+        }
+        verdicts.append(main)
         if masking == strategies[0]:
             plots.reconstruction_figure(
                 ctx.model, x[:1], ctx.coords_R3, Path(out) / "reconstruction.png", mask_BL=mask_BL[:1]
@@ -179,13 +309,28 @@ def reconstruct(
         plots.distribution_figure(
             per_parcel_random, Path(out) / "per_parcel_r2.png", "per-parcel masked R^2 (random masking)"
         )
-    metrics["table"] = rows
+    # One row per masking: every method's R^2, the margin over the best baseline, its intervals and the winner.
+    metrics["table"] = [
+        {"masking": m, **metrics["pooled_r2"][m], "best_baseline": c.b, "margin": c.margin, "winner": c.winner}
+        | {"interval_windows": list(c.windows), "interval_subjects": list(c.subjects) if c.subjects else None}
+        for m, c in zip(strategies, verdicts, strict=True)
+    ]
     write_metrics(out, metrics)
-    print(
-        table(
-            rows,
-            ["masking", *METHODS, "margin", "winner"],
-            f"masked-patch R^2 on {B} {split} windows (pooled over masked values, unclipped; mask ratio {ratio})",
-        )
+    title = (
+        f"masked-patch R^2 on {B} {split} windows of {len(metrics['subjects'])} subject(s) (pooled over masked "
+        f"values, unclipped; mask ratio {ratio})"
     )
+    print(r2_table(metrics, strategies, title))
+    print(comparison_table(verdicts, "pooled R^2", "windows", [f"{m}: " for m in strategies]))
     return metrics
+
+
+def r2_table(metrics: dict[str, Any], strategies: tuple[str, ...], title: str) -> str:
+    """One row per method: its pooled R^2 under each masking strategy and what it was fitted on (a legend below)."""
+    rows = []
+    for name in metrics["pooled_r2"][strategies[0]]:
+        fit = "model" if name == "model" else "-" if name == "zero" else name.partition("@")[2] or "target"
+        rows.append({"method": name, **{m: metrics["pooled_r2"][m][name] for m in strategies}, "fitted on": fit})
+    legend = [f"  model: {k} from {v}" for k, v in metrics["fitted_on"]["model"].items()]
+    legend += [f"  {k}: {v}" for k, v in metrics["fitted_on"].items() if k != "model"]
+    return table(rows, ["method", *strategies, "fitted on"], title) + "\nfitted on\n" + "\n".join(legend)

@@ -108,3 +108,14 @@ def load_weights(module: nn.Module, file: Path, device: str | torch.device = "cp
 def load_scaling(path: str | Path) -> dict[str, Any] | None:
     """The robust-scaling statistics saved with a model folder (scaling.json), or None."""
     return read_json(Path(path) / SCALING_FILE)
+
+
+def trained_on(extra: dict | None) -> list[dict]:
+    """The shard sets a model was pretrained on, oldest first (what extra.json records; older exports: one)."""
+    extra = extra or {}
+    if extra.get("trained_on"):
+        return list(extra["trained_on"])
+    if extra.get("shards"):
+        keys = ("shards", "manifest_sha256", "tr", "steps")
+        return [{k: extra.get(k) for k in keys} | {"atlas": (extra.get("atlas") or {}).get("name")}]
+    return []

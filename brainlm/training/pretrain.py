@@ -4,7 +4,7 @@ tracker), and a ``Trainer`` that steps, logs, validates, checkpoints and exports
 them together; ``launcher/pretrain.py``, the scaling sweep's trials and the tests call it.
 
 Masks come with the batches: the loader draws each sample's mask from the sample's seed (``MaskSpec``), in the
-worker that reads it; validation windows carry the evaluation protocol's masks (``brainlm.eval.metrics``).
+worker that reads it; validation windows carry the evaluation protocol's masks (``brainlm.protocol``).
 One file of about 400 lines on purpose: the whole run reads in order, each part a short function or method.
 """
 
@@ -25,10 +25,11 @@ import torch.distributed as dist
 from brainlm import atomic
 from brainlm.data.format import Manifest, load_manifest
 from brainlm.data.loader import MaskSpec, TrainLoader, fixed_samples
-from brainlm.eval.metrics import R2Sums, protocol_seeds
 from brainlm.exceptions import ConfigError, NonFiniteLossError, ShardError
 from brainlm.model import BrainLM, ModelConfig, prior
+from brainlm.model.io import trained_on
 from brainlm.model.masking import seeded_masks
+from brainlm.protocol import R2Sums, protocol_seeds
 from brainlm.tracking.env import default_tracking_uri, git_sha
 from brainlm.tracking.runs import Tracker
 from brainlm.training import engine as ds
@@ -101,7 +102,8 @@ def init_weights(model: BrainLM, source: str) -> None:
     from brainlm.tracking.registry import resolve_model
 
     folder = resolve_model(source)
-    state = {k: v for k, v in BrainLM.from_pretrained(folder).state_dict().items() if k not in BrainLM.PRIOR_BUFFERS}
+    loaded = BrainLM.from_pretrained(folder)
+    state = {k: v for k, v in loaded.state_dict().items() if k not in BrainLM.PRIOR_BUFFERS}
     own = {k: v for k, v in model.state_dict().items() if k not in BrainLM.PRIOR_BUFFERS}
     missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [
@@ -122,6 +124,7 @@ def init_weights(model: BrainLM, source: str) -> None:
             f"model section to the source's (its config.json: {folder / 'config.json'})"
         )
     model.load_state_dict(state, strict=False)
+    model.extra = {"trained_on": trained_on(loaded.extra)}  # the export adds this run to the source's history
 
 
 def fit_prior(model: BrainLM, cfg: PretrainConfig, plan: Plan) -> dict[str, torch.Tensor]:
@@ -345,6 +348,14 @@ class Trainer:
             model = BrainLM(self.plan.model)
             model.load_state_dict({**state, **self.prior_state})
             m = self.plan.manifest
+            this = {
+                "shards": str(self.plan.root),
+                "manifest_sha256": m.plan_sha256,
+                "atlas": m.atlas.name,
+                "tr": m.tr,
+                "train_subjects": len(m.subjects_of(self.cfg.data.train_split)),
+                "steps": self.cfg.train.max_steps,
+            }
             model.save_pretrained(
                 target,
                 scaling=m.scaling,
@@ -353,6 +364,7 @@ class Trainer:
                     "tr": m.tr,
                     "shards": str(self.plan.root),
                     "manifest_sha256": m.plan_sha256,
+                    "trained_on": [*trained_on(self.model.extra), this],
                     "preset": self.cfg.preset,
                     "steps": self.cfg.train.max_steps,
                     "git_sha": git_sha(),

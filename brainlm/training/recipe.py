@@ -30,7 +30,7 @@ class DataConfig:
     train_split: str = "train"
     """Split to train on."""
     val_split: str = "val"
-    """Split for validation masked R^2 (fixed windows and masks)."""
+    """Split for validation masked R^2 (fixed windows and masks): held-out subjects of their own, never test."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 = read in the training process)."""
     prefetch: int = 4
@@ -211,6 +211,12 @@ def validate(cfg: PretrainConfig) -> None:
             raise ConfigError(f"`{key}` must be at least 1, got {value}")
     if cfg.data.on_corrupt not in ("error", "skip"):
         raise ConfigError(f"`data.on_corrupt` must be error or skip, got {cfg.data.on_corrupt!r}")
+    if cfg.data.val_split == "test" or cfg.data.val_split == cfg.data.train_split:
+        raise ConfigError(
+            f"`data.val_split` {cfg.data.val_split!r}: validation must be subjects of its own (the learning curve "
+            "and every choice made on it would be scored on the subjects the results report; docs/evaluation.md); "
+            "use val, and build the shards with validation subjects (--val-frac or --splits)"
+        )
     if t.dist_timeout_s <= 0:
         raise ConfigError(f"`train.dist_timeout_s` must be positive, got {t.dist_timeout_s}")
     if not 0 <= o.warmup_fraction < 1:

@@ -53,7 +53,7 @@ def finetune_trial(config: dict[str, Any], data: FinetuneData, threads: int, dev
             )
         tune.report(dict(metrics))
 
-    model, test, history = train_one(data, 0, report)
+    model, test, history, _ = train_one(data, 0, report)
     best = min(history, key=lambda h: h["val_loss"])
     with tempfile.TemporaryDirectory() as tmp:
         save_finetuned(model, data, Path(tmp) / "model")
