@@ -188,7 +188,10 @@ def test_transfer_baselines_are_fitted_on_the_source_when_the_models_prior_was(t
     assert r2["ridge@source"] != pytest.approx(r2["ridge"], abs=1e-6)  # the two fits differ: not one column twice
 
 
-def test_a_model_trained_on_the_evaluated_shards_or_on_another_atlas_gets_no_source_columns(two_sets, tmp_path):
+def test_a_model_trained_on_the_evaluated_shards_gets_no_source_columns_and_another_atlas_is_carried_over(
+    two_sets, tmp_path
+):
+    from brainlm.eval.baselines import map_windows
     from brainlm.eval.reconstruct import reconstruct
 
     own = _model_on(two_sets["target"], tmp_path / "own")
@@ -196,6 +199,14 @@ def test_a_model_trained_on_the_evaluated_shards_or_on_another_atlas_gets_no_sou
     assert not [k for k in m["pooled_r2"]["random"] if "@" in k] and not m["notes"]
     other = _model_on(two_sets["other_atlas"], tmp_path / "other")
     m = reconstruct(str(other), str(two_sets["target"]), tmp_path / "b", strategies=("random",), mask_ratio=0.5)
-    assert not [k for k in m["pooled_r2"]["random"] if "@" in k]
-    assert any("another atlas" in n for n in m["notes"]), m["notes"]
+    assert {"ridge@source", "adaptive@both"} <= set(m["pooled_r2"]["random"])
+    assert any("another atlas" in n and "parcel centres" in n for n in m["notes"]), m["notes"]
+    assert "carried from" in m["fitted_on"]["source"]
     assert "refitted" in m["fitted_on"]["model"]["prior"]  # another atlas: the prior is refitted on the target
+    # Carried by centres: a parcel at the same place as a source parcel follows it; the rest are local averages.
+    rng = np.random.default_rng(0)
+    src = rng.standard_normal((3, 4, 50))
+    coords = np.array([[0.0, 0, 0], [60, 0, 0], [0, 60, 0], [0, 0, 60]])
+    mapped, sigma = map_windows(src, coords, coords[[2, 0]])
+    assert mapped.shape == (3, 2, 50) and sigma == 5.0
+    assert np.corrcoef(mapped[:, 1].ravel(), src[:, 0].ravel())[0, 1] > 0.999

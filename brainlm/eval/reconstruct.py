@@ -9,12 +9,14 @@ adaptive (ridge under the window's own covariance shrunk toward the population's
 expectations under a Gaussian model, their settings chosen on the validation split for each masking strategy.
 
 The baselines are fitted on the data the model saw. Always on the training split of the evaluated shards; and when
-the model was pretrained on another shard set with the same atlas (its extra.json records it; ``source_shards``
-names it explicitly), also on that set's training split (``ridge@source``, ...) and on both together
-(``ridge@both``, ...). The strongest of them all is the bar: the margin is the model's R^2 minus the best
-baseline's, with paired bootstrap intervals over windows and over subjects, and the winner is named only when the
-intervals exclude 0 (``brainlm.protocol.intervals``); otherwise it is a tie. metrics.json says what each side was
-fitted on and keeps every window's sums, so folds and resamples can be pooled later (``brainlm benchmark``).
+the model was pretrained on another shard set (its extra.json records it; ``source_shards`` names it explicitly),
+also on that set's training split (``ridge@source``, ...) and on both together (``ridge@both``, ...). A source on
+another atlas is carried onto the evaluated one by parcel centres first (``baselines.map_windows``): the model places
+parcels by their coordinates, and so may its baselines. The strongest of them all is the bar: the margin is the
+model's R^2 minus the best baseline's, with paired bootstrap intervals over windows and over subjects, and the winner
+is named only when the intervals exclude 0 (``brainlm.protocol.intervals``); otherwise it is a tie. metrics.json
+says what each side was fitted on and keeps every window's sums, so folds and resamples can be pooled later
+(``brainlm benchmark``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 from brainlm.data.format import load_manifest
 from brainlm.data.loader import fixed_samples
-from brainlm.eval.baselines import REACH, GaussianImputer, interpolate
+from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, map_windows
 from brainlm.eval.common import Context, comparison_table, load_context, split_windows, table, write_metrics
 from brainlm.exceptions import BrainLMError, InputError
 from brainlm.model import prior
@@ -147,7 +149,8 @@ def source_shards_of(ctx: Context, given: list[str] | None = None) -> tuple[list
 
 
 def source_windows(ctx: Context, sets: list[str], notes: list[str]) -> tuple[np.ndarray | None, str]:
-    """Training windows of the source shard sets that share the evaluated atlas, and what they are."""
+    """Training windows of the source shard sets on the evaluated atlas, and what they are. A set on another atlas
+    is carried onto this one by parcel centres (``baselines.map_windows``), as the model places parcels by them."""
     parts, described = [], []
     atlas = ctx.manifest.atlas
     for url in sets:
@@ -159,20 +162,24 @@ def source_windows(ctx: Context, sets: list[str], notes: list[str]) -> tuple[np.
                 "shard set only: pass --source-shards to fit them on what the model saw too"
             )
             continue
-        if manifest.atlas.labels != atlas.labels or not np.allclose(manifest.atlas.coords(), atlas.coords(), atol=1e-3):
-            notes.append(
-                f"the model was pretrained on {url} with another atlas ({manifest.atlas.name}, "
-                f"{manifest.atlas.num_parcels} parcels): no baseline here can use those parcels, so the baselines "
-                "are fitted on this shard set only (the model's prior, if any, is refitted on it too)"
-            )
-            continue
         n = min(manifest.num_samples("train"), prior.FIT_WINDOWS)
         if n == 0:
             notes.append(f"{url} has no training windows to fit baselines on")
             continue
         x, meta = fixed_samples(manifest, root, "train", n, ctx.model.config.num_timepoints)
-        parts.append(x.numpy())
-        described.append(_describe(root, len(x), len({m["subject"] for m in meta})))
+        x = x.numpy()
+        what = _describe(root, len(x), len({m["subject"] for m in meta}))
+        same = manifest.atlas.labels == atlas.labels and np.allclose(manifest.atlas.coords(), atlas.coords(), atol=1e-3)
+        if not same:
+            x, sigma = map_windows(x, manifest.atlas.coords(), atlas.coords())
+            what += f", carried from {manifest.atlas.name} ({manifest.atlas.num_parcels} parcels) by parcel centres"
+            notes.append(
+                f"the model was pretrained on {url} with another atlas ({manifest.atlas.name}, "
+                f"{manifest.atlas.num_parcels} parcels): the @source baselines see those windows carried onto "
+                f"{atlas.name} by parcel centres (Gaussian kernel, sigma {sigma:.1f} mm)"
+            )
+        parts.append(x.astype(np.float32))
+        described.append(what)
     if not parts:
         return None, ""
     return np.concatenate(parts), " + ".join(described)
