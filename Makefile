@@ -1,9 +1,13 @@
 # brainlm: `make demo` runs the main job end to end on the embedded defaults, `make test` the test suite.
 # Both create .venv when it is missing. torch==2.13.0 goes in first: an unpinned torch pulls a multi-GB CUDA build.
+# Without an NVIDIA GPU it comes from PyTorch's CPU index when that answers (PyPI's torch is the CUDA build);
+# where the index cannot be reached (an offline machine with a local wheel, as CI's), from the configured indexes.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= demo
 
 .PHONY: install demo test lint format bench clean
@@ -11,7 +15,14 @@ DEMO_DIR ?= demo
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && $(PY) -c "import urllib.request as u; \
+	    u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" >/dev/null 2>&1; then \
+	  echo "$(PY) -m pip install -q $(TORCH) --index-url $(TORCH_CPU_INDEX)"; \
+	  $(PY) -m pip install -q $(TORCH) --index-url $(TORCH_CPU_INDEX); \
+	else \
+	  echo "$(PY) -m pip install -q $(TORCH)"; \
+	  $(PY) -m pip install -q $(TORCH); \
+	fi
 	$(PY) -m pip install -q -e '.[all,dev]'
 	@touch $(STAMP)
 

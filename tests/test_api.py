@@ -155,7 +155,7 @@ def test_embed_cli_reads_nifti_with_the_models_atlas(trained, tmp_path):
 @pytest.mark.skipif(os.environ.get("BRAINLM_SKIP_INSTALL_TEST") == "1", reason="BRAINLM_SKIP_INSTALL_TEST=1")
 def test_a_plain_install_loads_and_embeds_without_the_infrastructure(trained, tmp_path):
     """pip install . into a fresh venv (no extras): the model and inference work; no DeepSpeed, Ray, MLflow or
-    boto3 is installed."""
+    boto3 is installed. Then the [data] extra alone: every analysis runs on a model folder."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
@@ -179,6 +179,28 @@ def test_a_plain_install_loads_and_embeds_without_the_infrastructure(trained, tm
     run = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split("\n")[:2] == ["(32,)", "[]"], run.stdout
+    # The [data] extra alone runs every analysis on a model folder: the training stack is not needed for them.
+    done = subprocess.run([*pip, f"{ROOT}[data]"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    installed = subprocess.run([*pip[:-2], "list", "--format", "json"], capture_output=True, text=True).stdout
+    assert not {p["name"].lower() for p in json.loads(installed)} & {"deepspeed", "ray", "mlflow", "boto3"}
+    io = ["--model", str(trained["model"]), "--shards", str(trained["shards"]), "--device", "cpu"]
+    for command in (
+        ["reconstruct", "--masking", "random", "--limit", "8"],
+        ["embed", "--splits", "test"],
+        ["finetune", "--target", "age", "--seeds", "1", "--epochs", "1", "--freeze"],
+        ["attention", "--max-windows", "16"],
+        ["perturb", "--steps", "2", "--max-windows", "8", "--split", "train"],
+    ):
+        out = tmp_path / command[0]
+        proc = subprocess.run(
+            [str(venv / "bin" / "brainlm"), *command, *io, "--out", str(out)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, f"{command[0]}: " + proc.stderr[-3000:]
+        assert (out / "metrics.json").exists()
 
 
 def test_bad_input_is_refused_with_what_to_do_and_a_loaded_model_is_accepted(trained, tmp_path):

@@ -181,8 +181,16 @@ def test_finetune_finds_age_and_nothing_in_the_null_trait(cohort, tmp_path):
     ]
     age, stdout = brainlm("finetune", *args, "--target", "age", "--out", str(tmp_path / "age"))
     null, _ = brainlm("finetune", *args, "--target", "null_trait", "--out", str(tmp_path / "null"))
-    assert set(age["table"]) == {"probe_mlp", "chance", "svr_raw", "fc_ridge", "probe", "probe_latent_fc"}
-    assert "winner" in stdout
+    assert set(age["table"]) == {
+        *("probe_mlp", "chance", "svr_raw", "fc_ridge", "probe", "probe_latent_fc"),
+        *("probe_mlp_random", "probe_random", "probe_latent_fc_random"),  # the random-weights control
+    }
+    assert "winner" in stdout and "probe_mlp vs probe_mlp_random" in stdout
+    c = age["comparisons"]["model_vs_best_baseline"]
+    assert c["b"] == "fc_ridge" and c["interval_subjects"][0] <= c["margin"] <= c["interval_subjects"][1], c
+    assert set(age["comparisons"]) == {"model_vs_best_baseline"} | {
+        f"{m}_vs_random_weights" for m in ("probe_mlp", "probe", "probe_latent_fc")
+    }
     assert age["table"]["fc_ridge"]["r2"] > 0.5  # the coupling that carries age is in the FC ...
     assert age["table"]["probe_latent_fc"]["r2"] > 0.2, age["table"]  # ... and in the model's latent connectivity
     best_null = max(v["r2"] for k, v in null["table"].items() if k != "chance")
@@ -215,10 +223,11 @@ def test_finetune_classifies_sex_with_probabilities_and_the_fc_baseline(cohort, 
         "3",
         "--seeds",
         "1",
+        "--no-control",
     )
     t = metrics["table"]
     assert metrics["primary_metric"] == "accuracy" and "higher is better" in stdout
-    assert set(t) == {"probe_mlp", "chance", "svr_raw", "fc_ridge", "probe", "probe_latent_fc"}
+    assert set(t) == {"probe_mlp", "chance", "svr_raw", "fc_ridge", "probe", "probe_latent_fc"}  # --no-control
     assert all(0.0 <= v["accuracy"] <= 1.0 and 0.0 <= v["auc"] <= 1.0 for v in t.values())
     assert t["chance"]["auc"] == 0.5
     assert t["fc_ridge"]["auc"] > 0.7, t  # sex shifts a network coupling: the FC sees it
@@ -249,7 +258,10 @@ def test_networks_recovered_from_the_model_above_chance_and_raw_signal(cohort, t
     assert best > metrics["chance_majority"] + 0.2, res
     assert best > res["raw"]["accuracy"] + 0.1, res  # raw time series do not transfer across recordings
     assert res["fc_rows"]["accuracy"] > metrics["chance_majority"] + 0.3, res  # the FC baseline is strong here
-    assert set(res) == {"attention", "tokens", "raw", "fc_rows", "coords"} and "unassigned" in metrics["left_out"]
+    assert set(res) == {"attention", "tokens", "attention_random", "tokens_random", "raw", "fc_rows", "coords"}
+    assert "unassigned" in metrics["left_out"]
+    adds = metrics["pretraining_adds"]["tokens"]  # the trained tokens against the same tokens with random weights
+    assert adds["margin"] == pytest.approx(res["tokens"]["accuracy"] - res["tokens_random"]["accuracy"], abs=1e-9)
     assert metrics["recordings"]["reference"] > 0 and metrics["recordings"]["query"] > 0
     assert (tmp_path / "n" / "confusion_tokens.png").exists() and "winner" in stdout
 

@@ -35,12 +35,26 @@ def local_folder(source: str | Path) -> Path:
     for prefix, resolve in RESOLVERS.items():
         if text.startswith(prefix):
             return Path(resolve(text))
-    if text.startswith(("models:/", "runs:/")):
+    if text.startswith(REGISTRY_SCHEMES):
         raise FileNotFoundError(
             f"{text}: a registry URI needs the tracking layer; load it with brainlm.load({text!r}) (or import "
             "brainlm.api first), which needs the [train] or [tune] extra for MLflow"
         )
     return Path(text)
+
+
+REGISTRY_SCHEMES = ("models:/", "runs:/")
+
+
+def model_folder(source: str | Path) -> Path:
+    """An exported model folder given as a path (no registry involved): it must hold config.json."""
+    path = Path(source)
+    if not (path / CONFIG_FILE).exists():
+        raise CheckpointError(
+            f"--model {source}: expected an exported model folder (model.safetensors + config.json) or a "
+            "registry URI like models:/brainlm-debug@current"
+        )
+    return path
 
 
 def json_writer(content: dict[str, Any]) -> atomic.Writer:

@@ -15,6 +15,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from brainlm.exceptions import BrainLMError
+from brainlm.model.io import REGISTRY_SCHEMES, model_folder
 from brainlm.tracking.env import PARENT_TAG, mlflow_defaults, require_store
 from brainlm.tracking.pyfunc import example_and_signature, pip_requirements, python_model_for
 
@@ -51,14 +52,8 @@ def log_and_register(
 def resolve_model(uri: str | Path, cache: str | Path | None = None) -> Path:
     """A local model folder (with model.safetensors) for a folder path or ``models:/NAME@ALIAS|VERSION``."""
     uri = str(uri)
-    if not uri.startswith(("models:/", "runs:/")):
-        path = Path(uri)
-        if not (path / "config.json").exists():
-            raise BrainLMError(
-                f"--model {uri}: expected an exported model folder (model.safetensors + config.json) or a "
-                "registry URI like models:/brainlm-debug@current"
-            )
-        return path
+    if not uri.startswith(REGISTRY_SCHEMES):
+        return model_folder(uri)
     cache = Path(cache or os.environ.get("BRAINLM_CACHE", Path.home() / ".cache" / "brainlm")) / "models"
     target = cache / uri.replace(":/", "_").replace("/", "_").replace("@", "_")
     mlflow_defaults()
