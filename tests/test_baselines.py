@@ -109,11 +109,11 @@ def test_adaptive_follows_each_windows_own_coupling():
     ("masking", "B", "R", "T", "P"), [("random", 5, 6, 24, 4), ("parcel", 5, 6, 24, 4), ("random", 16, 300, 100, 20)]
 )
 def test_model_prior_is_the_adaptive_baseline(masking, B, R, T, P):
-    """The decoder's prior, batched in torch, is the adaptive baseline to float precision: same statistics, same
-    imputation, masks of either kind (with windows where every token of a patch is masked or visible), and at a
-    training batch of 300 parcels (the Cholesky solve; the batched LU it replaced returned garbage pivots under
-    multi-threaded MKL on a batch of the synthetic cohort, a failure that depends on the data and the threads and
-    that these AR windows do not trigger)."""
+    """The decoder's prior, batched in torch, is the adaptive baseline (solved over the visible parcels, window by
+    window) to float precision: same statistics, same imputation, masks of either kind (with windows where every
+    token of a patch is masked or visible), and at a training batch of 300 parcels (the Cholesky solve; the batched
+    LU it replaced returned garbage pivots under multi-threaded MKL on a batch of the synthetic cohort, a failure
+    that depends on the data and the threads and that these AR windows do not trigger)."""
     from brainlm.model import prior
 
     train = ar_windows(64, R, T, 0.8, 0.9)
@@ -127,5 +127,18 @@ def test_model_prior_is_the_adaptive_baseline(masking, B, R, T, P):
     ours = prior.impute(torch.from_numpy(test), mask.reshape(B, R, T // P), mu, cov, P, 0.1, 0.5).numpy()
     theirs = g.adaptive(test, tmask, P, 0.1, 0.5)
     np.testing.assert_allclose(ours, theirs, atol=1e-9)
+    spatial = prior.impute(torch.from_numpy(test), mask.reshape(B, R, T // P), mu, cov, P, 0.1, 0.5, passes=0)
+    np.testing.assert_allclose(spatial.numpy(), g.spatial(test, tmask, P, 0.1), atol=1e-9)
     np.testing.assert_allclose(ours[~tmask], test[~tmask], atol=1e-12)  # visible values: the signal itself
     assert r2_parts(ours, test, tmask)[0] > r2_parts(g.spatial(test, tmask, P, 0.1), test, tmask)[0]
+    # One covariance per window (the context baselines): each window imputed under its own, in the baselines and
+    # in the prior alike, as one window alone would be under that covariance.
+    own = np.stack([np.cov(w) + 0.1 * np.eye(R) for w in test])
+    single = GaussianImputer(train, max_lag=P)
+    single.cov_RR = own[1]
+    alone = single.adaptive(test[1:2], tmask[1:2], P, 0.1, 0.5)[0]
+    np.testing.assert_allclose(g.adaptive(test, tmask, P, 0.1, 0.5, cov_BRR=own)[1], alone, atol=1e-9)
+    per_window = prior.impute(
+        torch.from_numpy(test), mask.reshape(B, R, T // P), mu, torch.from_numpy(own), P, 0.1, 0.5, scale=g.scale
+    )
+    np.testing.assert_allclose(per_window[1].numpy(), alone, atol=1e-9)

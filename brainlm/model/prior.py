@@ -55,10 +55,15 @@ def impute(
     patch_size: int,
     ridge: float,
     shrinkage: float,
+    passes: int = PASSES,
+    scale: float | None = None,
 ) -> Tensor:
     """The prior for every value (the visible ones are the signal itself): prior_BRT, in the signal's dtype.
 
-    ``mu_R`` / ``cov_RR`` None: no population model (another atlas), the window's own covariance only."""
+    ``mu_R`` / ``cov_RR`` None: no population model (another atlas), the window's own covariance only. ``cov_RR``
+    may also be one covariance per window ([B, R, R]: e.g. the population's shrunk toward the recording's other
+    windows). ``passes`` 0 with any shrinkage is the plain spatial imputation (the ``ridge`` baseline). The ridge
+    is ``ridge x scale``, scale the mean variance of the population covariance unless given."""
     B, R, T = signal_BRT.shape
     N, P = T // patch_size, patch_size
     x = signal_BRT.double()
@@ -66,14 +71,15 @@ def impute(
         mu_R = torch.zeros(R, dtype=x.dtype, device=x.device)
         cov_RR = torch.eye(R, dtype=x.dtype, device=x.device)
     mu_R, cov_RR = mu_R.to(x), cov_RR.to(x)
-    scale = float(torch.diagonal(cov_RR).mean())
+    if scale is None:
+        scale = float(torch.diagonal(cov_RR, dim1=-2, dim2=-1).mean())
     xc_BNRP = (x - mu_R[:, None]).reshape(B, R, N, P).transpose(1, 2)
     vis_BNR = ~mask_BRN.transpose(1, 2)
-    cov_BRR = cov_RR.expand(B, R, R)
-    pred_BNRP = _spatial(xc_BNRP, vis_BNR, cov_BRR, ridge * scale)
-    for _ in range(PASSES):
+    population_BRR = cov_RR.expand(B, R, R)
+    pred_BNRP = _spatial(xc_BNRP, vis_BNR, population_BRR, ridge * scale)
+    for _ in range(passes):
         filled_BRT = pred_BNRP.transpose(1, 2).reshape(B, R, T)
         own_BRR = filled_BRT @ filled_BRT.transpose(1, 2) / T
-        cov_BRR = (1 - shrinkage) * cov_RR + shrinkage * own_BRR
+        cov_BRR = (1 - shrinkage) * population_BRR + shrinkage * own_BRR
         pred_BNRP = _spatial(xc_BNRP, vis_BNR, cov_BRR, ridge * scale)
     return (pred_BNRP.transpose(1, 2).reshape(B, R, T) + mu_R[:, None]).to(signal_BRT.dtype)
