@@ -34,7 +34,7 @@ import numpy as np
 
 from brainlm import atomic
 from brainlm.exceptions import InputError
-from brainlm.protocol import Fold, WindowSums, best, compare, subject_folds
+from brainlm.protocol import Fold, WindowSums, best, compare, context_label, parse_context, subject_folds
 
 
 @dataclass
@@ -59,6 +59,8 @@ class BenchmarkConfig:
     """Mask ratios to evaluate (each a `brainlm reconstruct` run per fold)."""
     masking: list[str] = field(default_factory=lambda: ["random", "parcel"])
     """Masking strategies to evaluate."""
+    contexts: list[str] = field(default_factory=lambda: ["all"])
+    """Recording contexts to evaluate (each a `brainlm reconstruct --context` run per fold): 0, K or all."""
     source_shards: list[str] | None = None
     """Shard sets the model was pretrained on (default: what its extra.json records), for baselines fitted on them."""
     deepspeed: str = "ds_config.json"
@@ -83,6 +85,7 @@ class BenchmarkConfig:
             raise InputError(f"--mask-ratios expects numbers, got {','.join(self.mask_ratios)}") from None
         if not ratios or not all(0 < r < 1 for r in ratios):
             raise InputError(f"--mask-ratios must lie in (0, 1), got {','.join(self.mask_ratios)}")
+        self.contexts = [context_label(parse_context(c)) for c in self.contexts]
 
 
 STAGES = ("build", "train", "eval", "all")
@@ -155,16 +158,20 @@ def train_fold(cfg: BenchmarkConfig, overrides: list[str], folder: Path, fold: F
     return _run(cmd, folder / "train.log", f"fold {fold.index}: pretraining")
 
 
+def evaluations(cfg: BenchmarkConfig) -> list[tuple[str, str, str]]:
+    """(mask ratio, context, folder name) of every evaluation a fold runs."""
+    return [(r, c, f"eval-{r}" if c == "0" else f"eval-{r}-ctx-{c}") for r in cfg.mask_ratios for c in cfg.contexts]
+
+
 def eval_fold(cfg: BenchmarkConfig, folder: Path, model: str) -> float:
     from brainlm.eval.reconstruct import reconstruct
 
     start = time.time()
-    for ratio in cfg.mask_ratios:
-        target = folder / f"eval-{ratio}"
-        if not (target / "metrics.json").exists():
+    for ratio, context, name in evaluations(cfg):
+        if not (folder / name / "metrics.json").exists():
             reconstruct(
-                model, str(folder / "shards"), target, "test", float(ratio), tuple(cfg.masking),
-                device=cfg.device, source_shards=cfg.source_shards,
+                model, str(folder / "shards"), folder / name, "test", float(ratio), tuple(cfg.masking),
+                device=cfg.device, source_shards=cfg.source_shards, context=context,
             )  # fmt: skip
     return time.time() - start
 
@@ -219,12 +226,13 @@ def report(out: Path, folds: list[Fold], cfg: BenchmarkConfig) -> dict[str, Any]
         "model": cfg.model or f"{cfg.config}, trained once per fold",
         "results": {},
     }
-    for ratio in cfg.mask_ratios:
-        metrics = [json.loads((out / f"fold-{f.index}" / f"eval-{ratio}" / "metrics.json").read_text()) for f in folds]
+    for ratio, context, name in evaluations(cfg):
+        metrics = [json.loads((out / f"fold-{f.index}" / name / "metrics.json").read_text()) for f in folds]
         summary["fitted_on"] = metrics[0]["fitted_on"]
         summary["notes"] = sorted({n for m in metrics for n in m.get("notes", [])})
         for masking in cfg.masking:
-            summary["results"][f"{ratio}/{masking}"] = pool(metrics, masking) | {"mask_ratio": float(ratio)}
+            key = f"{ratio}/{masking}" if context == "0" else f"{ratio}/ctx-{context}/{masking}"
+            summary["results"][key] = pool(metrics, masking) | {"mask_ratio": float(ratio), "context": context}
     return summary
 
 
@@ -255,7 +263,7 @@ def pool(metrics: list[dict[str, Any]], masking: str) -> dict[str, Any]:
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The report as Markdown: one row per mask ratio and masking, then the margin per subject."""
     results = summary["results"]
-    methods = list(next(iter(results.values()))["pooled_r2"])
+    methods = list(dict.fromkeys(m for r in results.values() for m in r["pooled_r2"]))
     fmt = "[{:+.3f}, {:+.3f}]".format
     lines = [
         f"Subject folds over {summary['inputs']}: {len(summary['folds'])} folds, model {summary['model']}.",
@@ -265,11 +273,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "|---" * (len(methods) + 8) + "|",
     ]
     for key, r in results.items():
-        ratio, masking = key.split("/")
+        ratio, masking = key.split("/")[0], key.split("/")[-1]
+        masking += f" (context {r['context']})" if r.get("context", "0") != "0" else ""
         c = r["model_vs_best"]
         ci_s = fmt(*c["interval_subjects"]) if c["interval_subjects"] else "-"
         lines.append(
-            f"| {ratio} | {masking} | " + " | ".join(f"{r['pooled_r2'][m]:.3f}" for m in methods)
+            f"| {ratio} | {masking} | "
+            + " | ".join(f"{r['pooled_r2'][m]:.3f}" if m in r["pooled_r2"] else "-" for m in methods)
             + f" | {r['best_baseline']} | {c['margin']:+.4f} | {fmt(*c['interval_windows'])} | {ci_s} | "
             f"{r['fold_mean']:+.4f} ({r['fold_sd']:.4f}) | {c['winner']} |"
         )  # fmt: skip

@@ -19,7 +19,7 @@ def _reconstruct(a: argparse.Namespace) -> None:
 
     strategies = tuple(m.strip() for m in a.masking.split(",") if m.strip()) if a.masking else MASKINGS
     sources = [s.strip() for s in a.source_shards.split(",") if s.strip()] if a.source_shards else None
-    reconstruct(a.model, a.shards, a.out, a.split, a.mask_ratio, strategies, a.limit, a.device, sources)
+    reconstruct(a.model, a.shards, a.out, a.split, a.mask_ratio, strategies, a.limit, a.device, sources, a.context)
 
 
 def _benchmark(a: argparse.Namespace) -> None:
@@ -221,6 +221,12 @@ def parser() -> argparse.ArgumentParser:
         "--source-shards",
         help="comma-separated shard sets the model was pretrained on (default: what its extra.json records); the "
         "baselines are fitted on them too (and on both) when they share the evaluated atlas",
+    )
+    r.add_argument(
+        "--context",
+        default="all",
+        help="other windows of its own recording each test window's +ctx baselines (and a context model) see: "
+        "0, K (the K nearest, never overlapping the window) or all (default)",
     )
     r.set_defaults(func=_reconstruct)
 

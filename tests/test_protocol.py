@@ -114,6 +114,24 @@ def test_a_loss_margin_is_positive_when_the_first_method_is_better():
     assert c.margin > 0 and c.winner == "model"
 
 
+def test_a_windows_context_is_the_rest_of_its_recording_never_overlapping_it_nearest_first():
+    from brainlm.protocol import context_windows, parse_context
+
+    recordings = ["a"] * 5 + ["b"] * 3
+    starts = [0, 100, 200, 300, 400, 0, 50, 100]
+    every = context_windows(recordings, starts, 100, None)
+    assert every[2] == [1, 3, 0, 4] and every[0] == [1, 2, 3, 4]  # nearest first, the earlier on a tie
+    assert every[5] == [7] and every[6] == []  # b's windows 50 apart overlap: never context
+    for i, others in enumerate(every):
+        assert all(recordings[j] == recordings[i] and abs(starts[j] - starts[i]) >= 100 for j in others)
+    assert context_windows(recordings, starts, 100, 1)[2] == [1]
+    assert context_windows(recordings, starts, 100, 0)[2] == []
+    assert context_windows(recordings, starts, 100, None) == every  # deterministic
+    assert parse_context("all") is None and parse_context("4") == 4
+    with pytest.raises(InputError, match=r"expected 0 \(none\), K"):
+        parse_context("some")
+
+
 # -- baselines fitted on what the model saw ----------------------------------------------------------------------
 
 
@@ -167,7 +185,9 @@ def test_transfer_baselines_are_fitted_on_the_source_when_the_models_prior_was(t
     from brainlm.eval.reconstruct import Baselines, reconstruct
 
     model = _model_on(two_sets["source"], tmp_path / "model")
-    m = reconstruct(str(model), str(two_sets["target"]), tmp_path / "r", strategies=("random",), mask_ratio=0.5)
+    m = reconstruct(
+        str(model), str(two_sets["target"]), tmp_path / "r", strategies=("random",), mask_ratio=0.5, context=0
+    )
     r2 = m["pooled_r2"]["random"]
     assert {"ridge@source", "adaptive@source", "ridge@both", "spatiotemporal@both"} <= set(r2), r2
     assert str(two_sets["source"]) in m["fitted_on"]["source"] and str(two_sets["target"]) in m["fitted_on"]["target"]
@@ -197,6 +217,10 @@ def test_a_model_trained_on_the_evaluated_shards_gets_no_source_columns_and_anot
     own = _model_on(two_sets["target"], tmp_path / "own")
     m = reconstruct(str(own), str(two_sets["target"]), tmp_path / "a", strategies=("random",), mask_ratio=0.5)
     assert not [k for k in m["pooled_r2"]["random"] if "@" in k] and not m["notes"]
+    # Context (default all): the +ctx baselines see the other windows of each test window's recording.
+    assert m["context"] == "all" and m["context_windows"] > 0
+    assert {"ridge+ctx", "adaptive+ctx"} <= set(m["pooled_r2"]["random"])
+    assert "context" in m["fitted_on"]["model"]
     other = _model_on(two_sets["other_atlas"], tmp_path / "other")
     m = reconstruct(str(other), str(two_sets["target"]), tmp_path / "b", strategies=("random",), mask_ratio=0.5)
     assert {"ridge@source", "adaptive@both"} <= set(m["pooled_r2"]["random"])

@@ -38,7 +38,17 @@ from brainlm.exceptions import BrainLMError, InputError
 from brainlm.model import prior
 from brainlm.model.config import MASKINGS
 from brainlm.model.io import trained_on
-from brainlm.protocol import WindowSums, best, compare, fixed_masks, r2_parts, time_mask
+from brainlm.protocol import (
+    WindowSums,
+    best,
+    compare,
+    context_label,
+    context_windows,
+    fixed_masks,
+    parse_context,
+    r2_parts,
+    time_mask,
+)
 
 SIMPLE = ("zero", "mean", "interp")
 LINEAR_NAMES = ("ridge", "spatiotemporal", "adaptive")
@@ -60,12 +70,18 @@ def model_predict(ctx: Context, x_BRT: torch.Tensor, mask_BL: torch.Tensor, batc
 
 LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)
 ALPHAS = (0.1, 0.25, 0.5, 0.75)
-# The linear baselines: the GaussianImputer method each runs, and the grid its settings are chosen from.
+BETAS = (0.25, 0.5, 0.75, 1.0)
+# The linear baselines: the GaussianImputer method each runs, and the grid its settings are chosen from. The +ctx ones
+# see the window's recording context: their population covariance is shrunk toward the context windows' own,
+# (1 - beta) C + beta C_context (the context-ridge and context-adaptive baselines).
 LINEAR = {
     "ridge": ("spatial", {"lam": LAMBDAS}),
     "spatiotemporal": ("spatiotemporal", {"lam": LAMBDAS}),
     "adaptive": ("adaptive", {"lam": LAMBDAS, "alpha": ALPHAS}),
+    "ridge+ctx": ("spatial", {"lam": LAMBDAS, "beta": BETAS}),
+    "adaptive+ctx": ("adaptive", {"lam": LAMBDAS, "alpha": ALPHAS, "beta": BETAS}),
 }
+CONTEXT_BASELINES = ("ridge+ctx", "adaptive+ctx")
 
 
 @dataclass
@@ -77,23 +93,46 @@ class Baselines:
     val_BRT: np.ndarray
     mask_ratio: float
     chosen: dict[str, dict[str, dict[str, float]]]
+    val_context: list[list[int]] | None = None  # each validation window's context windows (the +ctx baselines)
 
     @classmethod
-    def fit(cls, train_BRT: np.ndarray, val_BRT: np.ndarray, mask_ratio: float, patch_size: int) -> Baselines:
+    def fit(
+        cls,
+        train_BRT: np.ndarray,
+        val_BRT: np.ndarray,
+        mask_ratio: float,
+        patch_size: int,
+        val_context: list[list[int]] | None = None,
+    ) -> Baselines:
         """Means and the Gaussian model from training windows; settings are chosen on ``val_BRT`` when asked."""
         train = np.asarray(train_BRT)
         gaussian = GaussianImputer(train, max_lag=(2 * REACH + 1) * patch_size)
-        return cls(train.mean(axis=(0, 2)), gaussian, np.asarray(val_BRT, dtype=np.float64), mask_ratio, {})
+        val = np.asarray(val_BRT, dtype=np.float64)
+        return cls(train.mean(axis=(0, 2)), gaussian, val, mask_ratio, {}, val_context)
 
-    def predict(self, name: str, x_BRT: np.ndarray, tmask_BRT: np.ndarray, P: int, masking: str) -> np.ndarray:
+    def predict(
+        self,
+        name: str,
+        x_BRT: np.ndarray,
+        tmask_BRT: np.ndarray,
+        P: int,
+        masking: str,
+        context: list[list[int]] | None = None,
+    ) -> np.ndarray:
         if name == "zero":
             return np.zeros(x_BRT.shape)
         if name == "mean":
             return np.broadcast_to(self.mean_R[None, :, None], x_BRT.shape)
         if name == "interp":
             return interpolate(x_BRT, tmask_BRT, self.mean_R)
+        return self._run(name, x_BRT, tmask_BRT, P, self.settings_of(name, masking, P), context)
+
+    def _run(self, name, x_BRT, tmask_BRT, P, settings: dict[str, float], context) -> np.ndarray:
         method = getattr(self.gaussian, LINEAR[name][0])
-        return method(x_BRT, tmask_BRT, P, **self.settings_of(name, masking, P))
+        kwargs = {k: v for k, v in settings.items() if k != "beta"}
+        if "beta" in settings:
+            kwargs["cov_BRR"] = context_covariances(x_BRT, context, self.gaussian.cov_RR, settings["beta"])
+        return method(x_BRT, tmask_BRT, P, **kwargs)
 
     def settings_of(self, name: str, masking: str, P: int) -> dict[str, float]:
         """A linear baseline's settings for a masking strategy: the best on the validation windows."""
@@ -101,13 +140,28 @@ class Baselines:
         if masking not in chosen:
             R, T = self.val_BRT.shape[1:]
             tmask = time_mask(fixed_masks(len(self.val_BRT), R, T // P, self.mask_ratio, masking), R, T // P, P)
-            method_name, grid = LINEAR[name]
-            method = getattr(self.gaussian, method_name)
+            grid = LINEAR[name][1]
             candidates = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
             bar = tqdm(candidates, desc=f"{name}: settings on {len(self.val_BRT)} val windows", leave=False)
-            scores = [r2_parts(method(self.val_BRT, tmask, P, **c), self.val_BRT, tmask)[0] for c in bar]
+            scores = [
+                r2_parts(self._run(name, self.val_BRT, tmask, P, c, self.val_context), self.val_BRT, tmask)[0]
+                for c in bar
+            ]
             chosen[masking] = candidates[int(np.argmax(scores))]
         return chosen[masking]
+
+
+def context_covariances(
+    x_BRT: np.ndarray, context: list[list[int]] | None, population_RR: np.ndarray, beta: float
+) -> np.ndarray:
+    """Each window's population covariance shrunk toward its context windows' covariance: (1 - beta) C + beta
+    C_context; C itself where a window has no context."""
+    out = np.broadcast_to(population_RR, (len(x_BRT), *population_RR.shape)).copy()
+    for b, others in enumerate(context or []):
+        if others:
+            flat_RX = np.concatenate([x_BRT[j] for j in others], axis=1)
+            out[b] = (1 - beta) * population_RR + beta * np.cov(flat_RX)
+    return out
 
 
 @dataclass
@@ -118,9 +172,11 @@ class FitSet:
     name: str
     fitted_on: str
     baselines: Baselines
+    context: bool = False  # the +ctx baselines too
 
     def columns(self) -> list[str]:
         own = (*SIMPLE, *LINEAR_NAMES) if self.name == "target" else LINEAR_NAMES
+        own = (*own, *CONTEXT_BASELINES) if self.context else own
         return [n if self.name == "target" else f"{n}@{self.name}" for n in own]
 
 
@@ -191,13 +247,17 @@ def fit_baselines(
     train_limit: int = prior.FIT_WINDOWS,
     val_limit: int = 64,
     source_shards: list[str] | None = None,
+    context: int | None = 0,
 ) -> tuple[list[FitSet], list[str]]:
     """Baselines fitted on the evaluated shards' training split, and on the model's pretraining data when that is
-    another shard set of the same atlas (and on both). Settings are chosen on the validation windows."""
+    another shard set (and on both). Settings are chosen on the validation windows, with ``context`` (K nearest, all:
+    None, none: 0) other windows of their recordings for the +ctx baselines."""
     P = ctx.model.config.patch_size
     train_split, val_split = ctx_split(ctx, "train"), ctx_split(ctx, "val")
     train, train_meta = split_windows(ctx, train_split, train_limit)
-    val, _ = split_windows(ctx, val_split, val_limit)
+    val, val_meta = split_windows(ctx, val_split, val_limit)
+    T = ctx.model.config.num_timepoints
+    val_context = windows_context(val_meta, T, context)
     train_np, val_np = train.numpy(), val.numpy()
     subjects = len({m["subject"] for m in train_meta})
     sets = [FitSet("target", _describe(ctx.root, len(train_np), subjects, train_split), None)]
@@ -210,15 +270,21 @@ def fit_baselines(
     if src_np is not None:
         data["both"] = np.concatenate([src_np, train_np])
     for s in sets:
-        s.baselines = Baselines.fit(data[s.name], val_np, mask_ratio, P)
+        s.baselines = Baselines.fit(data[s.name], val_np, mask_ratio, P, val_context)
+        s.context = context != 0
     return sets, notes
+
+
+def windows_context(meta: list[dict], window: int, k: int | None) -> list[list[int]]:
+    """The protocol's context of each evaluation window (``brainlm.protocol.context``), from its metadata."""
+    return context_windows([m["recording"] for m in meta], [int(m["start"]) for m in meta], window, k)
 
 
 def model_fitted_on(ctx: Context) -> dict[str, str]:
     """What the model's parts saw: its weights (pretraining) and its decoder prior."""
     recorded = trained_on(ctx.model.extra)
     weights = " then ".join(f"the train split of {r['shards']}" for r in recorded) or "not recorded"
-    out = {"weights": weights}
+    out = {"weights": weights, "context": "none (the model sees its window only)"}
     if ctx.model.decoder_prior_embed is not None:
         out["prior"] = (
             ctx.prior_fitted_on
@@ -238,8 +304,10 @@ def reconstruct(
     limit: int | None = None,
     device: str | None = None,
     source_shards: list[str] | None = None,
+    context: str | int | None = "all",
 ) -> dict[str, Any]:
-    """Run the protocol; writes metrics.json and figures into ``out``; returns the metrics."""
+    """Run the protocol; writes metrics.json and figures into ``out``; returns the metrics. ``context``: the other
+    windows of its recording each window's +ctx baselines see (0, K nearest, or all)."""
     from brainlm.eval import plots
 
     unknown = [m for m in strategies if m not in MASKINGS]
@@ -254,7 +322,9 @@ def reconstruct(
     x_np = x.numpy().astype(np.float64)
     subjects_W = [m["subject"] for m in meta]
     B, R, _ = x.shape
-    fit_sets, notes = fit_baselines(ctx, mask_ratio=ratio, source_shards=source_shards)
+    k = parse_context(context)
+    test_context = windows_context(meta, cfg.num_timepoints, k)
+    fit_sets, notes = fit_baselines(ctx, mask_ratio=ratio, source_shards=source_shards, context=k)
     for note in notes:
         print(f"note: {note}", flush=True)
     baseline_names = [c for s in fit_sets for c in s.columns()]
@@ -266,6 +336,8 @@ def reconstruct(
         "parcels": R,
         "timepoints": cfg.num_timepoints,
         "mask_ratio": ratio,
+        "context": context_label(k),
+        "context_windows": float(np.mean([len(c) for c in test_context])) if test_context else 0.0,
         "fitted_on": fitted_on,
         "notes": notes,
         "baseline_settings": {s.name: s.baselines.chosen for s in fit_sets},
@@ -286,7 +358,7 @@ def reconstruct(
         preds = {"model": model_predict(ctx, x, mask_BL)}
         columns = [(s, c) for s in fit_sets for c in s.columns()]
         for s, column in tqdm(columns, desc=f"baselines, {masking} masking", unit="baseline", leave=False):
-            preds[column] = s.baselines.predict(column.split("@")[0], x_np, tmask, P, masking)
+            preds[column] = s.baselines.predict(column.split("@")[0], x_np, tmask, P, masking, test_context)
         sums = WindowSums.of(preds, x_np, tmask)
         metrics["window_sums"][masking] = sums.to_json()
         metrics["pooled_r2"][masking], metrics["per_parcel_r2"][masking] = {}, {}
@@ -325,7 +397,8 @@ def reconstruct(
     write_metrics(out, metrics)
     title = (
         f"masked-patch R^2 on {B} {split} windows of {len(metrics['subjects'])} subject(s) (pooled over masked "
-        f"values, unclipped; mask ratio {ratio})"
+        f"values, unclipped; mask ratio {ratio}; context {metrics['context']}: "
+        f"{metrics['context_windows']:.1f} other windows of the recording per window on average, for the +ctx rows)"
     )
     print(r2_table(metrics, strategies, title))
     print(comparison_table(verdicts, "pooled R^2", "windows", [f"{m}: " for m in strategies]))

@@ -7,10 +7,13 @@ Rules (docs/evaluation.md says why each exists):
   windows and folds;
 - subject folds (``folds``): every subject is a test subject once, never in its fold's training or validation set;
   validation is a held-out subject set of its own, and nothing is trained or chosen on test subjects;
+- recording context (``context``): a window's context is the other windows of its own recording that do not
+  overlap it, nearest first, the same for every model and baseline;
 - intervals (``intervals``): a margin comes with paired bootstrap intervals over test windows and over test
   subjects (resampled as units); a winner is named only when the interval excludes 0, else it is a tie.
 """
 
+from brainlm.protocol.context import context_label, context_windows, parse_context
 from brainlm.protocol.folds import Fold, subject_folds
 from brainlm.protocol.intervals import Comparison, best, compare, verdict
 from brainlm.protocol.masks import MASK_SEED, fixed_masks, protocol_seeds, time_mask
@@ -25,7 +28,10 @@ __all__ = [
     "WindowSums",
     "best",
     "compare",
+    "context_label",
+    "context_windows",
     "fixed_masks",
+    "parse_context",
     "protocol_seeds",
     "r2_parts",
     "subject_folds",
