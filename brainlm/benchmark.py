@@ -291,6 +291,6 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {key} | " + " | ".join(f"{per[s]:+.4f}" for s in subjects) + " |")
     fitted = summary.get("fitted_on", {})
     lines += ["", "Fitted on (fold 1): " + "; ".join(f"{k}: {v}" for k, v in fitted.items() if k != "model")]
-    lines += ["Model: " + "; ".join(f"{k} from {v}" for k, v in fitted.get("model", {}).items())]
+    lines += ["Model: " + "; ".join(f"{k}: {v}" for k, v in fitted.get("model", {}).items())]
     lines += [f"Note: {n}" for n in summary.get("notes", [])]
     return "\n".join(lines) + "\n"

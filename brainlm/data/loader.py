@@ -105,13 +105,26 @@ def rotated(url: str, size: int, first: int, skip: int, **check: Any) -> Iterato
                 yield raw
 
 
-def window_of(signal_RT: np.ndarray, window: int, rng: np.random.Generator | None) -> np.ndarray:
-    """A ``window``-long sub-window: random when ``rng`` is given (training), the first one otherwise."""
-    crop = signal_RT.shape[1]
+def window_start(crop: int, window: int, rng: np.random.Generator | None) -> int:
+    """Where a ``window``-long sub-window of a crop starts: random when ``rng`` is given (training), else 0."""
     if crop < window:
         raise ShardError(f"shard crops have {crop} timepoints, fewer than the model's window of {window}")
-    start = int(rng.integers(0, crop - window + 1)) if rng is not None and crop > window else 0
+    return int(rng.integers(0, crop - window + 1)) if rng is not None and crop > window else 0
+
+
+def window_of(signal_RT: np.ndarray, window: int, rng: np.random.Generator | None) -> np.ndarray:
+    """A ``window``-long sub-window: random when ``rng`` is given (training), the first one otherwise."""
+    start = window_start(signal_RT.shape[1], window, rng)
     return signal_RT[:, start : start + window]
+
+
+def crop_context(signal_RT: np.ndarray, start: int, window: int) -> tuple[np.ndarray, int]:
+    """The recording context a training window has in its crop: the covariance of the crop's timepoints outside
+    the window, and their count (the protocol's context at evaluation: the rest of the recording)."""
+    rest_RX = np.concatenate([signal_RT[:, :start], signal_RT[:, start + window :]], axis=1).astype(np.float64)
+    if rest_RX.shape[1] < 2:
+        return np.zeros((len(signal_RT), len(signal_RT))), 0
+    return np.cov(rest_RX), rest_RX.shape[1]
 
 
 @dataclass(frozen=True)
@@ -146,15 +159,17 @@ class SlotStreams(IterableDataset):
         start: int = 0,
         masks: MaskSpec | None = None,
         on_corrupt: str = "error",
+        context: bool = False,
     ) -> None:
         if not shards:
             raise ShardError("no shards to stream from")
         self.shards, self.slots, self.num_slots = shards, slots, num_slots
         self.window, self.seed, self.start, self.mask_spec = window, seed, start, masks
-        self.on_corrupt = on_corrupt
+        self.on_corrupt, self.context = on_corrupt, context
 
-    def stream(self, slot: int, start: int) -> Iterator[tuple[np.ndarray, int]]:
-        """Slot ``slot``'s samples from position ``start`` on: (window [R, W] float32, sample seed)."""
+    def stream(self, slot: int, start: int) -> Iterator[tuple[np.ndarray, int, tuple | None]]:
+        """Slot ``slot``'s samples from position ``start`` on: (window [R, W] float32, sample seed, its crop
+        context (covariance, timepoints) when asked for)."""
         n, S = len(self.shards), self.num_slots
         rotation = slot * n // S
         sharing = [j for j in range(S) if j * n // S == rotation]  # slots that read the same shard together
@@ -172,8 +187,10 @@ class SlotStreams(IterableDataset):
                 check = {"digests": info.digests, "samples": size, "on_corrupt": self.on_corrupt}
                 for k, raw in enumerate(rotated(info.url, size, int(phase * size), skip, **check), start=skip):
                     seed = sample_seed(self.seed, slot, position + k)
-                    signal = window_of(decode_signal(raw["signal.npy"]), self.window, np.random.default_rng(seed))
-                    yield signal.astype(np.float32), seed
+                    crop = decode_signal(raw["signal.npy"])
+                    begin = window_start(crop.shape[1], self.window, np.random.default_rng(seed))
+                    context = crop_context(crop, begin, self.window) if self.context else None
+                    yield crop[:, begin : begin + self.window].astype(np.float32), seed, context
                 position += size
             pass_index += 1
 
@@ -185,9 +202,12 @@ class SlotStreams(IterableDataset):
         streams = [self.stream(slot, self.start) for slot in mine]
         while True:
             items = [next(s) for s in streams]
-            signal = torch.from_numpy(np.stack([x for x, _ in items]))
-            seeds = torch.tensor([s for _, s in items], dtype=torch.int64)
+            signal = torch.from_numpy(np.stack([x for x, _, _ in items]))
+            seeds = torch.tensor([s for _, s, _ in items], dtype=torch.int64)
             batch = {"signal": signal, "seed": seeds}
+            if self.context:
+                batch["context_cov"] = torch.from_numpy(np.stack([c[0] for _, _, c in items]).astype(np.float32))
+                batch["context_n"] = torch.tensor([c[1] for _, _, c in items], dtype=torch.int64)
             if self.mask_spec is not None:
                 batch["mask"] = self.mask_spec.masks(seeds, signal.shape[1])
             yield batch
@@ -212,6 +232,7 @@ class TrainLoader:
         start: int = 0,
         masks: MaskSpec | None = None,
         on_corrupt: str = "error",
+        context: bool = False,
     ) -> None:
         urls = shard_urls(manifest, root, split)
         shards = [
@@ -219,7 +240,9 @@ class TrainLoader:
         ]
         slots = list(range(rank * micro_batch_size, (rank + 1) * micro_batch_size))
         self.workers = min(num_workers, micro_batch_size)
-        dataset = SlotStreams(shards, slots, micro_batch_size * world_size, window, seed, start, masks, on_corrupt)
+        dataset = SlotStreams(
+            shards, slots, micro_batch_size * world_size, window, seed, start, masks, on_corrupt, context
+        )
         self.position = start
         kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if self.workers else {}
         self.loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, **kwargs)

@@ -43,6 +43,7 @@ from brainlm.protocol import (
     best,
     compare,
     context_label,
+    context_statistics,
     context_windows,
     fixed_masks,
     parse_context,
@@ -56,14 +57,26 @@ METHODS = ("model", *SIMPLE, *LINEAR_NAMES)  # the columns on the evaluated shar
 
 
 @torch.no_grad()
-def model_predict(ctx: Context, x_BRT: torch.Tensor, mask_BL: torch.Tensor, batch: int = 16) -> np.ndarray:
+def model_predict(
+    ctx: Context,
+    x_BRT: torch.Tensor,
+    mask_BL: torch.Tensor,
+    context: list[list[int]] | None = None,
+    batch: int = 16,
+) -> np.ndarray:
+    """The model's reconstruction; a model whose prior reads recording context (``model.prior_context``) gets each
+    window's ``context`` windows' statistics, any other model its window alone."""
     model, R = ctx.model.eval(), x_BRT.shape[1]
+    stats = None
+    if model.config.prior_context and context is not None:
+        cov_BRR, n_B = context_statistics(x_BRT.numpy(), context)
+        stats = (torch.from_numpy(cov_BRR), torch.from_numpy(n_B))
     out = []
     for i in range(0, x_BRT.shape[0], batch):
+        rows = slice(i, i + batch)
+        part = None if stats is None else (stats[0][rows].to(ctx.device), stats[1][rows].to(ctx.device))
         with ctx.autocast():
-            res = model(
-                x_BRT[i : i + batch].to(ctx.device), ctx.coords_R3, mask_BL=mask_BL[i : i + batch].to(ctx.device)
-            )
+            res = model(x_BRT[rows].to(ctx.device), ctx.coords_R3, mask_BL=mask_BL[rows].to(ctx.device), context=part)
         out.append(model.unpatchify(res.pred_BLP.float(), R).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
@@ -157,10 +170,9 @@ def context_covariances(
     """Each window's population covariance shrunk toward its context windows' covariance: (1 - beta) C + beta
     C_context; C itself where a window has no context."""
     out = np.broadcast_to(population_RR, (len(x_BRT), *population_RR.shape)).copy()
-    for b, others in enumerate(context or []):
-        if others:
-            flat_RX = np.concatenate([x_BRT[j] for j in others], axis=1)
-            out[b] = (1 - beta) * population_RR + beta * np.cov(flat_RX)
+    cov_BRR, n_B = context_statistics(x_BRT, context or [[]] * len(x_BRT))
+    has = n_B > 0
+    out[has] = (1 - beta) * population_RR + beta * cov_BRR[has]
     return out
 
 
@@ -283,14 +295,17 @@ def windows_context(meta: list[dict], window: int, k: int | None) -> list[list[i
 def model_fitted_on(ctx: Context) -> dict[str, str]:
     """What the model's parts saw: its weights (pretraining) and its decoder prior."""
     recorded = trained_on(ctx.model.extra)
-    weights = " then ".join(f"the train split of {r['shards']}" for r in recorded) or "not recorded"
-    out = {"weights": weights, "context": "none (the model sees its window only)"}
+    weights = "trained on " + (" then ".join(f"the train split of {r['shards']}" for r in recorded) or "?")
+    strength = ctx.model.config.prior_context
+    out = {
+        "weights": weights,
+        "context": f"its prior reads the recording context (strength {strength:g} timepoints)"
+        if strength
+        else "none (the model sees its window only)",
+    }
     if ctx.model.decoder_prior_embed is not None:
-        out["prior"] = (
-            ctx.prior_fitted_on
-            or (recorded[-1:] and f"the train split of {recorded[-1]['shards']}")
-            or ("not recorded")
-        )
+        fitted = ctx.prior_fitted_on or (f"the train split of {recorded[-1]['shards']}" if recorded else "?")
+        out["prior"] = f"fitted on {fitted}"
     return out
 
 
@@ -355,7 +370,7 @@ def reconstruct(
     for masking in strategies:
         mask_BL = fixed_masks(B, R, N, ratio, masking)
         tmask = time_mask(mask_BL, R, N, P)
-        preds = {"model": model_predict(ctx, x, mask_BL)}
+        preds = {"model": model_predict(ctx, x, mask_BL, test_context)}
         columns = [(s, c) for s in fit_sets for c in s.columns()]
         for s, column in tqdm(columns, desc=f"baselines, {masking} masking", unit="baseline", leave=False):
             preds[column] = s.baselines.predict(column.split("@")[0], x_np, tmask, P, masking, test_context)
@@ -411,6 +426,6 @@ def r2_table(metrics: dict[str, Any], strategies: tuple[str, ...], title: str) -
     for name in metrics["pooled_r2"][strategies[0]]:
         fit = "model" if name == "model" else "-" if name == "zero" else name.partition("@")[2] or "target"
         rows.append({"method": name, **{m: metrics["pooled_r2"][m][name] for m in strategies}, "fitted on": fit})
-    legend = [f"  model: {k} from {v}" for k, v in metrics["fitted_on"]["model"].items()]
+    legend = [f"  model {k}: {v}" for k, v in metrics["fitted_on"]["model"].items()]
     legend += [f"  {k}: {v}" for k, v in metrics["fitted_on"].items() if k != "model"]
     return table(rows, ["method", *strategies, "fitted on"], title) + "\nfitted on\n" + "\n".join(legend)

@@ -91,6 +91,11 @@ class ModelConfig:
     """lam of the Gaussian prior: ridge on the visible parcels' covariance, in units of its mean variance."""
     prior_shrinkage: float = 0.25
     """alpha of the Gaussian prior: weight of the window's own covariance against the training split's, in [0, 1]."""
+    prior_context: float = 0.0
+    """Recording context in the Gaussian prior: the strength k, in timepoints, of the training split's covariance C
+    against the covariance C_c of the n timepoints of the window's recording outside the window, (k C + n C_c) /
+    (k + n), before the window's own shrinkage; 0: the prior ignores context. In training the context is the rest of
+    the sample's crop; in the analyses, the other windows of the recording (``brainlm reconstruct --context``)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # f.type is a string: annotations are postponed above
@@ -128,6 +133,11 @@ class ModelConfig:
             raise ConfigError(f"`model.prior_ridge` must be positive, got {self.prior_ridge!r}")
         if not 0.0 <= self.prior_shrinkage <= 1.0:
             raise ConfigError(f"`model.prior_shrinkage` must be in [0, 1], got {self.prior_shrinkage!r}")
+        if self.prior_context < 0 or (self.prior_context and self.decoder_prior != "gaussian"):
+            raise ConfigError(
+                f"`model.prior_context` must be >= 0 and needs `model.decoder_prior: gaussian`; got "
+                f"{self.prior_context!r} with decoder_prior {self.decoder_prior!r}"
+            )
         if self.decoder_prior == "gaussian" and self.norm_target:
             raise ConfigError(
                 "`model.decoder_prior: gaussian` predicts a correction to values, and `model.norm_target` makes the "

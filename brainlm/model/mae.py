@@ -168,14 +168,25 @@ class BrainLM(nn.Module):
             and torch.allclose(coords_R3.to(self.prior_coords_R3), self.prior_coords_R3, atol=1e-3)
         )
 
-    def prior_patches(self, signal_BRT: Tensor, coords_R3: Tensor, mask_BL: Tensor) -> Tensor:
+    def prior_patches(
+        self, signal_BRT: Tensor, coords_R3: Tensor, mask_BL: Tensor, context: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         """The Gaussian prior of every token: prior_BLP. The fitted statistics when `coords_R3` is the atlas they
-        were fitted on, else the window's own covariance only."""
+        were fitted on, else the window's own covariance only; with `model.prior_context` and a `context`
+        (context_cov_BRR, context_n_B), the fitted covariance moved toward each window's recording context."""
         B, R, T = signal_BRT.shape
         c = self.config
         mu, cov = (self.prior_mu_R, self.prior_cov_RR) if self.prior_fits(coords_R3) else (None, None)
+        scale = None
+        if c.prior_context and context is not None:
+            if cov is None:  # another atlas: no population covariance, the context's own moves from the identity
+                mu, cov = torch.zeros(R, device=signal_BRT.device), torch.eye(R, device=signal_BRT.device)
+            scale = float(torch.diagonal(cov.double()).mean())
+            cov = prior.with_context(cov.double(), context[0], context[1], c.prior_context)
         mask_BRN = mask_BL.reshape(B, R, T // c.patch_size)
-        prior_BRT = prior.impute(signal_BRT, mask_BRN, mu, cov, c.patch_size, c.prior_ridge, c.prior_shrinkage)
+        prior_BRT = prior.impute(
+            signal_BRT, mask_BRN, mu, cov, c.patch_size, c.prior_ridge, c.prior_shrinkage, scale=scale
+        )
         return self.patchify(prior_BRT)
 
     # ------------------------------------------------------------------ tokens and positions
@@ -352,14 +363,16 @@ class BrainLM(nn.Module):
         *,
         mask_BL: Tensor | None = None,
         generator: torch.Generator | None = None,
+        context: tuple[Tensor, Tensor] | None = None,
     ) -> MAEOutput:
-        """Masked reconstruction of `signal_BRT` ([B, R, T]) given parcel coordinates in MNI mm ([R, 3])."""
+        """Masked reconstruction of `signal_BRT` ([B, R, T]) given parcel coordinates in MNI mm ([R, 3]); `context`
+        (context_cov_BRR, context_n_B): each window's recording context, for a prior that reads it."""
         latent_B1KD, mask_BL, ids_restore_BL = self.forward_encoder(
             signal_BRT, coords_R3, mask_ratio, mask_BL=mask_BL, generator=generator
         )
         prior_BLP = None
         if self.decoder_prior_embed is not None:
-            prior_BLP = self.prior_patches(signal_BRT, coords_R3, mask_BL)
+            prior_BLP = self.prior_patches(signal_BRT, coords_R3, mask_BL, context)
         pred_BLP = self.forward_decoder(latent_B1KD, ids_restore_BL, coords_R3, prior_BLP, mask_BL)
         return MAEOutput(self.forward_loss(signal_BRT, pred_BLP, mask_BL), pred_BLP, mask_BL)
 

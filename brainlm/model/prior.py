@@ -24,6 +24,22 @@ PASSES = 2  # re-estimations of the window's own covariance, as the adaptive bas
 FIT_WINDOWS = 512  # training windows the prior is fitted on (as `brainlm reconstruct`'s baselines)
 
 
+def with_context(cov_RR: Tensor, context_cov_BRR: Tensor, context_n_B: Tensor, strength: float) -> Tensor:
+    """Each window's population covariance moved toward its recording context's: (k C + n C_c) / (k + n), k the
+    strength in timepoints, n the window's context timepoints (0: C itself)."""
+    n = context_n_B.to(cov_RR.dtype)[:, None, None]
+    return (strength * cov_RR + n * context_cov_BRR.to(cov_RR)) / (strength + n)
+
+
+def context_stats(signal_RT: Tensor, start: int, window: int) -> tuple[Tensor, int]:
+    """The covariance of a crop's timepoints outside the window [start, start + window) and their count."""
+    rest_RX = torch.cat([signal_RT[:, :start], signal_RT[:, start + window :]], dim=1).double()
+    n = rest_RX.shape[1]
+    if n < 2:
+        return torch.zeros(signal_RT.shape[0], signal_RT.shape[0], dtype=torch.float64), 0
+    return torch.cov(rest_RX), n
+
+
 def fit(windows_BRT: Tensor) -> tuple[Tensor, Tensor]:
     """Per-parcel means and the parcel covariance pooled over every timepoint of the windows: (mu_R, cov_RR)."""
     x = windows_BRT.double()

@@ -13,7 +13,7 @@ Rules (docs/evaluation.md says why each exists):
   subjects (resampled as units); a winner is named only when the interval excludes 0, else it is a tie.
 """
 
-from brainlm.protocol.context import context_label, context_windows, parse_context
+from brainlm.protocol.context import context_label, context_statistics, context_windows, parse_context
 from brainlm.protocol.folds import Fold, subject_folds
 from brainlm.protocol.intervals import Comparison, best, compare, verdict
 from brainlm.protocol.masks import MASK_SEED, fixed_masks, protocol_seeds, time_mask
@@ -29,6 +29,7 @@ __all__ = [
     "best",
     "compare",
     "context_label",
+    "context_statistics",
     "context_windows",
     "fixed_masks",
     "parse_context",

@@ -46,3 +46,17 @@ def context_windows(recordings: Sequence[str], starts: Sequence[int], window: in
         others.sort(key=lambda j: (abs(starts[j] - starts[i]), starts[j]))
         out.append(others if k is None else others[:k])
     return out
+
+
+def context_statistics(windows_BRT, context: list[list[int]]):
+    """Each window's recording context as (covariance [B, R, R], timepoints [B]): the covariance of its context
+    windows' timepoints together (zeros and 0 where it has none). numpy in, numpy out."""
+    import numpy as np
+
+    B, R = windows_BRT.shape[:2]
+    cov_BRR, n_B = np.zeros((B, R, R)), np.zeros(B, dtype=np.int64)
+    for b, others in enumerate(context):
+        if others:
+            flat_RX = np.concatenate([windows_BRT[j] for j in others], axis=1).astype(np.float64)
+            cov_BRR[b], n_B[b] = np.cov(flat_RX), flat_RX.shape[1]
+    return cov_BRR, n_B

@@ -29,7 +29,7 @@ from brainlm.exceptions import ConfigError, NonFiniteLossError, ShardError
 from brainlm.model import BrainLM, ModelConfig, prior
 from brainlm.model.io import trained_on
 from brainlm.model.masking import seeded_masks
-from brainlm.protocol import R2Sums, protocol_seeds
+from brainlm.protocol import R2Sums, context_statistics, context_windows, protocol_seeds
 from brainlm.tracking.env import default_tracking_uri, git_sha
 from brainlm.tracking.runs import Tracker
 from brainlm.training import engine as ds
@@ -153,28 +153,39 @@ def build_loader(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext, start_ste
         start=start_step * cfg.train.grad_accum,
         masks=MaskSpec(c.num_patches, c.mask_ratio, c.masking),
         on_corrupt=cfg.data.on_corrupt,
+        context=bool(c.prior_context),
     )
 
 
 @dataclass
 class ValidationSet:
-    """This rank's share of the fixed validation windows and their masks (the evaluation protocol's)."""
+    """This rank's share of the fixed validation windows and their masks (the evaluation protocol's), and each
+    window's recording context (the protocol's: the rest of its recording) for a prior that reads it."""
 
     signal: torch.Tensor
     masks: torch.Tensor
+    context: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def context_of(self, rows: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.context is None else (self.context[0][rows].to(device), self.context[1][rows].to(device))
 
 
 def build_validation(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> ValidationSet:
     m = plan.manifest
     split = cfg.data.val_split if m.num_samples(cfg.data.val_split) else cfg.data.train_split
     count = max(ctx.world_size, cfg.train.val_samples // ctx.world_size * ctx.world_size)
-    signal, _ = fixed_samples(m, plan.root, split, count, plan.model.num_timepoints)
+    signal, meta = fixed_samples(m, plan.root, split, count, plan.model.num_timepoints)
     usable = signal.shape[0] // ctx.world_size * ctx.world_size  # equal work per rank (ZeRO-3 needs it)
     idx = list(range(ctx.rank, usable, ctx.world_size))
     c = plan.model
     # Window i of the split gets the mask `brainlm reconstruct` gives it: a learning curve measures the final table.
     masks = seeded_masks(protocol_seeds(idx, c.masking), plan.num_parcels, c.num_patches, c.mask_ratio, c.masking)
-    return ValidationSet(signal[idx], masks)
+    context = None
+    if c.prior_context:  # as `brainlm reconstruct --context all`: the other windows of the window's recording
+        recordings, starts = [x["recording"] for x in meta], [int(x["start"]) for x in meta]
+        cov_BRR, n_B = context_statistics(signal.numpy(), context_windows(recordings, starts, c.num_timepoints, None))
+        context = (torch.from_numpy(cov_BRR[idx]).float(), torch.from_numpy(n_B[idx]))
+    return ValidationSet(signal[idx], masks, context)
 
 
 def build_tracker(
@@ -242,7 +253,10 @@ class Trainer:
             batch = next(loader)
             self._window["wait"] += time.time() - t0
             signal = batch["signal"].to(self.ctx.device, dtype=self.dtype, non_blocking=True)
-            out = self.engine(signal, self.coords_R3, mask_BL=batch["mask"].to(self.ctx.device))
+            context = None
+            if "context_cov" in batch:
+                context = (batch["context_cov"].to(self.ctx.device), batch["context_n"].to(self.ctx.device))
+            out = self.engine(signal, self.coords_R3, mask_BL=batch["mask"].to(self.ctx.device), context=context)
             self.engine.backward(out.loss)
             self.engine.step()
             step_loss += float(out.loss.detach()) / accum
@@ -303,7 +317,8 @@ class Trainer:
         sums = R2Sums()
         for i in range(0, val.signal.shape[0], 8):
             x = val.signal[i : i + 8].to(self.ctx.device, dtype=self.dtype)
-            out = self.engine(x, self.coords_R3, mask_BL=val.masks[i : i + 8].to(self.ctx.device))
+            mask = val.masks[i : i + 8].to(self.ctx.device)
+            out = self.engine(x, self.coords_R3, mask_BL=mask, context=val.context_of(slice(i, i + 8), self.ctx.device))
             sums.add(out.pred_BLP.float(), self.model.patchify(x.float()), out.mask_BL)
         total = sums.tensor().to(self.ctx.device)
         dist.all_reduce(total)
