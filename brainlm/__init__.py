@@ -32,6 +32,7 @@ _EXPORTS = {
     "finetune": "brainlm.eval.finetune",
     "FinetuneConfig": "brainlm.eval.finetune",
     "networks": "brainlm.eval.networks",
+    "fingerprint": "brainlm.eval.fingerprint",
     "perturb": "brainlm.eval.perturb",
     "PerturbConfig": "brainlm.eval.perturb",
     "attention": "brainlm.eval.attention",

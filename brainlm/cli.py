@@ -52,6 +52,12 @@ def _embed(a: argparse.Namespace) -> None:
         print(f"  skipped {s['recording']}: {s['reason']}", file=sys.stderr)
 
 
+def _fingerprint(a: argparse.Namespace) -> None:
+    from brainlm.eval.fingerprint import fingerprint
+
+    fingerprint(a.model, a.shards, a.out, a.split, a.label, a.folds, a.device)
+
+
 def _finetune(a: argparse.Namespace) -> None:
     from brainlm.eval.finetune import FinetuneConfig, finetune
 
@@ -281,6 +287,19 @@ def parser() -> argparse.ArgumentParser:
     _io(f, device=False)
     add_flags(f, FinetuneConfig)
     f.set_defaults(func=_finetune)
+
+    fp = sub.add_parser(
+        "fingerprint",
+        help="subject identification and label decoding from recording-level representations, beside FC",
+        description="Each recording summarised from all its windows (CLS, mean token, latent connectivity; the same "
+        "with random weights; FC): its subject identified by the nearest other recording, and a label decoded by "
+        "logistic regression cross-validated by subject, with paired bootstrap intervals.",
+    )
+    _io(fp)
+    fp.add_argument("--split", default="test", help="split whose recordings are compared (default test)")
+    fp.add_argument("--label", help="a recording or subject column to decode (e.g. condition)")
+    fp.add_argument("--folds", type=int, default=5, help="cross-validation folds by subject for --label (default 5)")
+    fp.set_defaults(func=_fingerprint)
 
     n = sub.add_parser(
         "networks",

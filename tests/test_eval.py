@@ -266,6 +266,29 @@ def test_networks_recovered_from_the_model_above_chance_and_raw_signal(cohort, t
     assert (tmp_path / "n" / "confusion_tokens.png").exists() and "winner" in stdout
 
 
+def test_fingerprinting_identifies_subjects_above_chance_beside_fc_and_the_random_weights_control(cohort, tmp_path):
+    metrics, stdout = brainlm(
+        "fingerprint", "--model", str(cohort["model"]), "--shards", str(cohort["shards"]), "--out", str(tmp_path / "f"),
+        "--label", "condition",
+    )  # fmt: skip
+    acc = metrics["fingerprinting"]
+    assert metrics["recordings"] == 20 and metrics["queries"] == 20 and metrics["chance"] == pytest.approx(1 / 19)
+    assert max(acc.values()) > 3 * metrics["chance"], acc  # the synthetic subjects are told apart from their scans
+    assert {"cls", "latent_fc", "cls_random", "latent_fc_random", "fc", "fc_uncentred"} <= set(acc)
+    assert acc["cls"] != acc["cls_random"] or acc["latent_fc"] != acc["latent_fc_random"]  # trained != untrained
+    pairs = {(c["a"], c["b"]) for c in metrics["fingerprinting_comparisons"]}
+    assert ("latent_fc", "fc") in pairs and ("latent_fc", "latent_fc_random") in pairs
+    decoding = metrics["decoding"]["balanced_accuracy"]
+    assert metrics["decoding"]["classes"] == ["rest", "task"] and all(0 <= v <= 1 for v in decoding.values())
+    assert decoding["fc"] > 0.7, decoding  # task runs drive the visual network: FC sees the condition
+    assert "latent_fc vs latent_fc_random" in stdout
+    proc = run_cli(
+        "-m", "brainlm.cli", "fingerprint", "--model", str(cohort["model"]), "--shards", str(cohort["shards"]),
+        "--out", str(tmp_path / "g"), "--split", "val", "--label", "nothing",
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--label 'nothing'" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_knn_across_recordings_uses_only_reference_recordings_and_training_parcels():
     from brainlm.eval.networks import folds, knn_across_recordings, reference_mask
 

@@ -234,3 +234,11 @@ def test_a_model_trained_on_the_evaluated_shards_gets_no_source_columns_and_anot
     mapped, sigma = map_windows(src, coords, coords[[2, 0]])
     assert mapped.shape == (3, 2, 50) and sigma == 5.0
     assert np.corrcoef(mapped[:, 1].ravel(), src[:, 0].ravel())[0, 1] > 0.999
+
+
+def test_fingerprinting_needs_subjects_with_several_recordings(two_sets, tmp_path):
+    from brainlm.eval.fingerprint import fingerprint
+
+    model = _model_on(two_sets["target"], tmp_path / "m")
+    with pytest.raises(InputError, match=r"at least 2 subjects with 2 or more recordings .* 1 recording\(s\) of 1 subject"):
+        fingerprint(str(model), str(two_sets["target"]), tmp_path / "f")

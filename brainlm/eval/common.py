@@ -204,7 +204,7 @@ def latent_connectivity(model: BrainLM, windows_NRW: np.ndarray, coords_R3: torc
     return fisher_z(window_features(model, windows_NRW, coords_R3, "latent_fc", batch).mean(axis=0))
 
 
-def random_weights(model: BrainLM, seed: int = 0) -> BrainLM:
+def random_weights(model: BrainLM, seed: int = 20_240_424) -> BrainLM:
     """The random-weights control: the same architecture, buffers (the prior's statistics, fixed encodings), scaling
     and atlas, with every learned parameter freshly initialised (seeded). Whatever a representation result keeps with
     this model, pooling and baselines gave it; what it loses is what pretraining added."""
