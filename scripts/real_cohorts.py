@@ -25,7 +25,8 @@ Cohorts:
                  (191 or 209 frames), MIST122 regions; TR about 2 s (the package does not state it; inferred from
                  its event onsets), written as 2.0. Centroids from the shipped MIST122 label image; the global-signal
                  column and 3 cerebellar regions that are flat in some runs are dropped (119 parcels). Split 26 train
-                 / 2 val / 5 test subjects (seeded). Runs are short: build with --crop 190.
+                 / 2 val / 5 test subjects (seeded). Runs are short: build with --crop 190. Each run's condition is
+                 its regulation instruction from the wheel's events files: passive, up or down.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class Recording:
     run: str
     signal_RT: np.ndarray
     source: str
+    condition: str | None = None  # the run's own condition, where the cohort has several
 
 
 @dataclass
@@ -252,6 +254,7 @@ def connattractor_task(cache: Path) -> Cohort:
 
     path = fetch_wheel("connattractor", cache)
     runs: dict[tuple[str, str], np.ndarray] = {}
+    conditions: dict[tuple[str, str], str] = {}
     with zipfile.ZipFile(path) as wheel:
         table = [
             line.split("\t") for line in wheel.read("resources/MIST122_relabeled.tsv").decode().strip().splitlines()
@@ -265,6 +268,12 @@ def connattractor_task(cache: Path) -> Cohort:
                     raise SystemExit(f"error: {name}: its columns are not MIST122_relabeled.tsv's labels in order")
                 values = np.array([[float(v) for v in line.split("\t")[1:]] for line in lines[1:]])  # no GlobSig
                 runs[(m.group(1), m.group(2) or "01")] = values.T
+            e = re.fullmatch(r"resources/ex_timeseries_task/sub-(\d+)_task-[a-z]+_run-(\d+)_events\.tsv", name)
+            if e:  # the run's regulation instruction: n/a (passive), up or down, one per run
+                rows = [line.split("\t") for line in wheel.read(name).decode().strip().splitlines()]
+                column = rows[0].index("regulate-up/down")
+                values = {r[column] for r in rows[1:]}
+                conditions[(e.group(1), e.group(2))] = "passive" if values == {"n/a"} else "/".join(sorted(values))
     labels = np.asarray(image.dataobj).astype(int)
     atlas = []
     for _, index, label, module in table[1:]:
@@ -273,7 +282,10 @@ def connattractor_task(cache: Path) -> Cohort:
     # Regions that are flat in some run (outside the field of view there) leave every run, so all share one atlas.
     flat = sorted({int(i) for x in runs.values() for i in np.flatnonzero(x.std(axis=1) < 1e-6 * np.median(x.std(1)))})
     keep = [i for i in range(len(atlas)) if i not in flat]
-    recordings = [Recording(s, r, x[keep].astype(np.float32), f"sub-{s} run {r}") for (s, r), x in sorted(runs.items())]
+    recordings = [
+        Recording(s, r, x[keep].astype(np.float32), f"sub-{s} run {r}", conditions.get((s, r)))
+        for (s, r), x in sorted(runs.items())
+    ]
     subjects = sorted({r.subject for r in recordings})
     order = [subjects[i] for i in np.random.default_rng(0).permutation(len(subjects))]
     n_train, n_val, _ = CONNATTRACTOR_SPLITS
@@ -282,6 +294,7 @@ def connattractor_task(cache: Path) -> Cohort:
     provenance = {
         "wheel": path.name, "wheel_sha256": sha256(path), "atlas": f"MIST122 ({len(keep)} of 122 regions)",
         "tr": 2.0, "tr_note": "not stated by the package; about 2 s from its event onsets", "condition": "task",
+        "conditions": "per run from its events file's regulate-up/down column: passive (n/a), up or down",
         "dropped_flat_regions": [atlas[i]["name"] for i in flat],
     }  # fmt: skip
     return Cohort(recordings, [atlas[i] for i in keep], provenance, splits)
@@ -301,7 +314,7 @@ def write_cohort(out: Path, name: str, cache: Path) -> Path:
             raise SystemExit(f"error: {r.source} has {r.signal_RT.shape[0]} parcels; the atlas has {len(atlas)}")
         file = f"sub-{r.subject}_task-{condition}_run-{r.run}_bold.npy"
         np.save(folder / file, r.signal_RT, allow_pickle=False)
-        lines.append(f"{file}\t{r.subject}\t{condition}\t{tr}\t{r.run}")
+        lines.append(f"{file}\t{r.subject}\t{r.condition or condition}\t{tr}\t{r.run}")
     (folder / "recordings.tsv").write_text("\n".join(lines) + "\n")
     (folder / "atlas.tsv").write_text(
         "name\tx\ty\tz\tnetwork\n"
