@@ -66,3 +66,15 @@ def test_evaluation_context_statistics_are_the_other_windows_of_the_recording():
     cov, n = context_statistics(x, context)
     assert list(n) == [20, 20, 20, 0] and not cov[3].any()
     np.testing.assert_allclose(cov[0], np.cov(np.concatenate([x[1], x[2]], axis=1)), atol=1e-12)
+
+
+def test_the_python_api_gives_a_context_model_the_rest_of_the_recording():
+    rng = np.random.default_rng(4)
+    raw_TR = (rng.standard_normal((160, 7)) @ rng.standard_normal((7, 7))).astype(np.float32)  # [time, parcels]
+    for strength, changes in ((100.0, True), (0.0, False)):
+        model = _model(strength)
+        coords = model.prior_coords_R3.numpy()
+        alone = model.reconstruct(raw_TR, context=0, coords=coords, scaling="none", mask_ratio=0.5)
+        given = model.reconstruct(raw_TR, coords=coords, scaling="none", mask_ratio=0.5)  # default: all
+        assert len(given.prediction_WRT) == 4 and np.array_equal(alone.mask_WRT, given.mask_WRT)
+        assert (np.abs(given.prediction_WRT - alone.prediction_WRT).max() > 1e-4) == changes

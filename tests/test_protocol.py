@@ -240,5 +240,5 @@ def test_fingerprinting_needs_subjects_with_several_recordings(two_sets, tmp_pat
     from brainlm.eval.fingerprint import fingerprint
 
     model = _model_on(two_sets["target"], tmp_path / "m")
-    with pytest.raises(InputError, match=r"at least 2 subjects with 2 or more recordings .* 1 recording\(s\) of 1 subject"):
+    with pytest.raises(InputError, match=r"at least 2 subjects with 2 or more recordings .* 1 recording\(s\) of 1"):
         fingerprint(str(model), str(two_sets["target"]), tmp_path / "f")

@@ -314,9 +314,13 @@ def reconstruct(
     coords: Any = None,
     resample: bool = False,
     scaling: str = "model",
+    context: int | str | None = "all",
 ) -> Reconstruction | list[Reconstruction]:
-    """Mask each window (seeded: ``seed``, ``mask_ratio``, ``masking``; or ``mask``, a token mask [L] or [W, L] /
-    a timepoint mask [R, T]-shaped per window) and reconstruct it."""
+    """Mask each window (seeded: ``seed``, ``mask_ratio``, ``masking``; or ``mask``, a token mask [L] or [W, L],
+    parcel-major) and reconstruct it. A model whose prior reads recording context (``model.prior_context``) is given
+    each window's ``context``: the other non-overlapping windows of the same recording ("all", or the K nearest; 0
+    for none); any other model sees each window alone."""
+    from brainlm.model.context import context_statistics, context_windows
     from brainlm.model.masking import seeded_masks
 
     prep, single = prepare(model, recording, tr, layout, stride, coords, resample, scaling)
@@ -340,8 +344,13 @@ def reconstruct(
             ratio = c.mask_ratio if mask_ratio is None else mask_ratio
             mask_BL = seeded_masks([seed * 100_003 + w for w in range(W)], R, N, ratio, masking or c.masking)
         x = torch.from_numpy(windows).to(device)
+        stats = None
+        if c.prior_context and context not in (0, "0"):
+            k = None if context in (None, "all") else int(context)
+            cov_BRR, n_B = context_statistics(windows, context_windows([0] * W, list(starts), c.num_timepoints, k))
+            stats = (torch.from_numpy(cov_BRR).to(device), torch.from_numpy(n_B).to(device))
         with autocast(device):
-            res = model(x, prep.coords_R3.to(device), mask_BL=mask_BL.to(device))
+            res = model(x, prep.coords_R3.to(device), mask_BL=mask_BL.to(device), context=stats)
         pred = model.unpatchify(res.pred_BLP.float(), R).cpu().numpy()
         tmask = mask_BL.reshape(W, R, N, 1).expand(W, R, N, P).reshape(W, R, N * P).numpy()
         target = windows[tmask].astype(np.float64)

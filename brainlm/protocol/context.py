@@ -8,7 +8,9 @@ is the rest of its own (test) recording. Deterministic: the same windows get the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from brainlm.model.context import context_statistics, context_windows
+
+__all__ = ["context_label", "context_statistics", "context_windows", "parse_context"]
 
 CONTEXTS_HELP = "0 (none), K (the K nearest other windows of the recording) or all"
 
@@ -30,33 +32,3 @@ def parse_context(value: str | int | None) -> int | None:
 
 def context_label(k: int | None) -> str:
     return "all" if k is None else str(k)
-
-
-def context_windows(recordings: Sequence[str], starts: Sequence[int], window: int, k: int | None) -> list[list[int]]:
-    """For window i: the indices of its context windows (same recording, not overlapping it), nearest first."""
-    by_recording: dict[str, list[int]] = {}
-    for i, rec in enumerate(recordings):
-        by_recording.setdefault(rec, []).append(i)
-    out = []
-    for i, rec in enumerate(recordings):
-        if k == 0:
-            out.append([])
-            continue
-        others = [j for j in by_recording[rec] if j != i and abs(starts[j] - starts[i]) >= window]
-        others.sort(key=lambda j: (abs(starts[j] - starts[i]), starts[j]))
-        out.append(others if k is None else others[:k])
-    return out
-
-
-def context_statistics(windows_BRT, context: list[list[int]]):
-    """Each window's recording context as (covariance [B, R, R], timepoints [B]): the covariance of its context
-    windows' timepoints together (zeros and 0 where it has none). numpy in, numpy out."""
-    import numpy as np
-
-    B, R = windows_BRT.shape[:2]
-    cov_BRR, n_B = np.zeros((B, R, R)), np.zeros(B, dtype=np.int64)
-    for b, others in enumerate(context):
-        if others:
-            flat_RX = np.concatenate([windows_BRT[j] for j in others], axis=1).astype(np.float64)
-            cov_BRR[b], n_B[b] = np.cov(flat_RX), flat_RX.shape[1]
-    return cov_BRR, n_B
