@@ -40,7 +40,7 @@ def bench(cohort: Path, out: Path, *args: str):
 
 def test_benchmark_tests_every_subject_once_on_models_that_never_saw_them(cohort, tmp_path):
     out = tmp_path / "b"
-    proc = bench(cohort, out, *TRAIN)
+    proc = bench(cohort, out, "--contexts", "0,all", *TRAIN)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     tested = []
@@ -55,6 +55,8 @@ def test_benchmark_tests_every_subject_once_on_models_that_never_saw_them(cohort
         assert extra["trained_on"][-1]["manifest_sha256"] == manifest["plan_sha256"]
         tested += fold["test"]
     assert sorted(tested) == [f"{s:02d}" for s in range(1, 7)]
+    assert {"ridge+ctx", "adaptive+ctx"} <= set(summary["results"]["0.5/ctx-all/random"]["pooled_r2"])
+    assert "ridge+ctx" not in summary["results"]["0.5/random"]["pooled_r2"]  # context 0: none given
     for key in ("0.5/random", "0.5/parcel"):
         r = summary["results"][key]
         c = r["model_vs_best"]
@@ -65,7 +67,7 @@ def test_benchmark_tests_every_subject_once_on_models_that_never_saw_them(cohort
     assert "| 0.5 | random |" in (out / "summary.md").read_text()
     # A re-run resumes: nothing is built, trained or evaluated again, and the report is the same.
     mtime = (out / "fold-1" / "run" / "model" / "model.safetensors").stat().st_mtime
-    again = bench(cohort, out, *TRAIN)
+    again = bench(cohort, out, "--contexts", "0,all", *TRAIN)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "fold-1" / "run" / "model" / "model.safetensors").stat().st_mtime == mtime
     assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]

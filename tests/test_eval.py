@@ -106,7 +106,9 @@ def test_reconstruction_beats_the_simple_baselines_by_registry_uri(cohort, tmp_p
     )
     r2 = metrics["pooled_r2"]["random"]
     assert r2["model"] > max(r2["zero"], r2["mean"], r2["interp"]) + 0.1, r2
-    assert set(r2) == {"model", "zero", "mean", "interp", "ridge", "spatiotemporal", "adaptive"} and "winner" in stdout
+    context = {"ridge+ctx", "adaptive+ctx"}  # the default context (all): the rest of each window's recording
+    assert set(r2) == {"model", "zero", "mean", "interp", "ridge", "spatiotemporal", "adaptive", *context}
+    assert "winner" in stdout and metrics["context"] == "all"
     per = metrics["per_parcel_r2"]["random"]["model"]
     assert len(per["values"]) == 60 and per["median"] == pytest.approx(np.nanmedian(per["values"]), abs=1e-4)
     assert (tmp_path / "r" / "reconstruction.png").stat().st_size > 1000
