@@ -210,6 +210,11 @@ def parser() -> argparse.ArgumentParser:
         "metrics.json and figures into --out and prints a table with baselines beside it.",
     )
     add_version(p)
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads (default: the free cores; BRAINLM_THREADS or OMP_NUM_THREADS set it too); before the command",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser(
@@ -387,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "takes_overrides", False):
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    from brainlm import threads
+
+    threads.apply(1, args.threads)
     try:
         args.func(args)
     except BrainLMError as err:

@@ -84,8 +84,10 @@ def array_cohort(tmp_path) -> Path:
     return root
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m ...`` in a subprocess from the repo root; returns the completed process."""
+def run_cli(*args: str, env: dict | None = None, timeout: int | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m ...`` in a subprocess from the repo root; returns the completed process. No time limit of its
+    own: pytest-timeout guards every test (a slow machine makes the suite slower, not red), and subprocess.run kills
+    the child when the guard fires."""
     return subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,

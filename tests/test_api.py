@@ -41,7 +41,6 @@ def trained(tmp_path_factory) -> dict:
         "--train.out_dir", str(root / "run"), "--train.max_steps", "60", "--train.log_every", "30",
         "--train.val_every", "0", "--train.ckpt_every", "0", "--data.num_workers", "0",
         "--tracking.tracking_uri", uri, "--tracking.register_as", "brainlm-api",
-        timeout=600,
     )  # fmt: skip
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
     recordings = sorted((root / "cohort" / "recordings").glob("sub-*.npy"))
@@ -70,7 +69,6 @@ def test_the_readme_example_runs(trained, tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=300,
         env={**os.environ, "MLFLOW_TRACKING_URI": trained["uri"], "BRAINLM_CACHE": str(tmp_path / "cache")},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -157,10 +155,10 @@ def test_a_plain_install_loads_and_embeds_without_the_infrastructure(trained, tm
     """pip install . into a fresh venv (no extras): the model and inference work; no DeepSpeed, Ray, MLflow or
     boto3 is installed. Then the [data] extra alone: every analysis runs on a model folder."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "torch==2.13.0"], check=True, timeout=600)
-    done = subprocess.run([*pip, str(ROOT)], capture_output=True, text=True, timeout=900)
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    done = subprocess.run([*pip, str(ROOT)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     installed = subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True
@@ -180,7 +178,7 @@ def test_a_plain_install_loads_and_embeds_without_the_infrastructure(trained, tm
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split("\n")[:2] == ["(32,)", "[]"], run.stdout
     # The [data] extra alone runs every analysis on a model folder: the training stack is not needed for them.
-    done = subprocess.run([*pip, f"{ROOT}[data]"], capture_output=True, text=True, timeout=900)
+    done = subprocess.run([*pip, f"{ROOT}[data]"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     installed = subprocess.run([*pip[:-2], "list", "--format", "json"], capture_output=True, text=True).stdout
     assert not {p["name"].lower() for p in json.loads(installed)} & {"deepspeed", "ray", "mlflow", "boto3"}

@@ -377,7 +377,7 @@ def test_killed_build_leaves_nothing_half_written_and_resumes(tmp_path):
             names = t.getnames()
         assert len(names) == 16 and all(n.endswith((".signal.npy", ".json")) for n in names)
 
-    resumed = run_cli(*args[:-1], timeout=600)
+    resumed = run_cli(*args[:-1])
     assert resumed.returncode == 0, resumed.stderr
     skipped = int(resumed.stderr.split("skipped ")[1].split()[0])
     assert skipped >= committed >= 1  # every shard committed before the kill is reused, not rewritten

@@ -627,7 +627,6 @@ def test_the_dev_pretraining_pod_command_runs_on_cpu(rendered, tiny_shards, tmp_
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=480,
         env={**os.environ, **env, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -77,14 +77,13 @@ def cohort(tmp_path_factory) -> dict[str, Path]:
         uri,
         "--tracking.register_as",
         "brainlm-eval",
-        timeout=900,
     )
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
     return {"root": root, "shards": root / "shards", "model": root / "run" / "model", "uri": uri}
 
 
 def brainlm(*args: str, **env) -> tuple[dict, str]:
-    proc = run_cli("-m", "brainlm.cli", *args, env=env, timeout=900)
+    proc = run_cli("-m", "brainlm.cli", *args, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = Path(args[args.index("--out") + 1])
     return json.loads((out / "metrics.json").read_text()), proc.stdout

@@ -65,7 +65,7 @@ def deepspeed_cmd(args: list[str], ranks: int = 2, ds: Path | None = None) -> li
     ]
 
 
-def run(cmd: list[str], timeout: int = 300, **env) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: int | None = None, **env) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         cmd,
         cwd=ROOT,

@@ -62,7 +62,6 @@ def test_a_short_run_on_real_data_beats_zero_fill_on_held_out_subjects(real, tmp
         "launcher/pretrain.py", "--config", "configs/pretrain/cpu-real.yaml", "--data.shards", str(tmp_path / "shards"),
         "--train.out_dir", str(tmp_path / "run"), "--train.max_steps", "100", "--train.log_every", "50",
         "--train.val_every", "0", "--train.ckpt_every", "0", "--data.num_workers", "0", "--tracking.enabled", "false",
-        timeout=900,
     )  # fmt: skip
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
     proc = run_cli(

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from brainlm import threads
+
 
 @dataclass
 class DistContext:
@@ -47,11 +49,11 @@ def init_distributed(timeout_s: float = 600.0) -> DistContext:
         from datetime import timedelta
 
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-    if not cuda and not os.environ.get("OMP_NUM_THREADS"):
-        # Ranks on one machine share its cores: oversubscribed threads run slower, not faster. A thread count
-        # given from outside (OMP_NUM_THREADS, as Ray sets for a trial) wins.
+    if not cuda:
+        # Ranks on one machine share its free cores: oversubscribed threads run slower, not faster (brainlm.threads).
+        # A thread count given from outside (BRAINLM_THREADS, OMP_NUM_THREADS as Ray sets for a trial) wins.
         local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        threads.apply(local)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:

@@ -1,0 +1,40 @@
+"""How many threads a process computes with, chosen on purpose.
+
+On a CPU, threads beyond the cores that are free do not add speed: they wait at every barrier for a preempted
+peer, and a 2-core machine with one other busy process ran training 20x and the analyses 3.6x slower with 2 threads
+than with 1 (docs/benchmarks.md). So: ranks x threads <= the cores this process may run on, less the cores other
+processes keep busy (the 1-minute load average when the process starts). ``--threads`` / ``BRAINLM_THREADS`` /
+``OMP_NUM_THREADS`` (in that order) override the choice.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "BRAINLM_THREADS"
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def choose(ranks_here: int = 1, given: int | None = None) -> tuple[int, str]:
+    """(threads per process, why): ``given``, the environment, else the free cores shared by this machine's ranks."""
+    if given:
+        return int(given), "--threads"
+    for var in (ENV, "OMP_NUM_THREADS"):
+        if os.environ.get(var, "").strip():
+            return max(1, int(os.environ[var])), var
+    cores = usable_cores()
+    busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
+    free = cores - min(busy, cores - 1)
+    return max(1, free // max(1, ranks_here)), f"{cores} core(s), {min(busy, cores - 1)} busy, {ranks_here} rank(s)"
+
+
+def apply(ranks_here: int = 1, given: int | None = None) -> int:
+    """Set torch's intra-op threads by ``choose``; returns the count."""
+    import torch
+
+    n, _ = choose(ranks_here, given)
+    torch.set_num_threads(n)
+    return n
