@@ -40,6 +40,7 @@ def write_all(files: list[tuple[Path, Writer]]) -> None:
             tmp = temporary(path)
             tmps.append((tmp, path))
             write(str(tmp))
+            os.chmod(tmp, 0o666 & ~_umask())  # a writer that recreates the file (safetensors does: 0600) gets it too
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         for tmp, path in tmps:
