@@ -356,12 +356,6 @@ def test_param_groups_cover_every_parameter_once():
 # ---------------------------------------------------------------- files
 
 
-def _umask() -> int:
-    from brainlm.atomic import _umask as umask
-
-    return umask()
-
-
 def test_save_load_round_trip(batch, tmp_path):
     model = build(spatial_encoding="fourier", learned_parcel_embedding=True).eval()
     scaling = {"median": [0.1] * R, "iqr": [1.5] * R}
@@ -373,6 +367,8 @@ def test_save_load_round_trip(batch, tmp_path):
         "scaling.json",
     ]
     # Every file with the permissions a plain open() gives: safetensors recreates its file 0600, unreadable to others.
+    from brainlm.atomic import _umask
+
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
     assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044 == 0o044 & ~_umask(), modes
     loaded = BrainLM.from_pretrained(tmp_path / "m")
