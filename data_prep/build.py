@@ -18,6 +18,7 @@ Stages and what makes each resumable (all state lives in the destination store):
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -475,6 +476,11 @@ def _parse_part(part: str | None) -> tuple[int, int] | None:
 
 def build(cfg: BuildConfig) -> Manifest | None:
     """Run the requested stage(s). Returns the manifest when the manifest stage ran."""
+    if importlib.util.find_spec("webdataset") is None:  # before any parcellation, not after it
+        raise BuildError(
+            "python -m data_prep build writes WebDataset shards and needs the [data] extra: "
+            "pip install 'brainlm[data]' (from a clone: pip install -e '.[data]')"
+        )
     store = open_store(cfg.out)
     if isinstance(store, LocalStore):
         store.remove_stale_temporaries()

@@ -149,6 +149,12 @@ def prepare(
     signals = [_orient(a, R, layout, i) for i, a in enumerate(arrays)]
     notes: list[str] = []
     trained_tr = model_tr(model)
+    if tr is None and trained_tr is not None:
+        warnings.warn(
+            f"no TR given: the recording is taken to be at the model's TR of {trained_tr:g} s unchecked; pass tr= "
+            "(--tr on the command line) to have it checked, and resampled with resample=True",
+            stacklevel=3,
+        )
     if tr is not None and trained_tr is not None and abs(tr - trained_tr) > TR_TOLERANCE:
         if not resample:
             raise TRMismatchError(
