@@ -177,6 +177,11 @@ def test_a_plain_install_loads_and_embeds_without_the_infrastructure(trained, tm
     run = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split("\n")[:2] == ["(32,)", "[]"], run.stdout
+    # Building shards needs the [data] extra: said before any work, with the command to run.
+    cohort = trained["root"] / "cohort"
+    build = [str(venv / "bin" / "python"), "-m", "data_prep", "build", "--inputs", str(cohort), "--out", str(tmp_path)]
+    proc = subprocess.run(build, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "pip install 'brainlm[data]'" in proc.stderr, proc.stderr[-2000:]
     # The [data] extra alone runs every analysis on a model folder: the training stack is not needed for them.
     done = subprocess.run([*pip, f"{ROOT}[data]"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
