@@ -201,19 +201,17 @@ def _describe(root: str, windows: int, subjects: int, split: str = "train") -> s
     return f"the {split} split of {root} ({windows} windows, {subjects} subjects)"
 
 
-def source_shards_of(ctx: Context, given: list[str] | None = None) -> tuple[list[str], list[str]]:
+def source_shards_of(ctx: Context, given: list[str] | None = None) -> list[str]:
     """The shard sets the model was pretrained on that are not the evaluated ones: ``given``, else what its
-    extra.json records. Returns (sets, notes)."""
+    extra.json records."""
     if given:
-        return list(given), []
-    recorded = trained_on(ctx.model.extra)
+        return list(given)
     own_sha, own_root = ctx.manifest.plan_sha256, str(ctx.root).rstrip("/")
-    sets = [
+    return [
         str(r["shards"])
-        for r in recorded
+        for r in trained_on(ctx.model.extra)
         if r.get("manifest_sha256") != own_sha and str(r["shards"]).rstrip("/") != own_root
     ]
-    return sets, []
 
 
 def source_windows(ctx: Context, sets: list[str], notes: list[str]) -> tuple[np.ndarray | None, str]:
@@ -273,7 +271,8 @@ def fit_baselines(
     train_np, val_np = train.numpy(), val.numpy()
     subjects = len({m["subject"] for m in train_meta})
     sets = [FitSet("target", _describe(ctx.root, len(train_np), subjects, train_split), None)]
-    sources, notes = source_shards_of(ctx, source_shards)
+    notes: list[str] = []
+    sources = source_shards_of(ctx, source_shards)
     src_np, src_desc = source_windows(ctx, sources, notes) if sources else (None, "")
     if src_np is not None:
         sets.append(FitSet("source", src_desc, None))
