@@ -88,6 +88,21 @@ def test_training_on_a_corrupt_shard_stops_naming_it(shards, tmp_path):
     assert proc.returncode != 0 and "train-000000.tar is corrupt" in proc.stdout + proc.stderr
 
 
+def test_skipping_corrupt_samples_ends_when_nothing_is_left_and_says_so_sparingly(shards, capfd):
+    from brainlm.data.format import load_manifest
+    from brainlm.data.loader import TrainLoader
+
+    manifest, root = load_manifest(str(shards))
+    for info in manifest.shards_of("train"):  # every training shard cut short: nothing readable is left
+        path = shards / info["url"]
+        path.write_bytes(path.read_bytes()[:700])
+    loader = TrainLoader(manifest, root, "train", 4, 40, seed=0, on_corrupt="skip")
+    with pytest.raises(ShardError, match=r"a whole pass over the 3 training shard\(s\) gave no readable sample"):
+        next(loader)
+    warnings = capfd.readouterr().err.count("warning:")
+    assert 0 < warnings <= 3 * 4 * 3  # a few lines per shard and slot, not one per attempt
+
+
 # -- NIfTI: a NaN volume is named -----------------------------------------------------------------------------
 
 

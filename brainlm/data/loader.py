@@ -68,7 +68,13 @@ def read_shard(
         if on_corrupt == "error":
             raise ShardError(message)
         _skipped[url] = _skipped.get(url, 0) + 1
-        print(f"warning: {message} (skipped {_skipped[url]} sample(s) of it so far)", file=sys.stderr, flush=True)
+        count = _skipped[url]
+        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th ... time: a log that says it, not one that floods
+            print(
+                f"warning: {message} (skipped {count} sample(s) of it so far; said again at {2 * count})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
     k = 0
@@ -177,10 +183,12 @@ class SlotStreams(IterableDataset):
         position, pass_index = 0, 0
         while True:
             order = np.roll(np.random.default_rng([self.seed, pass_index]).permutation(n), -rotation)
+            yielded, sought = 0, False
             for s in order:
                 size = self.shards[s].samples
                 if position + size <= start:  # seek: whole shards before the start are never read
                     position += size
+                    sought = True
                     continue
                 skip = max(0, start - position)
                 info = self.shards[s]
@@ -190,8 +198,15 @@ class SlotStreams(IterableDataset):
                     crop = decode_signal(raw["signal.npy"])
                     begin = window_start(crop.shape[1], self.window, np.random.default_rng(seed))
                     context = crop_context(crop, begin, self.window) if self.context else None
+                    yielded += 1
                     yield crop[:, begin : begin + self.window].astype(np.float32), seed, context
                 position += size
+            if not yielded and not sought:  # every shard read, every sample skipped as corrupt (on_corrupt=skip)
+                raise ShardError(
+                    f"data.on_corrupt=skip: a whole pass over the {n} training shard(s) gave no readable sample (the "
+                    "warnings above name them); rebuild them (python -m data_prep build with the same arguments "
+                    "rewrites shards whose checksum fails) or point data.shards at a good copy"
+                )
             pass_index += 1
 
     def __iter__(self) -> Iterator[dict]:
