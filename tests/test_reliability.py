@@ -307,3 +307,18 @@ def test_written_files_follow_the_umask(tiny_shards):
     os.umask(umask)
     expected = 0o666 & ~umask
     assert mode == shard == expected, (oct(mode), oct(shard))
+
+
+def test_a_resume_drops_the_line_a_kill_tore_and_a_save_clears_what_a_killed_save_left(tmp_path):
+    from brainlm.model import BrainLM, get_preset
+    from brainlm.training.pretrain import forget_after
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.9}\n{"step": 30, "lo')  # killed mid-line
+    forget_after(log, 20)
+    assert log.read_text() == '{"step": 10, "loss": 1.0}\n{"step": 20, "loss": 0.9}\n'
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / ".config.json.abc123.tmp").write_text("{half")  # an export killed before its rename
+    BrainLM(get_preset("debug", num_parcels=7)).save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]

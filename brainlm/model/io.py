@@ -76,6 +76,9 @@ def write_folder(folder: str | Path, files: dict[str, atomic.Writer | None]) -> 
     stale file from an earlier save)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for name in files:  # what a killed earlier save of these files left (atomic's temporaries): one writer per folder
+        for stale in folder.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     atomic.write_all([(folder / name, write) for name, write in files.items() if write is not None])
     for name, write in files.items():
         if write is None:

@@ -209,6 +209,21 @@ def build_tracker(
     return tracker
 
 
+def forget_after(log: Path, step: int) -> None:
+    """Keep the records of ``log`` (JSON lines) up to ``step``; a torn or unreadable line is dropped."""
+    if not log.exists():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    atomic.write_text(log, "".join(f"{line}\n" for line in kept))
+
+
 def all_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -348,12 +363,8 @@ class Trainer:
 
     def _forget_after(self, step: int) -> None:
         """metrics.jsonl without the records of steps after ``step`` (the killed run logged them; this one logs
-        them again)."""
-        log = self.out_dir / "metrics.jsonl"
-        if not log.exists():
-            return
-        kept = [line for line in log.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        atomic.write_text(log, "".join(f"{line}\n" for line in kept))
+        them again), and without a line the kill tore in half."""
+        forget_after(self.out_dir / "metrics.jsonl", step)
 
     def export(self) -> Path:
         """The consolidated model folder (rank 0 writes it; every rank calls this)."""
