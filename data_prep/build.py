@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -127,6 +128,8 @@ class BuildConfig:
             raise InputError(f"--normalize {self.normalize!r}: expected one of {', '.join(NORMALIZE)}")
         if self.stage not in STAGES:
             raise InputError(f"--stage {self.stage!r}: expected one of {', '.join(STAGES)}")
+        if self.tr is not None and not (math.isfinite(self.tr) and self.tr > 0):
+            raise InputError(f"--tr must be a positive number of seconds, got {self.tr}")
         if self.resample and self.tr is None:
             raise InputError("--resample needs --tr SECONDS: the TR to resample every recording to")
         if self.workers < 1:
@@ -164,6 +167,11 @@ def _fingerprint(spec: RecordingSpec, atlas: AtlasSource, cfg: BuildConfig) -> s
     )
 
 
+def _first_given(*values: float | None) -> float | None:
+    """The first TR that is given at all (0 and negative ones included: check_tr refuses them, saying why)."""
+    return next((v for v in values if v is not None), None)
+
+
 def _parcellate_one(job: tuple[RecordingSpec, AtlasSource, dict, str, str]) -> dict:
     spec, atlas, params, store_url, fingerprint = job
     store = open_store(store_url)
@@ -172,13 +180,14 @@ def _parcellate_one(job: tuple[RecordingSpec, AtlasSource, dict, str, str]) -> d
         cleaning = params["cleaning"]
         if spec.kind == "nifti":
             signal, header_tr, done = parcellate_nifti(spec, atlas, cleaning)
-            tr, orientation = spec.tr or header_tr or params["tr"], "RT"
+            tr, orientation = _first_given(spec.tr, header_tr, params["tr"]), "RT"
             record.update(done)
         else:
             if not os.path.exists(spec.path):
                 raise InputError(f"{spec.path}: listed in recordings.tsv but the file does not exist")
             signal, orientation = orient(load_array(spec.path), atlas.atlas.num_parcels, spec.path)
-            tr = spec.tr or params["tr"]
+            tr = _first_given(spec.tr, params["tr"])
+            check_tr(tr, None, spec.path, params["resample"])  # a TR of 0 or below is refused, not read as missing
             signal = clean_array(signal, spec, cleaning, tr)
             if cleaning.confounds:
                 record["confound_columns"] = cleaning.confounds
@@ -456,7 +465,7 @@ def write_manifest(cfg: BuildConfig, plan: dict, atlas: AtlasSource) -> Manifest
         args=args,
         plan_sha256=plan["plan_sha256"],
     )
-    store.write_bytes(MANIFEST, json.dumps(manifest.to_dict(), indent=1).encode())
+    store.write_bytes(MANIFEST, json.dumps(manifest.to_dict(), indent=1, allow_nan=False).encode())
     return manifest
 
 
@@ -517,7 +526,7 @@ def build(cfg: BuildConfig) -> Manifest | None:
             if part is not None:  # the other parts' records (parcellating whatever they left undone)
                 records = parcellate(cfg, specs, atlas, workers)
             plan = make_plan(cfg, records, atlas, phenotypes)
-            store.write_bytes(PLAN, json.dumps(plan).encode())
+            store.write_bytes(PLAN, json.dumps(plan, allow_nan=False).encode())
             if cfg.stage == "plan":
                 return None
         else:

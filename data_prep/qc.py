@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from brainlm.exceptions import EmptyRecordingError, TRMismatchError
@@ -42,6 +44,11 @@ def check_tr(tr: float | None, target_tr: float | None, path: str, resample: boo
         raise TRMismatchError(
             f"{path}: no TR found (recordings.tsv column 'tr', BIDS sidecar RepetitionTime or NIfTI header); "
             "pass --tr SECONDS"
+        )
+    if not math.isfinite(tr) or tr <= 0:
+        raise TRMismatchError(
+            f"{path}: its TR is {tr!r}, not a positive number of seconds; fix the recordings.tsv 'tr' column, the "
+            "sidecar's RepetitionTime or the header (or pass --tr SECONDS)"
         )
     if target_tr is not None and not resample and abs(tr - target_tr) > 1e-3:
         raise TRMismatchError(

@@ -20,7 +20,7 @@ import webdataset as wds
 
 from brainlm.data.format import Manifest, decode_signal, load_manifest, shard_urls
 from brainlm.data.store import open_store, register_webdataset_s3
-from brainlm.exceptions import ShardError
+from brainlm.exceptions import InputError, ShardError
 from data_prep.build import BuildConfig, BuildError, build
 from tests.conftest import ROOT, make_signal, run_cli, write_atlas_table
 
@@ -210,6 +210,29 @@ def test_tr_mismatch_is_skipped_unless_resampled(tmp_path):
     rec = next(r for r in m.recordings if r["id"] == "r2")
     # An anti-aliased polyphase filter (scipy's resample_poly): 60 samples at 1.6 s -> 120 at 0.8 s, the same 96 s.
     assert rec["tr"] == 0.8 and rec["n_timepoints"] == 120 and rec["source_tr"] == 1.6
+
+
+def test_a_tr_that_is_not_a_positive_number_is_refused(tmp_path):
+    from data_prep.build import BuildConfig
+
+    root = tmp_path / "badtr"
+    root.mkdir()
+    write_atlas_table(root / "atlas.tsv")
+    rng = np.random.default_rng(3)
+    trs = [0.8, -0.72, 0.0, float("nan"), float("inf")]
+    for i in range(len(trs)):
+        np.save(root / f"r{i}.npy", make_signal(rng, 7, 60))
+    table = pd.DataFrame({"file": [f"r{i}.npy" for i in range(len(trs))], "subject": list("abcde"), "tr": trs})
+    table.to_csv(root / "recordings.tsv", sep="\t", index=False)
+    m = small_build(root, tmp_path / "o", val_frac=0, test_frac=0, tr=0.8)
+    reasons = {s["recording"]: s["reason"] for s in m.skipped}
+    # nan reads as a missing value (then --tr applies); -0.72, 0 and inf are said to be what they are
+    assert set(reasons) == {"r1", "r2", "r4"}, reasons
+    assert all("not a positive number of seconds" in r for r in reasons.values()), reasons
+    json.loads((tmp_path / "o" / "manifest.json").read_text(), parse_constant=lambda c: pytest.fail(c))  # strict JSON
+    for bad in (0.0, -2.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="--tr must be a positive number of seconds"):
+            BuildConfig(inputs=str(root), out=str(tmp_path / "x"), tr=bad)
 
 
 # -- NIfTI and BIDS ------------------------------------------------------------------------------------------

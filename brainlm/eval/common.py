@@ -223,8 +223,21 @@ def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=1, default=_jsonable))
+    # Strict JSON: a NaN (a parcel with no masked value, a score with no variance) is written as null.
+    path.write_text(json.dumps(_finite(metrics), indent=1, default=_jsonable, allow_nan=False))
     return path
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return _finite(v.tolist())
+    if isinstance(v, (float, np.floating)) and not np.isfinite(v):
+        return None
+    return v
 
 
 def _jsonable(v: Any) -> Any:

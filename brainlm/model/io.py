@@ -60,7 +60,7 @@ def model_folder(source: str | Path) -> Path:
 def json_writer(content: dict[str, Any]) -> atomic.Writer:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(content, f, indent=2)
+            json.dump(content, f, indent=2, allow_nan=False)
             f.write("\n")
 
     return write
