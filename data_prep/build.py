@@ -36,6 +36,7 @@ from brainlm._version import __version__
 from brainlm.data.format import MANIFEST, SPLITS, Manifest, shard_key
 from brainlm.data.store import LocalStore, open_store
 from brainlm.exceptions import BrainLMError, InputError
+from brainlm.lock import FolderLock
 from brainlm.model.scaling import NORMALIZE, RobustScaler
 from data_prep.atlas import AtlasSource, load_atlas
 from data_prep.parcellate import Cleaning, clean_array, load_array, orient, parcellate_nifti, resample_time
@@ -491,6 +492,20 @@ def build(cfg: BuildConfig) -> Manifest | None:
             "pip install 'brainlm[data]' (from a clone: pip install -e '.[data]')"
         )
     store = open_store(cfg.out)
+    part = _parse_part(cfg.part)
+    # One build per local folder, locked before anything is cleaned or written (parts of one build, --part I/N, run
+    # side by side by design and take no lock).
+    lock = FolderLock(store.url, "a shard build") if isinstance(store, LocalStore) and part is None else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _build(cfg, store, part)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build(cfg: BuildConfig, store, part: tuple[int, int] | None) -> Manifest | None:
     if isinstance(store, LocalStore):
         store.remove_stale_temporaries()
     remove_dead_uploads()
@@ -515,7 +530,6 @@ def build(cfg: BuildConfig) -> Manifest | None:
         file=sys.stderr,
     )
 
-    part = _parse_part(cfg.part)
     workers = Workers(cfg.workers)
     try:
         if cfg.stage in ("all", "parcellate", "plan"):

@@ -10,6 +10,7 @@ import pickle
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -322,3 +323,50 @@ def test_a_resume_drops_the_line_a_kill_tore_and_a_save_clears_what_a_killed_sav
     (folder / ".config.json.abc123.tmp").write_text("{half")  # an export killed before its rename
     BrainLM(get_preset("debug", num_parcels=7)).save_pretrained(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_one_writer_per_folder_and_a_dead_holders_lock_is_taken_over(tiny_shards, tmp_path):
+    import socket
+
+    from brainlm.lock import NAME, FolderBusyError, FolderLock
+
+    folder = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder.mkdir()
+    (folder / NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "what": "a build"}))
+    with FolderLock(folder, "a test"):  # its holder is gone: stale, taken over
+        assert json.loads((folder / NAME).read_text())["pid"] == os.getpid()
+    assert not (folder / NAME).exists()  # released
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": alive.pid, "what": "a build"}))
+        with pytest.raises(FolderBusyError, match=rf"is in use by a build \(pid {alive.pid} on"):
+            FolderLock(folder, "a test").acquire()
+        from data_prep.build import BuildConfig, build
+
+        cohort = Path(json.loads((tiny_shards / "manifest.json").read_text())["args"]["inputs"])
+        with pytest.raises(FolderBusyError):  # a build into a folder another job holds: before anything is touched
+            build(BuildConfig(inputs=str(cohort), out=str(folder), tr=0.8, crop=40, progress=False))
+        assert sorted(p.name for p in folder.iterdir()) == [NAME]
+    finally:
+        alive.kill()
+
+
+def test_a_second_training_into_the_same_folder_is_refused_naming_the_first(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "launcher/pretrain.py", *COMMON, *args_for(tiny_shards, out, 400, "--train.ckpt_every", "0")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # until the first holds the folder
+            if (out / ".brainlm.lock").exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert first.poll() is None, first.stdout.read()[-2000:]
+        second = run([sys.executable, "launcher/pretrain.py", *COMMON, *args_for(tiny_shards, out, 5)])
+        assert second.returncode != 0 and f"is in use by a pretraining run (pid {first.pid}" in second.stderr
+    finally:
+        first.kill()
+        first.wait()

@@ -26,6 +26,7 @@ from brainlm import atomic
 from brainlm.data.format import Manifest, load_manifest
 from brainlm.data.loader import MaskSpec, TrainLoader, fixed_samples
 from brainlm.exceptions import ConfigError, NonFiniteLossError, ShardError
+from brainlm.lock import FolderLock
 from brainlm.model import BrainLM, ModelConfig, prior
 from brainlm.model.io import trained_on
 from brainlm.model.masking import seeded_masks
@@ -426,13 +427,18 @@ def run(cfg: PretrainConfig, ds_config: dict | str | Path = "ds_config.json") ->
     """Train, checkpoint, validate, export and register; every rank calls this."""
     plan = preflight(cfg, ds_config)
     ctx = ds.init_distributed(cfg.train.dist_timeout_s)
+    lock = FolderLock(cfg.train.out_dir, "a pretraining run")
     try:
+        if ctx.is_main:  # one run per out_dir: two would resume from and overwrite each other's checkpoints
+            lock.acquire()
         result = _run(cfg, plan, ctx)
     except BaseException as err:
         # No collective on the way out: the other ranks may be waiting in one that this rank will never join. Say
         # what happened here and now; the launcher stops the other ranks when this one exits.
         print(f"rank {ctx.rank}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
+    finally:
+        lock.release()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
