@@ -370,3 +370,24 @@ def test_a_second_training_into_the_same_folder_is_refused_naming_the_first(tiny
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_crafted_model_folder_is_refused_before_anything_is_built(tmp_path):
+    from brainlm.exceptions import CheckpointError
+    from brainlm.model import BrainLM, get_preset
+
+    folder = tmp_path / "m"
+    BrainLM(get_preset("debug", num_parcels=7)).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    for content, message in (
+        ([1, 2], "holds a JSON list, not an object"),
+        (None, "holds a JSON NoneType, not an object"),
+        ({**config, "num_layers": 1_000_000}, r"num_layers 1000000 in config.json but 2 in the weights"),
+        ({**config, "hidden_size": 65536}, r"hidden_size 65536 in config.json but 32 in the weights"),
+        ({**config, "num_layers": "two"}, "is not a model config|not a"),
+    ):
+        (folder / "config.json").write_text(json.dumps(content))
+        start = time.time()
+        with pytest.raises((CheckpointError, ConfigError), match=message):
+            BrainLM.from_pretrained(folder)
+        assert time.time() - start < 5  # refused from the header, nothing built

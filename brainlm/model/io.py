@@ -86,17 +86,58 @@ def write_folder(folder: str | Path, files: dict[str, atomic.Writer | None]) -> 
 
 
 def read_json(file: str | Path) -> dict[str, Any] | None:
-    """A JSON file's object, or None when the file does not exist."""
+    """A JSON file's object, or None when the file does not exist. Anything but a JSON object is refused: a model
+    folder is untrusted input."""
     file = Path(file)
     if not file.is_file():
         return None
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+        content = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(
             f"{file} is not valid JSON ({err}); the folder was damaged or written by something else: export or "
             "download the model again"
         ) from None
+    if not isinstance(content, dict):
+        raise CheckpointError(
+            f"{file} holds a JSON {type(content).__name__}, not an object; the folder was damaged or written by "
+            "something else: export or download the model again"
+        )
+    return content
+
+
+def weight_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    except Exception as err:  # safetensors raises its own error for a truncated or foreign file
+        raise CheckpointError(
+            f"{file} cannot be read as safetensors ({type(err).__name__}: {err}); the file is truncated or damaged: "
+            "export or download the model again"
+        ) from None
+
+
+def check_sizes(config: Any, shapes: dict[str, tuple[int, ...]], file: Path) -> None:
+    """The config's depth and widths against the weights' own shapes, before a module is built: a crafted config
+    (a million layers, a huge width) is refused instead of building it."""
+    layers = {int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")}
+    decoder_layers = {int(k.split(".")[1]) for k in shapes if k.startswith("decoder_blocks.")}
+    expected = {
+        "num_layers": (config.num_layers, len(layers)),
+        "decoder_num_layers": (config.decoder_num_layers, len(decoder_layers)),
+        "hidden_size": (config.hidden_size, shapes.get("patch_embed.weight", (None,))[0]),
+        "decoder_hidden_size": (config.decoder_hidden_size, shapes.get("decoder_embed.weight", (None,))[0]),
+    }
+    wrong = {k: v for k, v in expected.items() if v[0] != v[1]}
+    if wrong:
+        said = ", ".join(f"{k} {a} in config.json but {b} in the weights" for k, (a, b) in wrong.items())
+        raise CheckpointError(
+            f"{file} does not match the model its config describes ({said}); the folder was damaged or assembled "
+            "from two models: export or download it again"
+        )
 
 
 def require_files(folder: Path, names: tuple[str, ...], writer: str) -> None:

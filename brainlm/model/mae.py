@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from brainlm.exceptions import DimensionError, InputError
+from brainlm.exceptions import CheckpointError, DimensionError, InputError
 from brainlm.model import io, prior
 from brainlm.model.config import ModelConfig
 from brainlm.model.layers import Block, FactorizedBlock, FourierCoordEncoder, sincos_1d
@@ -508,7 +508,11 @@ class BrainLM(nn.Module):
         `brainlm` is imported), in eval mode, with `.scaling` / `.extra` (or None)."""
         folder = io.local_folder(path)
         io.require_files(folder, (io.CONFIG_FILE, io.WEIGHTS_FILE), "BrainLM.save_pretrained")
-        config = ModelConfig.from_dict(io.read_json(folder / io.CONFIG_FILE))
+        try:
+            config = ModelConfig.from_dict(io.read_json(folder / io.CONFIG_FILE))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{folder / io.CONFIG_FILE} is not a model config: {err}") from None
+        io.check_sizes(config, io.weight_shapes(folder / io.WEIGHTS_FILE), folder / io.WEIGHTS_FILE)
         with torch.device("meta"):  # no init work: every tensor comes from the file
             model = cls(config)
         io.load_weights(model, folder / io.WEIGHTS_FILE, map_location)
