@@ -17,6 +17,7 @@ Stages and what makes each resumable (all state lives in the destination store):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import io
@@ -35,7 +36,7 @@ import numpy as np
 from brainlm._version import __version__
 from brainlm.data.format import MANIFEST, SPLITS, Manifest, shard_key
 from brainlm.data.store import LocalStore, open_store
-from brainlm.exceptions import BrainLMError, InputError
+from brainlm.exceptions import BrainLMError, InputError, StoreError
 from brainlm.lock import FolderLock
 from brainlm.model.scaling import NORMALIZE, RobustScaler
 from data_prep.atlas import AtlasSource, load_atlas
@@ -202,7 +203,6 @@ def _parcellate_one(job: tuple[RecordingSpec, AtlasSource, dict, str, str]) -> d
         buf = io.BytesIO()
         np.save(buf, signal, allow_pickle=False)
         data = buf.getvalue()
-        store.write_bytes(f"parcellated/{spec.id}.npy", data)
         record.update(
             tr=float(tr),
             n_timepoints=int(signal.shape[1]),
@@ -211,10 +211,27 @@ def _parcellate_one(job: tuple[RecordingSpec, AtlasSource, dict, str, str]) -> d
         )
     except InputError as err:
         record.update(status="skipped", reason=str(err))
-    except Exception as err:  # an unreadable file must not stop the build; the reason goes to the manifest
+    except Exception as err:  # reading or checking the input failed: a skip with its reason, the build goes on
         record.update(status="skipped", reason=f"{spec.path}: unreadable ({type(err).__name__}: {err})")
-    store.write_bytes(f"parcellated/{spec.id}.json", json.dumps(record, sort_keys=True).encode())
+    else:
+        _write(store, f"parcellated/{spec.id}.npy", data)
+    # The record last: a re-run trusts what it finds only when both were written (an output failure leaves neither).
+    _write(store, f"parcellated/{spec.id}.json", json.dumps(record, sort_keys=True, allow_nan=False).encode())
     return record
+
+
+def _write(store, key: str, data: bytes) -> None:
+    """A write of the build's own output. Its failure (a full disk, an I/O error, a store that does not answer) is
+    the output's fault, not the recording's: the build stops saying what happened where, and a re-run retries it."""
+    try:
+        store.write_bytes(key, data)
+    except Exception as err:
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+        raise StoreError(
+            f"the build could not write {store.url_of(key)}: "
+            + ("the disk is full (No space left on device)" if full else f"{type(err).__name__}: {err}")
+            + "; nothing of it was kept: free space or fix the store, then re-run the same command (it resumes)"
+        ) from err
 
 
 def parcellate(cfg: BuildConfig, specs: list[RecordingSpec], atlas: AtlasSource, workers: Workers) -> list[dict]:

@@ -391,3 +391,37 @@ def test_a_crafted_model_folder_is_refused_before_anything_is_built(tmp_path):
         with pytest.raises((CheckpointError, ConfigError), match=message):
             BrainLM.from_pretrained(folder)
         assert time.time() - start < 5  # refused from the header, nothing built
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB file system (tmpfs), as root; skipped with the reason where it cannot be mounted."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_fails_the_build_saying_so_and_a_rerun_loses_no_recording(array_cohort, small_disk):
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (2 * 2**20 - 24 * 1024))  # leave room for a few parcellated recordings, not all
+    out = small_disk / "shards"
+    args = ("-m", "data_prep", "build", "--inputs", str(array_cohort), "--out", str(out), "--quiet", "--crop", "40")
+    args += ("--tr", "0.8")
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "the disk is full (No space left on device)" in proc.stderr and "re-run the same command" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "manifest.json").exists()
+    records = [json.loads(p.read_text()) for p in (out / "parcellated").glob("*.json")]
+    assert all(r["status"] == "ok" for r in records), records  # nothing blamed on a recording for the disk's fault
+    filler.unlink()
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["skipped"] and len(manifest["recordings"]) == 12
