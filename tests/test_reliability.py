@@ -425,3 +425,32 @@ def test_a_full_disk_fails_the_build_saying_so_and_a_rerun_loses_no_recording(ar
     assert again.returncode == 0, again.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest["skipped"] and len(manifest["recordings"]) == 12
+
+
+def test_a_run_killed_between_export_and_registration_is_finished_by_a_rerun(tiny_shards, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    args = [*COMMON, *args_for(tiny_shards, out, 4), "--tracking.enabled", "true", "--tracking.tracking_uri", uri]
+    args += ["--tracking.register_as", "brainlm-kill", "--tracking.experiment", "kill-test", "--train.resume", "auto"]
+    first = subprocess.Popen(
+        [sys.executable, "launcher/pretrain.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+    )  # fmt: skip
+    for line in first.stdout:  # killed the moment the export is done: the registration never happens
+        if line.startswith("exported "):
+            first.send_signal(signal.SIGKILL)
+            break
+    first.wait()
+    assert (out / "model" / "model.safetensors").exists()
+    client = mlflow.MlflowClient(uri)
+    assert not client.search_model_versions("name='brainlm-kill'")
+    again = run([sys.executable, "launcher/pretrain.py", *args], MLFLOW_TRACKING_URI=uri)
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr[-2000:]
+    versions = client.search_model_versions("name='brainlm-kill'")
+    assert [int(v.version) for v in versions] == [1]
+    (run_info,) = client.search_runs(client.get_experiment_by_name("kill-test").experiment_id)
+    assert run_info.info.status == "FINISHED" and run_info.data.tags["brainlm.registered_version"] == "1"
+    once_more = run([sys.executable, "launcher/pretrain.py", *args], MLFLOW_TRACKING_URI=uri)
+    assert once_more.returncode == 0 and len(client.search_model_versions("name='brainlm-kill'")) == 1

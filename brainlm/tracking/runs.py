@@ -100,6 +100,16 @@ class Tracker:
 
         return self._call("register", log_and_register, model_dir, name, alias, tags or {})
 
+    def tag(self, name: str) -> str | None:
+        """A tag of this run as MLflow holds it (None when unset or tracking is off)."""
+
+        def get():
+            import mlflow
+
+            return mlflow.get_run(self.run_id).data.tags.get(name)
+
+        return self._call("get_run", get) if self.run_id else None
+
     def end(self, status: str = "FINISHED") -> None:
         import mlflow
 

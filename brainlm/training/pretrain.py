@@ -463,13 +463,17 @@ def _run(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> RunResult:
     trainer = Trainer(cfg, plan, ctx, model, engine, dtype, prior_state)
     start_step, run_id = trainer.resume()
     if start_step >= cfg.train.max_steps and (out_dir / "model" / "config.json").exists():
+        result = RunResult(out_dir=out_dir, steps=start_step, model_dir=out_dir / "model", run_id=run_id)
         if ctx.is_main:
             print(
                 f"{out_dir} is already complete ({start_step} steps, model in {out_dir / 'model'}); "
                 "raise train.max_steps to train on",
                 flush=True,
             )
-        return RunResult(out_dir=out_dir, steps=start_step, model_dir=out_dir / "model", run_id=run_id)
+            if run_id:  # a run killed after its export: finish what it left (registration, the run's status)
+                trainer.tracker = build_tracker(cfg, plan, ctx, ds_resolved, run_id)
+                finish_tracking(cfg, plan, trainer, result, None)
+        return result
     loader = build_loader(cfg, plan, ctx, start_step)
     val = build_validation(cfg, plan, ctx)
     trainer.tracker = build_tracker(cfg, plan, ctx, ds_resolved, run_id)
@@ -487,31 +491,48 @@ def _run(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> RunResult:
         )
 
     result = RunResult(out_dir=out_dir, steps=start_step)
-    trainer.fit(loader, val, start_step, result)
-    if cfg.train.export:
-        result.model_dir = trainer.export()
+    try:
+        trainer.fit(loader, val, start_step, result)
+        if cfg.train.export:
+            result.model_dir = trainer.export()
+    except BaseException:
+        if trainer.tracker is not None:
+            trainer.tracker.end("FAILED")  # a run that ends by an error says so in MLflow
+        raise
     if ctx.is_main:
-        tracker = trainer.tracker
-        result.run_id = tracker.run_id
-        if result.model_dir is not None:
-            _log_reconstruction_figure(result.model_dir, val, trainer.coords_R3, out_dir, tracker)
-            tracker.log_artifact(result.model_dir / "config.json", "export")
-            if cfg.tracking.register_as:
-                result.registered_version = tracker.register(
-                    result.model_dir,
-                    cfg.tracking.register_as,
-                    cfg.tracking.alias,
-                    {"manifest_sha256": plan.manifest.plan_sha256, "git_sha": git_sha(), "preset": cfg.preset},
-                )
-                if result.registered_version is None:
-                    print(
-                        f"warning: the model was not registered as {cfg.tracking.register_as} (MLflow tracking is "
-                        f"off or failed, see above); use the folder {result.model_dir} as --model",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-        tracker.end()
+        finish_tracking(cfg, plan, trainer, result, val)
     return result
+
+
+REGISTERED_TAG = "brainlm.registered_version"
+
+
+def finish_tracking(cfg: PretrainConfig, plan: Plan, trainer: Trainer, result: RunResult, val) -> None:
+    """Rank 0, after the export: the run's artifacts, the registration (once: a re-run after a kill between export
+    and registration registers what is missing, nothing twice) and the run's end."""
+    tracker = trainer.tracker
+    result.run_id = tracker.run_id
+    if result.model_dir is not None and tracker.tag(REGISTERED_TAG) is None:
+        if val is not None:
+            _log_reconstruction_figure(result.model_dir, val, trainer.coords_R3, result.out_dir, tracker)
+        tracker.log_artifact(result.model_dir / "config.json", "export")
+        if cfg.tracking.register_as:
+            result.registered_version = tracker.register(
+                result.model_dir,
+                cfg.tracking.register_as,
+                cfg.tracking.alias,
+                {"manifest_sha256": plan.manifest.plan_sha256, "git_sha": git_sha(), "preset": cfg.preset},
+            )
+            if result.registered_version is None:
+                print(
+                    f"warning: the model was not registered as {cfg.tracking.register_as} (MLflow tracking is "
+                    f"off or failed, see above); use the folder {result.model_dir} as --model",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                tracker.set_tags({REGISTERED_TAG: str(result.registered_version)})
+    tracker.end()
 
 
 def _log_reconstruction_figure(model_dir: Path, val: ValidationSet, coords_R3, out_dir: Path, tracker: Tracker) -> None:
