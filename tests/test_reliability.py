@@ -190,6 +190,42 @@ def test_a_killed_loader_worker_ends_the_job_within_a_minute(tiny_shards, tmp_pa
     assert "rank 1: RuntimeError" in output and "DataLoader worker" in output
 
 
+def test_every_process_group_gets_the_configured_timeout():
+    """The groups DeepSpeed creates itself (new_group without a timeout) take torch's module default: 30 minutes
+    unless it is set to train.dist_timeout_s first."""
+    code = (
+        "import torch.distributed as dist, torch.distributed.distributed_c10d as c;"
+        " from brainlm.training import engine; engine.init_distributed(7); g = dist.new_group();"
+        " print(c._get_default_timeout(c.Backend.GLOO).total_seconds()); dist.destroy_process_group()"
+    )
+    proc = run_cli("-c", code)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "7.0", proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_frozen_rank_ends_the_job_within_the_configured_timeout(tiny_shards, tmp_path):
+    """SIGSTOP, not a kill: the frozen rank holds its sockets open, so only the collectives' timeout can end the job,
+    DeepSpeed's own process groups included."""
+    cmd = deepspeed_cmd(args_for(tiny_shards, tmp_path / "run", 5000, "--train.dist_timeout_s", "30"))
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:  # training under way on both ranks
+            if line.startswith("step     20/"):
+                break
+        rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()]
+        frozen = time.time()
+        rank1[0].send_signal(signal.SIGSTOP)
+        output, _ = proc.communicate(timeout=600)
+        took = time.time() - frozen
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and took < 30 + 90, f"the job took {took:.0f} s to end after the freeze"
+    assert "timed out" in output.lower(), output[-3000:]
+
+
 # -- two nodes on one machine ---------------------------------------------------------------------------------
 
 

@@ -45,9 +45,16 @@ def init_distributed(timeout_s: float = 600.0) -> DistContext:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     # DeepSpeed's ZeRO calls a collective that torch deprecates; one warning per step is noise.
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather_into_tensor")
-    if not dist.is_initialized():
-        from datetime import timedelta
+    from datetime import timedelta
 
+    # Every collective is bounded by train.dist_timeout_s: the default group's timeout is passed here, and the groups
+    # DeepSpeed creates itself (ZeRO's data-parallel groups, new_group without a timeout) take torch's module default
+    # of 30 minutes, which is set to the same value first (a frozen rank otherwise held the job 1,800 s).
+    c10d = importlib.import_module("torch.distributed.distributed_c10d")
+    c10d.default_pg_timeout = timedelta(seconds=timeout_s)
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
+        c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     if not cuda:
         # Ranks on one machine share its free cores: oversubscribed threads run slower, not faster (brainlm.threads).
