@@ -18,13 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory) -> str:
+def s3_server(tmp_path_factory):
     """A real S3-compatible server on loopback ports for the whole session; boto3 finds it via AWS_* variables."""
     try:
         with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
-            yield server.endpoint
+            yield server
     except RuntimeError as err:
         pytest.fail(str(err))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server) -> str:
+    return s3_server.endpoint
 
 
 @pytest.fixture

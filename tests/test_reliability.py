@@ -490,3 +490,31 @@ def test_a_run_killed_between_export_and_registration_is_finished_by_a_rerun(tin
     assert run_info.info.status == "FINISHED" and run_info.data.tags["brainlm.registered_version"] == "1"
     once_more = run([sys.executable, "launcher/pretrain.py", *args], MLFLOW_TRACKING_URI=uri)
     assert once_more.returncode == 0 and len(client.search_model_versions("name='brainlm-kill'")) == 1
+
+
+def test_a_frozen_object_store_is_said_as_such_not_a_corrupt_shard(array_cohort, s3_server, s3_bucket, monkeypatch):
+    from brainlm.data import store
+    from brainlm.data.format import load_manifest, shard_urls
+    from brainlm.data.loader import read_shard
+    from brainlm.exceptions import StoreError
+    from data_prep.build import BuildConfig, build
+
+    url = f"{s3_bucket}/frozen"
+    build(BuildConfig(inputs=str(array_cohort), out=url, crop=20, stride=10, tr=0.8, progress=False))
+    manifest, root = load_manifest(url)
+    shard = shard_urls(manifest, root, "train")[0]
+    monkeypatch.setenv("BRAINLM_S3_TIMEOUT_S", "2")
+    monkeypatch.setenv("BRAINLM_S3_ATTEMPTS", "2")
+    store._clients.clear()  # a client with these limits
+    store.register_webdataset_s3()
+    os.killpg(s3_server.pid, signal.SIGSTOP)
+    try:
+        start = time.time()
+        with pytest.raises(StoreError, match=r"the object store at http://127.0.0.1:\d+ did not answer while .* read"):
+            list(read_shard(shard, None, None))
+        took = time.time() - start
+    finally:
+        os.killpg(s3_server.pid, signal.SIGCONT)
+        store._clients.clear()
+    assert took < 60, f"{took:.0f} s before the error"
+    assert len(list(read_shard(shard, None, None))) > 0  # the same shard reads once the store answers again

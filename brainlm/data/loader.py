@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from brainlm.data.format import Manifest, decode_signal, sample_digest, shard_urls
-from brainlm.data.store import register_webdataset_s3
+from brainlm.data.store import register_webdataset_s3, unanswered
 from brainlm.exceptions import ShardError
 from brainlm.model.masking import seeded_masks
 
@@ -92,6 +92,9 @@ def read_shard(
                 yield raw
             k += 1
     except (tarfile.TarError, OSError, ValueError, KeyError) as err:
+        store = unanswered(url, err)
+        if store is not None:  # the store did not answer: not the shard's fault, and no rebuild is advised
+            raise store from err
         corrupt(f"unreadable after {k} sample(s) ({type(err).__name__}: {err})")
         return
     if samples is not None and k != samples:

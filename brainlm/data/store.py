@@ -157,10 +157,32 @@ def s3_client():
             import boto3
             from botocore.config import Config
 
-            config = Config(retries={"max_attempts": 10, "mode": "adaptive"}, connect_timeout=10)
+            # Bounded: a store that stops answering is an error after ATTEMPTS x TIMEOUT, not a silent wait.
+            timeout = float(os.environ.get("BRAINLM_S3_TIMEOUT_S", 30))
+            attempts = int(os.environ.get("BRAINLM_S3_ATTEMPTS", 5))
+            retries = {"max_attempts": attempts, "mode": "standard"}
+            config = Config(retries=retries, connect_timeout=timeout, read_timeout=timeout)
             client = boto3.session.Session().client("s3", config=config)
             _clients[ident] = client
     return client
+
+
+def unanswered(url: str, err: BaseException) -> StoreError | None:
+    """A read that failed because the object store did not answer (a timeout, a dropped connection), as the
+    project's storage error; None for any other error (the data's own fault, for the caller to judge)."""
+    if isinstance(err, StoreError):
+        return err
+    if not type(err).__module__.startswith(("botocore", "urllib3", "requests", "socket")) and not isinstance(
+        err, (TimeoutError, ConnectionError)
+    ):
+        return None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the S3 endpoint"
+    timeout = os.environ.get("BRAINLM_S3_TIMEOUT_S", "30")
+    return StoreError(
+        f"the object store at {endpoint} did not answer while {url} was read ({type(err).__name__}: {err}); the "
+        f"data was not judged: check the store and re-run (reads give up after BRAINLM_S3_ATTEMPTS x "
+        f"BRAINLM_S3_TIMEOUT_S = {os.environ.get('BRAINLM_S3_ATTEMPTS', '5')} x {timeout} s)"
+    )
 
 
 def _s3_error(op: str, url: str, err: Exception) -> StoreError:
@@ -319,12 +341,14 @@ def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> IO
     if mode != "rb":
         raise StoreError(f"the s3 gopen handler only reads; got mode {mode!r} for {url}")
     parsed = urlparse(url)
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         body = s3_client().get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"]
     except ClientError as err:
         raise _s3_error("GET", url, err) from err
+    except BotoCoreError as err:  # no answer (timeouts, connection errors): the store's fault, said so
+        raise unanswered(url, err) from err
     return io.BufferedReader(_BufferedBody(body), buffer_size=max(bufsize, 1024 * 1024))
 
 
