@@ -136,6 +136,11 @@ class BuildConfig:
             raise InputError("--resample needs --tr SECONDS: the TR to resample every recording to")
         if self.workers < 1:
             raise InputError(f"--workers must be at least 1, got {self.workers}")
+        if "://" not in str(self.out) and Path(self.inputs).resolve() in Path(self.out).resolve().parents:
+            raise InputError(
+                f"--out {self.out} lies inside --inputs {self.inputs}: its shards and intermediates would be read as "
+                "inputs by the next build; give a folder outside the inputs"
+            )
         for flag, path, what in (
             ("--splits", self.splits, "a TSV with columns subject and split"),
             ("--participants", self.participants, "a BIDS participants.tsv"),

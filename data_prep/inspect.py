@@ -54,17 +54,22 @@ def verify(manifest: Manifest, root: str, progress: bool = True) -> list[str]:
     return problems
 
 
+def shard_lines(manifest: Manifest) -> list[str]:
+    """One line per shard: its URL, samples, size and sha256 (what the README promises `inspect` prints)."""
+    return [
+        f"  {s['url']}  {s['samples']:>6} samples  {s['bytes']:>12} bytes  sha256 {s['sha256']}"
+        for s in manifest.shards
+    ]
+
+
 def inspect(dest: str, verify_checksums: bool = True, as_json: bool = False) -> int:
     manifest, root = load_manifest(dest)
     if as_json:
-        print(
-            json.dumps(
-                {"splits": manifest.splits, "shards": len(manifest.shards), "skipped": manifest.skipped},
-                indent=1,
-            )
-        )
+        shards = [{k: s[k] for k in ("url", "split", "samples", "bytes", "sha256")} for s in manifest.shards]
+        print(json.dumps({"splits": manifest.splits, "shards": shards, "skipped": manifest.skipped}, indent=1))
     else:
         print(summary(manifest, root))
+        print("\n".join(["  shards", *shard_lines(manifest)]))
     if not verify_checksums:
         return 0
     problems = verify(manifest, root)

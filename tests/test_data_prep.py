@@ -419,11 +419,16 @@ def test_corrupted_shard_is_rewritten_and_inspect_catches_it(array_cohort, tmp_p
     small_build(array_cohort, out)
     shard = next((out / "shards" / "train").glob("*.tar"))
     good = shard.read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text())
+    clean = run_cli("-m", "data_prep", "inspect", str(out))
+    assert clean.returncode == 0 and all(s["sha256"] in clean.stdout for s in manifest["shards"])  # every shard's
     shard.write_bytes(good[:-10] + b"0123456789")
     proc = run_cli("-m", "data_prep", "inspect", str(out))
-    assert proc.returncode == 1 and shard.name in proc.stdout
+    assert proc.returncode == 1 and f"{shard.name}: sha256/size" in proc.stdout
     small_build(array_cohort, out)
     assert shard.read_bytes() == good
+    with pytest.raises(InputError, match="lies inside --inputs"):
+        small_build(array_cohort, array_cohort / "shards")
 
 
 def test_workers_give_identical_shards(array_cohort, tmp_path):
