@@ -396,19 +396,37 @@ def test_load_errors_name_the_missing_file(tmp_path):
         BrainLM.from_pretrained(tmp_path)
 
 
-def test_activation_checkpointing_leaves_outputs_and_gradients_unchanged(batch):
+def _counting(forward, calls: list[int]):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    return counted
+
+
+@pytest.mark.parametrize("decoder_attention", ["joint", "factorized"])
+def test_activation_checkpointing_leaves_outputs_and_gradients_unchanged(batch, decoder_attention):
     from brainlm.training.pretrain import apply_activation_checkpointing
 
-    plain, ckpt = build(dropout=0.1), build(dropout=0.1)
+    plain, ckpt = (
+        build(dropout=0.1, decoder_attention=decoder_attention),
+        build(dropout=0.1, decoder_attention=decoder_attention),
+    )
     apply_activation_checkpointing(ckpt)  # a training choice, not a model field
     ckpt.load_state_dict(plain.state_dict())
-    results = []
+    results, calls = [], []
     for model in (plain, ckpt):
         out = model(*batch, generator=torch.Generator().manual_seed(0))
         torch.manual_seed(7)  # the same dropout draws: checkpointing replays the RNG state
+        counted: list[int] = []
+        for block in [*model.blocks, *model.decoder_blocks]:
+            block._forward = _counting(block._forward, counted)
         out = model(*batch, mask_BL=out.mask_BL)
         out.loss.backward()
+        calls.append(len(counted))
         results.append((out.pred_BLP, {n: p.grad for n, p in model.named_parameters()}))
+    blocks = len(plain.blocks) + len(plain.decoder_blocks)
+    assert calls == [blocks, 2 * blocks], calls  # every block, the factorized decoder's too, recomputed in backward
     torch.testing.assert_close(results[0][0], results[1][0])
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], msg=name)

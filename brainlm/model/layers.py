@@ -197,9 +197,16 @@ class FactorizedBlock(nn.Module):
         self.attn_s = Attention(dim, num_heads, backend, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_dim, dropout)
+        self.activation_checkpointing = False
 
     def forward(self, x_B1LD: Tensor, num_parcels: int) -> Tensor:
-        """CLS + R x N parcel-major tokens in, the same out."""
+        """CLS + R x N parcel-major tokens in, the same out (recomputed in the backward pass under
+        `train.activation_checkpointing`, as `Block`)."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x_B1LD, num_parcels, use_reentrant=False)
+        return self._forward(x_B1LD, num_parcels)
+
+    def _forward(self, x_B1LD: Tensor, num_parcels: int) -> Tensor:
         B, S, D = x_B1LD.shape
         R = num_parcels
         cls_B1D, x_BRND = x_B1LD[:, :1], x_B1LD[:, 1:].reshape(B, R, (S - 1) // R, D)
