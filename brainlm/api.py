@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, TransformerMixin  # scikit-learn comes with nilearn, a core dependency
 
 from brainlm.exceptions import InputError
 from brainlm.model import BrainLM, BrainLMForPrediction
@@ -179,11 +180,13 @@ def _specs(inputs, kind, atlas, discover, spec_for_file) -> list:
 # -- scikit-learn ------------------------------------------------------------------------------------------
 
 
-class BrainLMEmbedder:
+class BrainLMEmbedder(TransformerMixin, BaseEstimator):
     """A scikit-learn transformer: recordings in (a list of arrays, or one 3-D array), one embedding per recording
-    out. ``fit`` learns nothing (the model is pretrained); it exists so the embedder sits in a ``Pipeline`` in
-    front of any estimator. ``pooling``: cls | mean | latent_fc (the parcel x parcel connectivity of the encoder
-    tokens, which carries the coupling a pooled vector averages away)."""
+    out. ``fit`` learns nothing (the model is pretrained): it loads the model into ``model_`` so the embedder sits in
+    a ``Pipeline`` in front of any estimator, and the constructor's parameters stay as given (scikit-learn's
+    estimator contract, as nilearn's maskers keep it: ``clone`` and cross-validation work). ``pooling``: cls | mean |
+    latent_fc (the parcel x parcel connectivity of the encoder tokens, which carries the coupling a pooled vector
+    averages away)."""
 
     def __init__(
         self,
@@ -203,22 +206,16 @@ class BrainLMEmbedder:
             stride,
         )
 
-    # scikit-learn's estimator protocol (clone, grid search) without depending on scikit-learn
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("model", "pooling", "tr", "layout", "resample", "stride")}
-
-    def set_params(self, **params: Any) -> BrainLMEmbedder:
-        for k, v in params.items():
-            setattr(self, k, v)
-        return self
-
     def _model(self) -> BrainLM:
-        if isinstance(self.model, (str, Path)):
-            self.model = load(self.model)
-        return self.model
+        """The loaded model: ``model_`` once fitted (the constructor's ``model`` is kept as given, the estimator
+        contract scikit-learn's ``clone`` relies on), else loaded now."""
+        if getattr(self, "model_", None) is None:
+            self.model_ = load(self.model) if isinstance(self.model, (str, Path)) else self.model
+        return self.model_
 
     def fit(self, X: Any, y: Any = None) -> BrainLMEmbedder:
         check_pooling(self.pooling)
+        self.model_ = None
         self._model()
         return self
 
@@ -232,6 +229,3 @@ class BrainLMEmbedder:
                 for r in recordings
             ]
         )
-
-    def fit_transform(self, X: Any, y: Any = None) -> np.ndarray:
-        return self.fit(X, y).transform(X)

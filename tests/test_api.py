@@ -116,6 +116,18 @@ def test_the_embedder_works_in_a_scikit_learn_pipeline(trained):
     pipe.fit(recordings, y)
     assert pipe.predict(recordings[:3]).shape == (3,)
     assert pipe.named_steps["brainlmembedder"].get_params()["pooling"] == "latent_fc"
+    # The estimator contract (scikit-learn's clone, cross-validation): parameters kept as given, fitted state apart.
+    from sklearn.base import clone
+    from sklearn.model_selection import cross_val_score
+    from sklearn.utils.validation import check_is_fitted
+
+    by_path = brainlm.BrainLMEmbedder(str(trained["model"]), pooling="cls", tr=0.72)
+    assert clone(by_path).get_params()["model"] == str(trained["model"])
+    by_path.fit(recordings)
+    check_is_fitted(by_path)
+    assert by_path.model == str(trained["model"]) and clone(by_path).get_params() == by_path.get_params()
+    scores = cross_val_score(make_pipeline(clone(by_path), Ridge(alpha=1.0)), recordings, y, cv=2)
+    assert len(scores) == 2
 
 
 def test_the_registered_pyfunc_predicts_from_a_raw_recording(trained, tmp_path, monkeypatch):

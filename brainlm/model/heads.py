@@ -19,7 +19,7 @@ from brainlm.model import io
 from brainlm.model.mae import BrainLM
 
 HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE = "head.json", "head.safetensors"
-POOLINGS = ("cls", "mean")
+HEAD_POOLINGS = ("cls", "mean")  # what a prediction head reads (latent_fc is an embedding, not a token)
 
 
 class MLPHead(nn.Module):
@@ -65,8 +65,8 @@ class BrainLMForPrediction(nn.Module):
         freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ConfigError(f"`head.pooling` must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        if pooling not in HEAD_POOLINGS:
+            raise ConfigError(f"`head.pooling` must be one of {', '.join(HEAD_POOLINGS)}; got {pooling!r}")
         self.backbone = backbone
         self.head_config: dict[str, Any] = dict(
             out_dim=out_dim,
