@@ -15,15 +15,20 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 
-REQUIRED = ("brainlm", "torch", "safetensors", "numpy", "scipy")
+# What the pyfunc's code imports. brainlm itself is not among them: it is not on PyPI, so its code travels with the
+# model (``CODE_PATH``, on the path when MLflow loads it), as MLflow's code_paths do.
+REQUIRED = ("torch", "safetensors", "numpy", "scipy", "pyyaml", "tqdm", "pandas")
+CODE_PATH = Path(__file__).resolve().parents[1]  # the brainlm package
 
 
 def pip_requirements() -> list[str]:
-    """The packages the pyfunc imports, pinned to the versions installed here (unpinned where not installed)."""
+    """The packages the pyfunc imports, pinned to the public versions installed here, so any index resolves them:
+    torch==2.13.0, not the local build label 2.13.0+cpu that only PyTorch's CPU index knows (unpinned where not
+    installed)."""
     out = []
     for name in REQUIRED:
         try:
-            out.append(f"{name}=={importlib.metadata.version(name)}")
+            out.append(f"{name}=={importlib.metadata.version(name).split('+')[0]}")
         except importlib.metadata.PackageNotFoundError:
             out.append(name)
     return out

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from brainlm.exceptions import BrainLMError
 from brainlm.model.io import REGISTRY_SCHEMES, model_folder
 from brainlm.tracking.env import PARENT_TAG, mlflow_defaults, require_store
-from brainlm.tracking.pyfunc import example_and_signature, pip_requirements, python_model_for
+from brainlm.tracking.pyfunc import CODE_PATH, example_and_signature, pip_requirements, python_model_for
 
 RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)  # MLflow's own: models:/NAME/latest, @v3
 
@@ -41,6 +41,7 @@ def log_and_register(
         python_model=python_model,
         artifacts={"model_dir": str(model_dir)},
         pip_requirements=pip_requirements(),
+        code_paths=[str(CODE_PATH)],
         signature=signature,
         input_example=example,
     )
