@@ -113,8 +113,7 @@ def embed_files(
     (parcellated with ``atlas``, the label image or 4D maps of the model's atlas, through data_prep's masker), or
     parcel arrays (.npy/.mat/.tsv/.csv). Each recording's TR (sidecar, recordings.tsv, NIfTI header) is checked
     against the model's. A recording that cannot be used is skipped with its reason, as in a build."""
-    from tqdm import tqdm
-
+    from brainlm import progress as progress_bars
     from data_prep.atlas import AtlasSource, load_atlas
     from data_prep.parcellate import load_array, parcellate_nifti
     from data_prep.sources import discover, spec_for_file
@@ -137,7 +136,7 @@ def embed_files(
     check_pooling(pooling)
     coords = None if trained else source.atlas.coords()
     ids, rows, meta, skipped = [], [], [], []
-    for spec in tqdm(specs, desc="embed", unit="rec", disable=not progress):
+    for spec in progress_bars.bar(specs, desc="embed", unit="rec", enabled=progress):
         try:
             if spec.kind == "nifti":
                 if source is None or source.image is None:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
-
-from tqdm import tqdm
 
 from brainlm.data.format import Manifest, load_manifest
 from brainlm.data.store import open_store, sha256_stream
+from brainlm.progress import bar
 
 
 def summary(manifest: Manifest, root: str) -> str:
@@ -41,7 +39,7 @@ def verify(manifest: Manifest, root: str, progress: bool = True) -> list[str]:
     """Recompute every shard's sha256; returns the problems found (empty when all match)."""
     store = open_store(root)
     problems = []
-    for shard in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress, file=sys.stderr):
+    for shard in bar(manifest.shards, desc="verify", unit="shard", enabled=progress):
         if not store.exists(shard["url"]):
             problems.append(f"{shard['url']}: missing")
             continue

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from brainlm.data.format import Atlas
+from brainlm.progress import bar
 from data_prep.atlas import seitzman_atlas
 
 SYNTH_VERSION = 1
@@ -210,7 +210,7 @@ def synth(out: str | Path, cfg: SynthConfig) -> dict:
     grid = _label_grid(atlas, cfg.voxel_mm, out) if cfg.nifti else None
 
     rows, truth_recs = [], {}
-    for i, row in enumerate(tqdm(participants.to_dict(orient="records"), desc="synth subjects", unit="subj")):
+    for i, row in enumerate(bar(participants.to_dict(orient="records"), desc="synth subjects", unit="subj")):
         pheno = dict(row, age_z=(row["age"] - age_mean) / age_std)
         sub = row["participant_id"]
         sub_rng = np.random.default_rng([cfg.seed, i])

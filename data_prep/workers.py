@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing
-import sys
 from concurrent.futures import ProcessPoolExecutor
 
 from tqdm import tqdm
+
+from brainlm import progress
 
 
 class Workers:
@@ -30,4 +31,4 @@ class Workers:
 
 
 def progress_bar(total: int, desc: str, unit: str, enabled: bool, **kw) -> tqdm:
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True, **kw)
+    return progress.bar(total=total, desc=desc, unit=unit, enabled=enabled, **kw)

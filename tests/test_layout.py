@@ -58,7 +58,15 @@ def test_importing_the_model_pulls_in_no_infrastructure():
 # The import layers, lowest first: a module may import its own layer and those below, never one above, and no
 # import circle may form anywhere (tests/test_layout.py is the contract; docs in each package's docstring).
 LAYERS = [
-    ("brainlm._version", "brainlm.exceptions", "brainlm.atomic", "brainlm.lock", "brainlm.schema", "brainlm.threads"),
+    (
+        "brainlm._version",
+        "brainlm.exceptions",
+        "brainlm.atomic",
+        "brainlm.lock",
+        "brainlm.progress",
+        "brainlm.schema",
+        "brainlm.threads",
+    ),
     ("brainlm.model",),
     ("brainlm.data",),
     ("brainlm.protocol",),

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from brainlm import progress
 from brainlm.data.format import load_manifest
 from brainlm.data.loader import fixed_samples
 from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, map_windows
@@ -155,7 +155,7 @@ class Baselines:
             tmask = time_mask(fixed_masks(len(self.val_BRT), R, T // P, self.mask_ratio, masking), R, T // P, P)
             grid = LINEAR[name][1]
             candidates = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-            bar = tqdm(candidates, desc=f"{name}: settings on {len(self.val_BRT)} val windows", leave=False)
+            bar = progress.bar(candidates, desc=f"{name}: settings on {len(self.val_BRT)} val windows", inner=True)
             scores = [
                 r2_parts(self._run(name, self.val_BRT, tmask, P, c, self.val_context), self.val_BRT, tmask)[0]
                 for c in bar
@@ -371,7 +371,7 @@ def reconstruct(
         tmask = time_mask(mask_BL, R, N, P)
         preds = {"model": model_predict(ctx, x, mask_BL, test_context)}
         columns = [(s, c) for s in fit_sets for c in s.columns()]
-        for s, column in tqdm(columns, desc=f"baselines, {masking} masking", unit="baseline", leave=False):
+        for s, column in progress.bar(columns, desc=f"baselines, {masking} masking", unit="baseline", inner=True):
             preds[column] = s.baselines.predict(column.split("@")[0], x_np, tmask, P, masking, test_context)
         sums = WindowSums.of(preds, x_np, tmask)
         metrics["window_sums"][masking] = sums.to_json()
