@@ -219,9 +219,11 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser(
         "reconstruct",
-        help="masked-patch R^2 on held-out recordings, beside baselines",
-        description="Masked-patch R^2 with fixed windows and seeded masks, per masking strategy, "
-        "beside zero / parcel-mean / interpolation / ridge-imputation baselines.",
+        help="masked-patch R^2 on held-out recordings, beside baselines, with intervals",
+        description="Masked-patch R^2 with fixed windows and seeded masks, per masking strategy, beside zero, "
+        "parcel-mean, interpolation, ridge, spatio-temporal and adaptive Gaussian baselines (with the recording's "
+        "other windows: ridge+ctx, adaptive+ctx), fitted on the data the model saw too; the margin over the best "
+        "with paired bootstrap intervals over windows and subjects, a tie unless they exclude 0.",
     )
     _io(r)
     r.add_argument("--split", default="test", help="split to evaluate (default test)")
