@@ -303,7 +303,9 @@ def parser() -> argparse.ArgumentParser:
         "logistic regression cross-validated by subject, with paired bootstrap intervals.",
     )
     _io(fp)
-    fp.add_argument("--split", default="test", help="split whose recordings are compared (default test)")
+    fp.add_argument(
+        "--split", default="test", help="split(s) whose recordings are compared: test (default), or val,test"
+    )
     fp.add_argument("--label", help="a recording or subject column to decode (e.g. condition)")
     fp.add_argument("--folds", type=int, default=5, help="cross-validation folds by subject for --label (default 5)")
     fp.set_defaults(func=_fingerprint)

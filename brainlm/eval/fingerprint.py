@@ -15,7 +15,7 @@ shares; ``fc_uncentred`` is FC as Finn et al. (2015) used it.
     recording with a same-subject partner is a query, every other recording a candidate.
 (b) Label decoding (``label``: a metadata column such as condition, or a phenotype): logistic regression on each
     representation, cross-validated by subject (a subject's recordings never in training and test at once), balanced
-    accuracy.
+    accuracy. ``split`` may name several splits ("val,test": every subject the model was not trained on).
 Each model representation is compared with FC and with its random-weights control, with paired bootstrap intervals
 over recordings and subjects (``brainlm.protocol.intervals``); a winner only when they exclude 0.
 """
@@ -91,7 +91,7 @@ def fingerprint(
     device: str | None = None,
 ) -> dict[str, Any]:
     ctx = load_context(model, shards, device)
-    recs = recordings(ctx, split)
+    recs = [r for part in split.split(",") for r in recordings(ctx, part.strip())]  # "val,test": held-out subjects
     subjects = np.array([r.subject for r in recs], dtype=object)
     names, counts = np.unique(subjects, return_counts=True)
     if (counts >= 2).sum() < 2:
@@ -130,8 +130,13 @@ def fingerprint(
         values = [r.meta.get(label, ctx.manifest.subjects.get(r.subject, {}).get(label)) for r in recs]
         keep = np.array([v is not None and str(v) != "nan" for v in values])
         labels = np.array([str(v) for v in values], dtype=object)
-        if len(set(labels[keep])) < 2:
-            raise InputError(f"--label {label!r}: fewer than 2 classes among the {split!r} recordings")
+        per_class = {c: len(set(subjects[keep][labels[keep] == c])) for c in sorted(set(labels[keep]))}
+        if len(per_class) < 2 or min(per_class.values()) < 2:
+            raise InputError(
+                f"--label {label!r}: decoding is cross-validated by subject and needs 2 or more classes, each in at "
+                f"least 2 subjects; the {split!r} recordings have {per_class} (subjects per class): add splits "
+                "(--split val,test) or choose another label"
+            )
         k = min(folds, len(set(subjects[keep])))
         w = balanced_weights(labels[keep])
         dec = UnitScores(
