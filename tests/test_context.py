@@ -4,6 +4,7 @@ window its crop's context, and what the context may and may not hold."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from brainlm.data.loader import crop_context, window_start
@@ -78,3 +79,18 @@ def test_the_python_api_gives_a_context_model_the_rest_of_the_recording():
         given = model.reconstruct(raw_TR, coords=coords, scaling="none", mask_ratio=0.5)  # default: all
         assert len(given.prediction_WRT) == 4 and np.array_equal(alone.mask_WRT, given.mask_WRT)
         assert (np.abs(given.prediction_WRT - alone.prediction_WRT).max() > 1e-4) == changes
+
+
+def test_a_context_model_on_crops_without_room_for_context_is_refused(tiny_shards):
+    from brainlm.exceptions import ShardError
+    from brainlm.training.pretrain import preflight
+    from brainlm.training.recipe import load_recipe
+
+    # tiny_shards has crops of 40 timepoints: a 40-timepoint window leaves no context in its crop.
+    cfg = load_recipe(None, {"data.shards": str(tiny_shards), "model.num_timepoints": 40, "model.prior_context": 100.0,
+                             "model.decoder_prior": "gaussian"})  # fmt: skip
+    with pytest.raises(ShardError, match=r"crops \(40 timepoints\) are no longer than the window \(40\)"):
+        preflight(cfg, "ds_config.json")
+    assert preflight(load_recipe(None, {"data.shards": str(tiny_shards), "model.num_timepoints": 20,
+                                        "model.prior_context": 100.0, "model.decoder_prior": "gaussian"}),
+                     "ds_config.json").model.prior_context == 100.0  # fmt: skip

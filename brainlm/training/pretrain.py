@@ -76,6 +76,13 @@ def preflight(cfg: PretrainConfig, ds_config: dict | str | Path) -> Plan:
             f"with a larger --crop or lower model.num_timepoints (to {manifest.crop} or less, a multiple of "
             f"model.patch_size {cfg.model.patch_size})"
         )
+    if cfg.model.prior_context and manifest.crop <= window:
+        raise ShardError(
+            f"{root}: model.prior_context reads each training window's recording context, the rest of its crop, but "
+            f"these crops ({manifest.crop} timepoints) are no longer than the window ({window}): no window would have "
+            "any; rebuild with a larger --crop (e.g. twice the window, or a whole recording) or set "
+            "model.prior_context 0"
+        )
     # The atlas decides the parcel count.
     model_cfg = dataclasses.replace(cfg.model, num_parcels=manifest.atlas.num_parcels)
     return Plan(manifest, root, model_cfg, ds_json)
