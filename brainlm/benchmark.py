@@ -112,11 +112,13 @@ def _check_same(out: Path, record: dict[str, Any]) -> None:
     path = out / "benchmark.json"
     if path.exists():
         before = json.loads(path.read_text())
-        changed = [k for k in FIXED if before.get(k) != record.get(k)]
+        changed = [
+            f"{k}: {before.get(k)!r} there, {record.get(k)!r} now" for k in FIXED if before.get(k) != record.get(k)
+        ]
         if changed:
             raise InputError(
-                f"{out} holds a benchmark with other settings ({', '.join(f'{k}: {before.get(k)!r} there, {record.get(k)!r} now' for k in changed)}); "  # noqa: E501
-                "re-run it with its own settings to resume, or give another --out"
+                f"{out} holds a benchmark with other settings ({'; '.join(changed)}); re-run it with its own settings "
+                "to resume, or give another --out"
             )
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +156,9 @@ def train_fold(cfg: BenchmarkConfig, overrides: list[str], folder: Path, fold: F
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc)]
         launch += ["-m", "brainlm.training"]
     cmd = [*launch, "--deepspeed", cfg.deepspeed, "--config", cfg.config, "--data.shards", str(folder / "shards")]
-    cmd += ["--train.out_dir", str(folder / "run"), "--tracking.enabled", "false", *overrides]
+    # A killed fold resumes from its last checkpoint (the recipe's overrides, given after, still win).
+    cmd += ["--train.out_dir", str(folder / "run"), "--tracking.enabled", "false", "--train.resume", "auto"]
+    cmd += overrides
     return _run(cmd, folder / "train.log", f"fold {fold.index}: pretraining")
 
 
