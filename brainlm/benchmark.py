@@ -287,6 +287,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             + f" | {r['best_baseline']} | {c['margin']:+.4f} | {fmt(*c['interval_windows'])} | {ci_s} | "
             f"{r['fold_mean']:+.4f} ({r['fold_sd']:.4f}) | {c['winner']} |"
         )  # fmt: skip
+    folds = len(summary["folds"])
+    lines += ["", "Margin over the best baseline (of all folds) in each fold:", ""]
+    header = "| mask / masking | " + " | ".join(f"fold {i + 1}" for i in range(folds)) + " |"
+    lines += [header, "|---" * (folds + 1) + "|"]
+    lines += [f"| {k} | " + " | ".join(f"{m:+.4f}" for m in r["per_fold_margin"]) + " |" for k, r in results.items()]
     subjects = sorted({s for r in results.values() for s in r["model_vs_best"]["per_subject"]})
     lines += ["", "Margin over the best baseline per test subject:", ""]
     lines += ["| mask / masking | " + " | ".join(subjects) + " |", "|---" * (len(subjects) + 1) + "|"]
