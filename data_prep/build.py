@@ -183,6 +183,8 @@ def _parcellate_one(job: tuple[RecordingSpec, AtlasSource, dict, str, str]) -> d
     spec, atlas, params, store_url, fingerprint = job
     store = open_store(store_url)
     record = {**spec.to_dict(), "fingerprint": fingerprint, "status": "ok", "reason": None}
+    if record.get("tr") is not None and not math.isfinite(record["tr"]):
+        record["tr"] = None  # an infinite TR is refused below, saying so; the record stays strict JSON
     try:
         cleaning = params["cleaning"]
         if spec.kind == "nifti":

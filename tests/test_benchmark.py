@@ -79,7 +79,7 @@ def test_benchmark_tests_every_subject_once_on_models_that_never_saw_them(cohort
     given = bench(cohort, tmp_path / "t", "--model", str(model), "--masking", "random")
     assert given.returncode == 0, given.stderr[-3000:]
     t = json.loads((tmp_path / "t" / "summary.json").read_text())
-    assert not (tmp_path / "t" / "fold-0" / "run").exists() and t["results"]["0.5/random"]["subjects"] == 6
+    assert not (tmp_path / "t" / "fold-0" / "run").exists() and t["results"]["0.5/ctx-all/random"]["subjects"] == 6
 
 
 def test_a_recipe_that_validates_on_test_subjects_is_refused():

