@@ -70,7 +70,8 @@ class BenchmarkConfig:
     device: str | None = None
     """Device for the evaluations: cpu | cuda | cuda:N (default: CUDA when available)."""
     stage: str = "all"
-    """Stop after a stage: build, train, eval or all (the report)."""
+    """Stop after a stage: build, train, eval or all (the report); report: only the report, over the folds whose
+    evaluations are all on disk (a benchmark still running or stopped early; the summary says which folds)."""
 
     def __post_init__(self) -> None:
         if bool(self.config) == bool(self.model):
@@ -88,7 +89,7 @@ class BenchmarkConfig:
         self.contexts = [context_label(parse_context(c)) for c in self.contexts]
 
 
-STAGES = ("build", "train", "eval", "all")
+STAGES = ("build", "train", "eval", "all", "report")
 # What a re-run must share with the folds on disk (the rest, e.g. --stage or --device, may change).
 FIXED = ("inputs", "config", "model", "folds", "val_subjects", "seed", "build_args", "overrides")
 
@@ -190,7 +191,7 @@ def benchmark(cfg: BenchmarkConfig, overrides: list[str] | None = None) -> dict[
     folds = subject_folds(subjects, cfg.folds, cfg.val_subjects, cfg.seed)
     _check_same(out, {**asdict(cfg), "overrides": overrides, "subjects": subjects})
     timings = {}
-    for fold in folds:
+    for fold in folds if cfg.stage != "report" else []:
         folder = out / f"fold-{fold.index}"
         folder.mkdir(parents=True, exist_ok=True)
         t = {"build_s": build_fold(cfg, fold, folder)}
@@ -208,7 +209,7 @@ def benchmark(cfg: BenchmarkConfig, overrides: list[str] | None = None) -> dict[
         t["eval_s"] = eval_fold(cfg, folder, cfg.model or str(folder / "run" / "model"))
         timings[fold.index] = t
         print(f"  fold {fold.index + 1} done: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()), flush=True)
-    if cfg.stage != "all":
+    if cfg.stage not in ("all", "report"):
         return None
     summary = report(out, folds, cfg)
     summary["timings_s"] = timings
@@ -223,15 +224,24 @@ def benchmark(cfg: BenchmarkConfig, overrides: list[str] | None = None) -> dict[
 
 
 def report(out: Path, folds: list[Fold], cfg: BenchmarkConfig) -> dict[str, Any]:
-    """Every fold's test windows pooled, per mask ratio and masking strategy."""
+    """Every fold's test windows pooled, per mask ratio and masking strategy. With ``--stage report`` only the folds
+    whose evaluations are all on disk; ``folds_total`` says how many there are in all."""
+    names = [name for _, _, name in evaluations(cfg)]
+    done = [f for f in folds if all((out / f"fold-{f.index}" / n / "metrics.json").exists() for n in names)]
+    if not done:
+        raise InputError(
+            f"{out}: no fold has all its evaluations ({', '.join(names)}) yet: nothing to report; run the benchmark "
+            "(without --stage report) to evaluate them"
+        )
     summary: dict[str, Any] = {
         "inputs": cfg.inputs,
-        "folds": [asdict(f) for f in folds],
+        "folds": [asdict(f) for f in done],
+        "folds_total": len(folds),
         "model": cfg.model or f"{cfg.config}, trained once per fold",
         "results": {},
     }
     for ratio, context, name in evaluations(cfg):
-        metrics = [json.loads((out / f"fold-{f.index}" / name / "metrics.json").read_text()) for f in folds]
+        metrics = [json.loads((out / f"fold-{f.index}" / name / "metrics.json").read_text()) for f in done]
         summary["fitted_on"] = metrics[0]["fitted_on"]
         summary["notes"] = sorted({n for m in metrics for n in m.get("notes", [])})
         for masking in cfg.masking:
@@ -269,8 +279,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     results = summary["results"]
     methods = list(dict.fromkeys(m for r in results.values() for m in r["pooled_r2"]))
     fmt = "[{:+.3f}, {:+.3f}]".format
+    done, total = len(summary["folds"]), summary.get("folds_total", len(summary["folds"]))
+    partial = "" if done == total else f" (partial: {total - done} of {total} folds not evaluated yet)"
     lines = [
-        f"Subject folds over {summary['inputs']}: {len(summary['folds'])} folds, model {summary['model']}.",
+        f"Subject folds over {summary['inputs']}: {done} folds{partial}, model {summary['model']}.",
         "",
         "| mask | masking | " + " | ".join(methods) + " | best baseline | margin | 95% CI windows | 95% CI subjects "
         "| folds: mean (sd) | winner |",
@@ -287,10 +299,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             + f" | {r['best_baseline']} | {c['margin']:+.4f} | {fmt(*c['interval_windows'])} | {ci_s} | "
             f"{r['fold_mean']:+.4f} ({r['fold_sd']:.4f}) | {c['winner']} |"
         )  # fmt: skip
-    folds = len(summary["folds"])
     lines += ["", "Margin over the best baseline (of all folds) in each fold:", ""]
-    header = "| mask / masking | " + " | ".join(f"fold {i + 1}" for i in range(folds)) + " |"
-    lines += [header, "|---" * (folds + 1) + "|"]
+    header = "| mask / masking | " + " | ".join(f"fold {f['index'] + 1}" for f in summary["folds"]) + " |"
+    lines += [header, "|---" * (len(summary["folds"]) + 1) + "|"]
     lines += [f"| {k} | " + " | ".join(f"{m:+.4f}" for m in r["per_fold_margin"]) + " |" for k, r in results.items()]
     subjects = sorted({s for r in results.values() for s in r["model_vs_best"]["per_subject"]})
     lines += ["", "Margin over the best baseline per test subject:", ""]

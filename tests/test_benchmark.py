@@ -80,6 +80,14 @@ def test_benchmark_tests_every_subject_once_on_models_that_never_saw_them(cohort
     assert given.returncode == 0, given.stderr[-3000:]
     t = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert not (tmp_path / "t" / "fold-0" / "run").exists() and t["results"]["0.5/ctx-all/random"]["subjects"] == 6
+    # A benchmark stopped early reports the folds it evaluated, and says which are missing.
+    (tmp_path / "t" / "fold-2" / "eval-0.5-ctx-all" / "metrics.json").unlink()
+    part = bench(cohort, tmp_path / "t", "--model", str(model), "--masking", "random", "--stage", "report")
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert not (tmp_path / "t" / "fold-2" / "eval-0.5-ctx-all" / "metrics.json").exists()  # nothing evaluated
+    p = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert [f["index"] for f in p["folds"]] == [0, 1] and p["folds_total"] == 3
+    assert p["results"]["0.5/ctx-all/random"]["subjects"] == 4 and "partial: 1 of 3 folds" in part.stdout
 
 
 def test_a_recipe_that_validates_on_test_subjects_is_refused():
