@@ -11,6 +11,7 @@ import pandas as pd
 
 from brainlm.data.format import Atlas
 from brainlm.exceptions import AtlasMismatchError, InputError
+from data_prep.tables import read_tsv
 
 
 @dataclass
@@ -31,10 +32,7 @@ def read_table(path: str | Path, need_coords: bool = True) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(f"--atlas-table {path}: no such file; expected a TSV/CSV with name, x, y, z[, network]")
     sep = "," if path.suffix == ".csv" else "\t"
-    try:
-        table = pd.read_csv(path, sep=sep)
-    except Exception as err:
-        raise InputError(f"cannot read the atlas table {path}: {err}") from err
+    table = read_tsv(path, "the atlas table", sep=sep)
     table.columns = [str(c).strip().lower() for c in table.columns]
     missing = [c for c in ("x", "y", "z") if c not in table.columns]
     if missing and need_coords:

@@ -44,6 +44,7 @@ from data_prep.parcellate import Cleaning, clean_array, load_array, orient, parc
 from data_prep.qc import check_length, check_signal, check_tr
 from data_prep.shards import _load_parcellated, _sample_meta, _sidecar, remove_dead_uploads, write_shards
 from data_prep.sources import RecordingSpec, discover, find_participants, read_participants, strip_sub
+from data_prep.tables import read_tsv
 from data_prep.workers import Workers, progress_bar
 
 STAGES = ("all", "parcellate", "plan", "shards", "manifest")
@@ -278,11 +279,9 @@ def parcellate(cfg: BuildConfig, specs: list[RecordingSpec], atlas: AtlasSource,
 
 def read_split_file(path: str) -> dict[str, str]:
     """subject -> split from a TSV/CSV; a subject listed twice is an error (in two splits it would leak)."""
-    import pandas as pd
-
     if not Path(path).is_file():
         raise InputError(f"--splits {path}: no such file; expected a TSV with columns subject and split")
-    table = pd.read_csv(path, sep="\t" if not path.endswith(".csv") else ",", dtype=str)
+    table = read_tsv(path, "--splits", sep="\t" if not path.endswith(".csv") else ",", dtype=str)
     table.columns = [c.strip().lower() for c in table.columns]
     sub_col = "subject" if "subject" in table else "participant_id" if "participant_id" in table else None
     if sub_col is None or "split" not in table:
@@ -548,6 +547,8 @@ def _build(cfg: BuildConfig, store, part: tuple[int, int] | None) -> Manifest | 
             f"--inputs {cfg.inputs} holds NIfTI images ({kind}); pass --atlas LABELS.nii.gz to parcellate them"
         )
     phenotypes = read_participants(Path(cfg.participants) if cfg.participants else find_participants(inputs))
+    if cfg.splits:
+        read_split_file(cfg.splits)  # a bad splits file is said before anything is parcellated
     print(
         f"build: {len(specs)} {kind} recording(s), atlas {atlas.atlas.name} "
         f"({atlas.atlas.num_parcels} parcels) -> {store.url}",

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from brainlm.exceptions import InputError
+from data_prep.tables import read_tsv, utf8_name
 
 NIFTI = (".nii", ".nii.gz")
 ARRAYS = (".npy", ".mat", ".tsv", ".csv")
@@ -96,7 +97,7 @@ def read_participants(path: Path | None) -> dict[str, dict]:
     if path is None or not Path(path).exists():
         return {}
     path = Path(path)
-    table = pd.read_csv(path, sep="\t", na_values=["n/a", "NA", ""], dtype={"participant_id": str})
+    table = read_tsv(path, "participants table", na_values=["n/a", "NA", ""], dtype={"participant_id": str})
     if "participant_id" not in table:
         raise InputError(f"{path}: expected a 'participant_id' column, got {list(table.columns)}")
     out: dict[str, dict] = {}
@@ -152,6 +153,13 @@ def discover(
     if not root.is_dir():
         raise InputError(f"--inputs {src}: expected a folder of recordings, found no such folder")
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    unnamed = [p for p in files if not utf8_name(p)]
+    if unnamed:
+        raise InputError(
+            f"--inputs {src}: {len(unnamed)} file name(s) are not UTF-8 "
+            f"({', '.join(ascii(str(p)) for p in unnamed[:3])}); the manifest and shards name every recording in "
+            "UTF-8: rename them (e.g. `convmv -f latin1 -t utf-8 --notest -r FOLDER`) and re-run"
+        )
     if not files:
         raise InputError(f"--inputs {src}: the folder is empty; expected recordings (NIfTI, BIDS or parcel arrays)")
     atlas_resolved = Path(atlas_image).resolve() if atlas_image else None
@@ -257,7 +265,7 @@ def _array_specs(root: Path, files: list[Path]) -> list[RecordingSpec]:
     table_path = root / "recordings.tsv"
     if not table_path.exists():
         return [_spec_from_name(p, "array", confounds=_confounds_of(p)) for p in files if _is_recording_array(p)]
-    table = pd.read_csv(table_path, sep="\t", dtype=str, na_values=["n/a", ""], keep_default_na=False)
+    table = read_tsv(table_path, "recordings table", dtype=str, na_values=["n/a", ""], keep_default_na=False)
     table.columns = [c.strip().lower() for c in table.columns]
     if "file" not in table or "subject" not in table:
         raise InputError(

@@ -324,6 +324,15 @@ def test_bad_inputs_get_messages_not_tracebacks(tiny_shards, tmp_path):
     assert "the tr of a.npy is 'fast'; expected seconds" in build()
     (src / "recordings.tsv").write_text("file\tsubject\ttr\na.npy\ts1\t0.7\n")
     assert "nope.tsv: no such file" in build("--splits", str(tmp_path / "nope.tsv"))
+    (tmp_path / "latin1.tsv").write_bytes("subject\tsplit\nJos\xe9\ttrain\n".encode("latin-1"))
+    assert "--splits" in (msg := build("--splits", str(tmp_path / "latin1.tsv"))) and "not UTF-8 text" in msg
+    (src / "recordings.tsv").write_bytes("file\tsubject\ttr\na.npy\tJos\xe9\t0.7\n".encode("latin-1"))
+    assert "recordings table" in (msg := build()) and "not UTF-8 text (a byte 0xe9)" in msg
+    (src / "recordings.tsv").write_text("file\tsubject\ttr\na.npy\ts1\t0.7\n")
+    # A file name that is not UTF-8 (it could not be written into the manifest) is refused before any work.
+    (src / os.fsdecode(b"b\xff.npy")).write_bytes((src / "a.npy").read_bytes())
+    assert "1 file name(s) are not UTF-8" in build() and not (tmp_path / "o" / "parcellated").exists()
+    (src / os.fsdecode(b"b\xff.npy")).unlink()
     proc = run_cli("-m", "data_prep", "build", "--inputs", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "no such folder" in proc.stderr and "atlas is needed" not in proc.stderr
 
