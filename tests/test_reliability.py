@@ -102,6 +102,11 @@ def test_skipping_corrupt_samples_ends_when_nothing_is_left_and_says_so_sparingl
         next(loader)
     warnings = capfd.readouterr().err.count("warning:")
     assert 0 < warnings <= 3 * 4 * 3  # a few lines per shard and slot, not one per attempt
+    # From a loader worker the error is the same one, not PyTorch's "Caught ShardError in DataLoader worker process 0"
+    loader = TrainLoader(manifest, root, "train", 4, 40, seed=0, num_workers=1, on_corrupt="skip")
+    with pytest.raises(ShardError, match=r"^data.on_corrupt=skip: a whole pass over the 3 training shard") as caught:
+        next(loader)
+    assert "Caught" not in str(caught.value) and "Traceback" not in str(caught.value)
 
 
 # -- NIfTI: a NaN volume is named -----------------------------------------------------------------------------

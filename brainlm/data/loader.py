@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from brainlm.data.format import Manifest, decode_signal, sample_digest, shard_urls
 from brainlm.data.store import register_webdataset_s3, unanswered
-from brainlm.exceptions import ShardError
+from brainlm.exceptions import BrainLMError, ShardError
 from brainlm.model.masking import seeded_masks
 
 
@@ -275,6 +275,10 @@ class TrainLoader:
     def __next__(self) -> dict:
         try:
             parts = [next(self.iterator) for _ in range(max(self.workers, 1))]
+        except BrainLMError as err:
+            # PyTorch re-raises a worker's error as "Caught ShardError in DataLoader worker process 0. Original
+            # Traceback ...": say the error itself, as the same job without workers would.
+            raise type(err)(worker_message(err)) from None
         except (EOFError, ConnectionError) as err:
             # A worker killed while handing over a batch breaks the pipe before PyTorch's own check of its workers
             # ("DataLoader worker ... exited unexpectedly") runs: say the same thing.
@@ -288,6 +292,20 @@ class TrainLoader:
         if len(parts) == 1:  # one reader: already in slot order, no copy needed
             return parts[0]
         return {k: torch.cat([p[k] for p in parts])[self.order] for k in parts[0]}
+
+
+def worker_message(err: BaseException) -> str:
+    """The message of an error a DataLoader worker raised, without PyTorch's wrapper and the worker's traceback."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    lines = text.splitlines()
+    name = type(err).__name__
+    for i in range(len(lines) - 1, -1, -1):
+        head, sep, rest = lines[i].partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == name and not lines[i].startswith(" "):
+            return "\n".join([rest, *lines[i + 1 :]]).strip()
+    return text
 
 
 def fixed_samples(
