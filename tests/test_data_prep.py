@@ -357,6 +357,28 @@ def test_synthetic_cohort_has_its_ground_truth(tmp_path):
 # -- resume after a kill, S3, round trips ---------------------------------------------------------------------
 
 
+def test_a_killed_build_takes_its_worker_pool_with_it(tmp_path):
+    import psutil
+
+    from data_prep.synth import SynthConfig, synth
+
+    synth(tmp_path / "c", SynthConfig(subjects=10, runs=2, timepoints=250))
+    args = ["-m", "data_prep", "build", "--inputs", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--workers", "2"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent, workers, deadline = psutil.Process(proc.pid), [], time.time() + 120
+    while len(workers) < 2:  # the pool's workers (not multiprocessing's resource tracker)
+        assert proc.poll() is None and time.time() < deadline, "the build ended before its pool started"
+        workers = [c for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no handler of the build runs
+    proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        p.kill()
+    assert not alive, "the build's pool workers outlived it"
+
+
 def test_killed_build_leaves_nothing_half_written_and_resumes(tmp_path):
     from data_prep.synth import SynthConfig, synth
 
