@@ -42,7 +42,7 @@ from brainlm.model.scaling import NORMALIZE, RobustScaler
 from data_prep.atlas import AtlasSource, load_atlas
 from data_prep.parcellate import Cleaning, clean_array, load_array, orient, parcellate_nifti, resample_time
 from data_prep.qc import check_length, check_signal, check_tr
-from data_prep.shards import _load_parcellated, _sample_meta, _sidecar, remove_dead_uploads, write_shards
+from data_prep.shards import _load_parcellated, _sample_meta, _sidecar, intact, remove_dead_uploads, write_shards
 from data_prep.sources import RecordingSpec, discover, find_participants, read_participants, strip_sub
 from data_prep.tables import read_tsv
 from data_prep.workers import Workers, progress_bar
@@ -258,7 +258,7 @@ def parcellate(cfg: BuildConfig, specs: list[RecordingSpec], atlas: AtlasSource,
         key = f"parcellated/{spec.id}.json"
         if store.exists(key):
             old = json.loads(store.read_bytes(key))
-            if old.get("fingerprint") == fp and (old["status"] != "ok" or store.exists(f"parcellated/{spec.id}.npy")):
+            if old.get("fingerprint") == fp and (old["status"] != "ok" or intact(store, old)):
                 records[spec.id] = old
                 continue
         jobs.append((spec, atlas, params, store.url, fp))
@@ -376,7 +376,7 @@ def make_plan(cfg: BuildConfig, records: list[dict], atlas: AtlasSource, phenoty
         raise BuildError("the train split is empty: lower --val-frac/--test-frac or add subjects")
     fit_on = sorted(train, key=lambda r: hashlib.sha256(f"{cfg.seed}:{r['id']}".encode()).hexdigest())
     fit_on = fit_on[: cfg.max_fit_recordings]
-    scaler = RobustScaler.fit((_load_parcellated(store, r["id"]) for r in fit_on), cfg.normalize)
+    scaler = RobustScaler.fit((_load_parcellated(store, r["id"], r["npy_sha256"]) for r in fit_on), cfg.normalize)
     scaling = scaler.to_dict()
 
     per_shard = samples_per_shard(cfg, atlas.atlas.num_parcels)
@@ -426,6 +426,7 @@ def make_plan(cfg: BuildConfig, records: list[dict], atlas: AtlasSource, phenoty
                 "n_crops",
                 "orientation",
                 "split",
+                "npy_sha256",
             )
         }
         | {"source": r["path"]}

@@ -8,6 +8,7 @@ skipped on a re-run.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -25,8 +26,22 @@ from brainlm.model.scaling import RobustScaler
 from data_prep.workers import Workers, progress_bar
 
 
-def _load_parcellated(store, rec_id: str) -> np.ndarray:
-    return np.load(io.BytesIO(store.read_bytes(f"parcellated/{rec_id}.npy")), allow_pickle=False)
+def _load_parcellated(store, rec_id: str, sha256: str) -> np.ndarray:
+    """A recording's parcellated array, checked against the sha256 its record holds: an intermediate changed since
+    it was parcellated is not cut into shards (a re-run of the build parcellates it again)."""
+    data = store.read_bytes(f"parcellated/{rec_id}.npy")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ShardError(
+            f"{store.url_of(f'parcellated/{rec_id}.npy')} changed since the build parcellated it (its sha256 differs "
+            "from its record's); re-run the same build command: it parcellates that recording again"
+        )
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def intact(store, record: dict) -> bool:
+    """Whether a parcellated recording's array is still the one its record describes (a re-run reuses only those)."""
+    key = f"parcellated/{record['id']}.npy"
+    return store.exists(key) and hashlib.sha256(store.read_bytes(key)).hexdigest() == record.get("npy_sha256")
 
 
 def _sample_meta(rec: dict, subjects: dict[str, dict]) -> dict:
@@ -88,10 +103,10 @@ def shard_is_current(store, shard: dict) -> bool:
     return store.metadata(shard["key"]).get("sha256") == side.get("sha256")
 
 
-def _write_shard(job: tuple[dict, dict, dict, int, str]) -> dict:
+def _write_shard(job: tuple[dict, dict, dict[str, str], dict, int, str]) -> dict:
     import webdataset as wds
 
-    shard, recs, scaling, crop, store_url = job
+    shard, recs, shas, scaling, crop, store_url = job
     store = open_store(store_url)
     scaler = RobustScaler.from_dict(scaling)
     cache: dict[str, np.ndarray] = {}
@@ -105,7 +120,7 @@ def _write_shard(job: tuple[dict, dict, dict, int, str]) -> dict:
         with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0, user="brainlm", group="brainlm") as sink:
             for rec_id, start in shard["items"]:
                 if rec_id not in cache:
-                    cache[rec_id] = scaler.transform(_load_parcellated(store, rec_id))
+                    cache[rec_id] = scaler.transform(_load_parcellated(store, rec_id, shas[rec_id]))
                 crop_RT = cache[rec_id][:, start : start + crop]
                 if not np.isfinite(crop_RT.astype(np.float16)).all():
                     raise ShardError(f"{rec_id} at {start}: values overflow float16 after scaling")
@@ -149,6 +164,7 @@ def write_shards(cfg, plan: dict, workers: Workers) -> dict[str, int]:
         (
             s,
             {rid: _sample_meta(by_id[rid], subjects) for rid in {i for i, _ in s["items"]}},
+            {rid: by_id[rid]["npy_sha256"] for rid, _ in s["items"]},
             plan["scaling"],
             plan["crop"],
             store.url,

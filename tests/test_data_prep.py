@@ -357,6 +357,25 @@ def test_synthetic_cohort_has_its_ground_truth(tmp_path):
 # -- resume after a kill, S3, round trips ---------------------------------------------------------------------
 
 
+def test_a_changed_intermediate_is_parcellated_again_not_trusted(array_cohort, tmp_path, capsys):
+    out = tmp_path / "o"
+    first = small_build(array_cohort, out)
+    rec = first.recordings[0]["id"]
+    npy = out / "parcellated" / f"{rec}.npy"
+    original = npy.read_bytes()
+    np.save(npy, np.zeros((7, 53), np.float32))  # a valid array, but not what was parcellated
+    capsys.readouterr()
+    again = small_build(array_cohort, out)
+    assert npy.read_bytes() == original and again.shards == first.shards
+    assert f"reused {len(first.recordings) + len(first.skipped) - 1} recording(s)" in capsys.readouterr().err
+    # Changed between the plan and the shards: the shards stage refuses it, naming the file.
+    np.save(npy, np.zeros((7, 53), np.float32))
+    for tar in (out / "shards").rglob("*.tar"):
+        tar.unlink()
+    with pytest.raises(ShardError, match=rf"{rec}.npy changed since the build parcellated it"):
+        small_build(array_cohort, out, stage="shards")
+
+
 def test_a_killed_build_takes_its_worker_pool_with_it(tmp_path):
     import psutil
 

@@ -89,6 +89,28 @@ def test_training_on_a_corrupt_shard_stops_naming_it(shards, tmp_path):
     assert proc.returncode != 0 and "train-000000.tar is corrupt" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda m: m["shards"][0]["digests"].pop(), r"lists \d+ samples but \d+ sample checksums"),
+        (lambda m: m["shards"][0].pop("digests"), r"shard entry 0 lacks digests"),
+        (lambda m: m["shards"].append(dict(m["shards"][0])), r"is listed twice"),
+        (lambda m: m["splits"]["train"].update(samples=1), r"split 'train' lists 1 samples, its shards \d+"),
+        (lambda m: m["shards"][0].update(split="tset"), r"in split 'tset', not one of"),
+    ],
+)
+def test_a_manifest_that_disagrees_with_itself_is_not_read(shards, damage, message):
+    from brainlm.data.format import load_manifest
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    damage(manifest)
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=message + ".*rebuild the shard set"):
+        load_manifest(str(shards))
+    proc = run_cli("-m", "data_prep", "inspect", str(shards))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_skipping_corrupt_samples_ends_when_nothing_is_left_and_says_so_sparingly(shards, capfd):
     from brainlm.data.format import load_manifest
     from brainlm.data.loader import TrainLoader

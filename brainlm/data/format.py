@@ -125,10 +125,7 @@ class Manifest:
             raise ShardError(f"{source}: missing fields {missing}, unknown fields {unknown}")
         kwargs = dict(d)
         kwargs["atlas"] = Atlas(**d["atlas"])
-        for shard in d["shards"]:
-            for key in ("url", "split", "samples", "bytes", "sha256"):
-                if key not in shard:
-                    raise ShardError(f"{source}: a shard entry lacks {key!r}: {shard}")
+        check_shards(d["shards"], d["splits"], source)
         return cls(**kwargs)
 
     def shards_of(self, split: str) -> list[dict[str, Any]]:
@@ -142,6 +139,34 @@ class Manifest:
 
     def recordings_of(self, split: str) -> list[dict[str, Any]]:
         return [r for r in self.recordings if r.get("split") == split]
+
+
+def check_shards(shards: Any, splits: Any, source: str) -> None:
+    """The shard list agrees with itself and with the splits: every entry complete, one checksum per sample, no
+    shard listed twice, each split's sample count the sum of its shards'. A manifest that fails is not read."""
+    fix = "; rebuild the shard set (python -m data_prep build with its arguments) or restore its manifest.json"
+    if not isinstance(shards, list) or not isinstance(splits, dict):
+        raise ShardError(f"{source}: 'shards' must be a list and 'splits' an object{fix}")
+    seen: set[str] = set()
+    for i, shard in enumerate(shards):
+        missing = [k for k in ("url", "split", "samples", "bytes", "sha256", "digests") if k not in shard]
+        if missing:
+            raise ShardError(f"{source}: shard entry {i} lacks {', '.join(missing)}{fix}")
+        url, n = shard["url"], shard["samples"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ShardError(f"{source}: shard {url} lists {n!r} samples; expected a count{fix}")
+        if not isinstance(shard["digests"], list) or len(shard["digests"]) != n:
+            got = len(shard["digests"]) if isinstance(shard["digests"], list) else type(shard["digests"]).__name__
+            raise ShardError(f"{source}: shard {url} lists {n} samples but {got} sample checksums{fix}")
+        if url in seen:
+            raise ShardError(f"{source}: shard {url} is listed twice{fix}")
+        if shard["split"] not in splits:
+            raise ShardError(f"{source}: shard {url} is in split {shard['split']!r}, not one of {sorted(splits)}{fix}")
+        seen.add(url)
+    for name, info in splits.items():
+        total = sum(s["samples"] for s in shards if s["split"] == name)
+        if isinstance(info, dict) and "samples" in info and info["samples"] != total:
+            raise ShardError(f"{source}: split {name!r} lists {info['samples']} samples, its shards {total}{fix}")
 
 
 def load_manifest(url: str) -> tuple[Manifest, str]:
