@@ -73,6 +73,21 @@ def test_flipped_bytes_in_a_shard_are_refused_or_skipped(shards):
     assert read_all(shards, on_corrupt="skip") == 33  # the bad sample is left out, the rest read
 
 
+def test_a_member_claiming_more_than_its_shard_is_refused_before_it_is_read(shards):
+    from brainlm.data.loader import read_shard
+
+    path = first_train_shard(shards)
+    data = bytearray(path.read_bytes())
+    header = data[:512]  # the first member's tar header: its size field patched to 1 GiB, the checksum redone
+    header[124:136] = b"%011o\x00" % (1 << 30)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\x00 " % sum(header)
+    data[:512] = header
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"member \S+ claims {1 << 30} bytes, more than the shard's {len(data)}"):
+        list(read_shard(str(path), size=len(data)))
+
+
 def test_a_truncated_shard_is_short_of_its_samples(shards):
     path = first_train_shard(shards)
     data = path.read_bytes()

@@ -23,6 +23,7 @@ import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -46,15 +47,21 @@ _skipped: dict[str, int] = {}  # url -> corrupt samples skipped in this process 
 
 
 def read_shard(
-    url: str, digests: list[str] | None = None, samples: int | None = None, on_corrupt: str = "error"
+    url: str,
+    digests: list[str] | None = None,
+    samples: int | None = None,
+    on_corrupt: str = "error",
+    size: int | None = None,
 ) -> Iterator[dict]:
     """The raw samples of one shard, in order, through a WebDataset pipeline (no node/worker splitting: the streams
     above decide who reads what). Each sample is checked against the manifest's checksum (``digests``) as it is
     read, and a shard read to its end must hold the ``samples`` the manifest lists: a corrupt shard is an error
-    naming it, or with ``on_corrupt="skip"`` its bad samples are skipped, counted and reported."""
+    naming it, or with ``on_corrupt="skip"`` its bad samples are skipped, counted and reported. A member whose tar
+    header claims more than ``size`` bytes (the whole shard's size in the manifest) is refused before it is read."""
     import tarfile
 
     import webdataset as wds
+    from webdataset.tariterators import group_by_keys, url_opener
 
     if on_corrupt not in ON_CORRUPT:
         raise ShardError(f"data.on_corrupt must be one of {', '.join(ON_CORRUPT)}; got {on_corrupt!r}")
@@ -76,7 +83,7 @@ def read_shard(
                 flush=True,
             )
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
+    pipeline = wds.DataPipeline(wds.SimpleShardList([url]), url_opener, partial(tar_members, limit=size), group_by_keys)
     k = 0
     try:
         for raw in pipeline:
@@ -101,11 +108,27 @@ def read_shard(
         corrupt(f"{k} sample(s) read but the manifest lists {samples}")
 
 
-def rotated(url: str, size: int, first: int, skip: int, **check: Any) -> Iterator[dict]:
-    """A shard's records ``first, first + 1, ..., size - 1, 0, ..., first - 1``, from the ``skip``-th on
-    (``skip < size``); ``check`` goes to ``read_shard``."""
-    begin = (first + skip) % size
-    segments = [(begin, size), (0, first)] if begin >= first else [(begin, first)]
+def tar_members(sources: Iterator[dict], limit: int | None = None) -> Iterator[dict]:
+    """WebDataset's tar expander, with each member's size checked against ``limit`` before its bytes are read: a
+    crafted header cannot make the reader hold more than the shard the manifest describes."""
+    import tarfile
+
+    for source in sources:
+        with source["stream"], tarfile.open(fileobj=source["stream"], mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                if limit is not None and info.size > limit:
+                    raise ValueError(f"member {info.name} claims {info.size} bytes, more than the shard's {limit}")
+                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": source["url"]}
+                tar.members = []  # a stream: keep no list of the members read
+
+
+def rotated(url: str, count: int, first: int, skip: int, **check: Any) -> Iterator[dict]:
+    """A shard's records ``first, first + 1, ..., count - 1, 0, ..., first - 1``, from the ``skip``-th on
+    (``skip < count``); ``check`` goes to ``read_shard``."""
+    begin = (first + skip) % count
+    segments = [(begin, count), (0, first)] if begin >= first else [(begin, first)]
     for lo, hi in segments:
         for k, raw in enumerate(read_shard(url, **check)):
             if k >= hi:
@@ -153,6 +176,7 @@ class ShardInfo:
     url: str
     samples: int
     digests: list[str] | None = None  # per-sample checksums from the manifest (older manifests have none)
+    size: int | None = None  # the shard's bytes in the manifest: no member may claim more
 
 
 class SlotStreams(IterableDataset):
@@ -195,7 +219,7 @@ class SlotStreams(IterableDataset):
                     continue
                 skip = max(0, start - position)
                 info = self.shards[s]
-                check = {"digests": info.digests, "samples": size, "on_corrupt": self.on_corrupt}
+                check = {"digests": info.digests, "samples": size, "on_corrupt": self.on_corrupt, "size": info.size}
                 for k, raw in enumerate(rotated(info.url, size, int(phase * size), skip, **check), start=skip):
                     seed = sample_seed(self.seed, slot, position + k)
                     crop = decode_signal(raw["signal.npy"])
@@ -254,7 +278,8 @@ class TrainLoader:
     ) -> None:
         urls = shard_urls(manifest, root, split)
         shards = [
-            ShardInfo(u, s["samples"], s.get("digests")) for u, s in zip(urls, manifest.shards_of(split), strict=True)
+            ShardInfo(u, s["samples"], s.get("digests"), s["bytes"])
+            for u, s in zip(urls, manifest.shards_of(split), strict=True)
         ]
         slots = list(range(rank * micro_batch_size, (rank + 1) * micro_batch_size))
         self.workers = min(num_workers, micro_batch_size)
@@ -315,7 +340,7 @@ def fixed_samples(
     register_webdataset_s3()
     signals, metas = [], []
     for url, info in zip(shard_urls(manifest, root, split), manifest.shards_of(split), strict=True):
-        for raw in read_shard(url, info.get("digests"), info["samples"]):
+        for raw in read_shard(url, info.get("digests"), info["samples"], size=info["bytes"]):
             signals.append(window_of(decode_signal(raw["signal.npy"]), window, None).astype(np.float32))
             metas.append(json.loads(raw["json"]))
             if len(signals) == count:
