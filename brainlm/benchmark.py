@@ -21,6 +21,7 @@ with other settings into the same folder is refused: its folds would not be the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import subprocess
@@ -91,7 +92,7 @@ class BenchmarkConfig:
 
 STAGES = ("build", "train", "eval", "all", "report")
 # What a re-run must share with the folds on disk (the rest, e.g. --stage or --device, may change).
-FIXED = ("inputs", "config", "model", "folds", "val_subjects", "seed", "build_args", "overrides")
+FIXED = ("inputs", "config", "recipe_sha256", "model", "folds", "val_subjects", "seed", "build_args", "overrides")
 
 
 def cohort_subjects(inputs: str, build_args: str = "") -> list[str]:
@@ -113,8 +114,10 @@ def _check_same(out: Path, record: dict[str, Any]) -> None:
     path = out / "benchmark.json"
     if path.exists():
         before = json.loads(path.read_text())
-        changed = [
-            f"{k}: {before.get(k)!r} there, {record.get(k)!r} now" for k in FIXED if before.get(k) != record.get(k)
+        changed = [  # (a folder from before a field was recorded is compared on the fields it has)
+            f"{k}: {before.get(k)!r} there, {record.get(k)!r} now"
+            for k in FIXED
+            if k in before and before.get(k) != record.get(k)
         ]
         if changed:
             raise InputError(
@@ -189,7 +192,8 @@ def benchmark(cfg: BenchmarkConfig, overrides: list[str] | None = None) -> dict[
     out = Path(cfg.out)
     subjects = cohort_subjects(cfg.inputs, cfg.build_args)
     folds = subject_folds(subjects, cfg.folds, cfg.val_subjects, cfg.seed)
-    _check_same(out, {**asdict(cfg), "overrides": overrides, "subjects": subjects})
+    recipe = hashlib.sha256(Path(cfg.config).read_bytes()).hexdigest() if cfg.config else None
+    _check_same(out, {**asdict(cfg), "recipe_sha256": recipe, "overrides": overrides, "subjects": subjects})
     timings = {}
     for fold in folds if cfg.stage != "report" else []:
         folder = out / f"fold-{fold.index}"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import make_signal, run_cli, write_atlas_table
+from tests.conftest import ROOT, make_signal, run_cli, write_atlas_table
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +74,14 @@ def test_benchmark_tests_every_subject_once_on_models_that_never_saw_them(cohort
     # Other folds into the same folder are refused: the folds on disk would not be the ones asked for.
     other = bench(cohort, out, *TRAIN, "--seed", "1")
     assert other.returncode == 2 and "other settings (seed: 0 there, 1 now)" in other.stderr
+    # So is the same recipe path with other contents: its folds were trained on the recipe as it was.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((ROOT / "configs" / "pretrain" / "debug.yaml").read_text())
+    args = [*TRAIN[2:], "--stage", "build"]
+    assert bench(cohort, tmp_path / "r", "--config", str(recipe), *args).returncode == 0
+    recipe.write_text(recipe.read_text().replace("mask_ratio: 0.5", "mask_ratio: 0.75"))
+    edited = bench(cohort, tmp_path / "r", "--config", str(recipe), *args)
+    assert edited.returncode == 2 and "other settings (recipe_sha256:" in edited.stderr, edited.stderr[-2000:]
     # One given model on every fold (transfer): nothing is trained, each fold's test subjects are evaluated.
     model = out / "fold-0" / "run" / "model"
     given = bench(cohort, tmp_path / "t", "--model", str(model), "--masking", "random")
