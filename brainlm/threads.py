@@ -1,9 +1,11 @@
 """How many threads a process computes with, chosen on purpose.
 
 On a CPU, threads beyond the cores that are free do not add speed: they wait at every barrier for a preempted
-peer, and a 2-core machine with one other busy process ran training 20x and the analyses 3.6x slower with 2 threads
-than with 1 (docs/benchmarks.md). So: ranks x threads <= the cores this process may run on, less the cores other
-processes keep busy (the 1-minute load average when the process starts). ``--threads`` / ``BRAINLM_THREADS`` /
+peer. On this project's 2-core machine with one other busy process, debug training ran 1.19x faster with 1 thread
+than with 2, the analyses alike (docs/benchmarks.md, section 7). So: ranks x threads <= the cores this process may
+run on, less the cores other processes keep busy (the 1-minute load average when the process starts). The load
+average remembers the last minute: a command started right after another heavy one is given fewer threads than a
+quiet machine allows (1.64x slower there in the same benchmark). ``--threads`` / ``BRAINLM_THREADS`` /
 ``OMP_NUM_THREADS`` (in that order) override the choice.
 """
 
