@@ -26,11 +26,17 @@ from brainlm.model.scaling import RobustScaler
 from data_prep.workers import Workers, progress_bar
 
 
+def _parcellated_bytes(store, rec_id: str, sha256: str | None) -> bytes | None:
+    """A recording's parcellated array as written, or None when it changed since (its sha256 is not its record's)."""
+    data = store.read_bytes(f"parcellated/{rec_id}.npy")
+    return data if hashlib.sha256(data).hexdigest() == sha256 else None
+
+
 def _load_parcellated(store, rec_id: str, sha256: str) -> np.ndarray:
     """A recording's parcellated array, checked against the sha256 its record holds: an intermediate changed since
     it was parcellated is not cut into shards (a re-run of the build parcellates it again)."""
-    data = store.read_bytes(f"parcellated/{rec_id}.npy")
-    if hashlib.sha256(data).hexdigest() != sha256:
+    data = _parcellated_bytes(store, rec_id, sha256)
+    if data is None:
         raise ShardError(
             f"{store.url_of(f'parcellated/{rec_id}.npy')} changed since the build parcellated it (its sha256 differs "
             "from its record's); re-run the same build command: it parcellates that recording again"
@@ -41,7 +47,7 @@ def _load_parcellated(store, rec_id: str, sha256: str) -> np.ndarray:
 def intact(store, record: dict) -> bool:
     """Whether a parcellated recording's array is still the one its record describes (a re-run reuses only those)."""
     key = f"parcellated/{record['id']}.npy"
-    return store.exists(key) and hashlib.sha256(store.read_bytes(key)).hexdigest() == record.get("npy_sha256")
+    return store.exists(key) and _parcellated_bytes(store, record["id"], record.get("npy_sha256")) is not None
 
 
 def _sample_meta(rec: dict, subjects: dict[str, dict]) -> dict:

@@ -175,7 +175,7 @@ class MaskSpec:
 class ShardInfo:
     url: str
     samples: int
-    digests: list[str] | None = None  # per-sample checksums from the manifest (older manifests have none)
+    digests: list[str] | None = None  # per-sample checksums from the manifest (None: not checked)
     size: int | None = None  # the shard's bytes in the manifest: no member may claim more
 
 
@@ -278,7 +278,7 @@ class TrainLoader:
     ) -> None:
         urls = shard_urls(manifest, root, split)
         shards = [
-            ShardInfo(u, s["samples"], s.get("digests"), s["bytes"])
+            ShardInfo(u, s["samples"], s["digests"], s["bytes"])
             for u, s in zip(urls, manifest.shards_of(split), strict=True)
         ]
         slots = list(range(rank * micro_batch_size, (rank + 1) * micro_batch_size))
@@ -340,7 +340,7 @@ def fixed_samples(
     register_webdataset_s3()
     signals, metas = [], []
     for url, info in zip(shard_urls(manifest, root, split), manifest.shards_of(split), strict=True):
-        for raw in read_shard(url, info.get("digests"), info["samples"], size=info["bytes"]):
+        for raw in read_shard(url, info["digests"], info["samples"], size=info["bytes"]):
             signals.append(window_of(decode_signal(raw["signal.npy"]), window, None).astype(np.float32))
             metas.append(json.loads(raw["json"]))
             if len(signals) == count:

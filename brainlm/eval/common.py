@@ -156,7 +156,7 @@ def recordings(
     W = ctx.model.config.num_timepoints
     crops: dict[str, list[tuple[int, np.ndarray, dict]]] = {}
     for url, info in zip(shard_urls(ctx.manifest, ctx.root, split), ctx.manifest.shards_of(split), strict=True):
-        for raw in read_shard(url, info.get("digests"), info["samples"], size=info["bytes"]):
+        for raw in read_shard(url, info["digests"], info["samples"], size=info["bytes"]):
             meta = json.loads(raw["json"])
             if where and any(str(meta.get(k)) != v for k, v in where.items()):
                 continue
