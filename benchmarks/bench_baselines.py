@@ -1,9 +1,8 @@
-"""Benchmark the reconstruction baselines against the code each replaced, side by side in one run.
+"""Benchmark the spatio-temporal reconstruction baseline against the dense solve it replaced, side by side in one run.
 
-1. ridge and adaptive: the baselines' solves over the visible parcels, window by window (numpy), beside the batched
-   full-size torch solve of the model's decoder prior (`brainlm.model.prior.impute`), which computes the same
-   values: whether the prior's implementation should serve the baselines too. 16 windows per row.
-2. spatiotemporal: the blocked solve beside the dense one it replaced (below).
+(The ridge / adaptive part of this benchmark, loops beside the decoder prior's batched solve, is gone: since
+2026-12-06 both are one implementation, `brainlm.model.prior.impute`; `benchmarks/bench_reconstruct.py` times the
+whole `brainlm reconstruct` against the commit before it.)
 
 `GaussianImputer.spatiotemporal` (brainlm/eval/baselines.py) conditions each masked parcel's patch on the visible
 parcels at the same timepoints and on the parcel's own visible neighbouring patches. Until 2026-12-04 it built
@@ -98,46 +97,6 @@ def dense_condition(
     return out
 
 
-def measure_gaussian(R: int, masking: str, ratio: float, B: int, lam: float) -> dict[str, Any]:
-    """ridge and adaptive (alpha 0.25): the numpy loops beside the prior's batched torch solve, same windows, masks."""
-    import torch
-
-    from brainlm.model import prior
-
-    g = GaussianImputer(windows(64, R, seed=0), max_lag=1)
-    x = windows(B, R, seed=1)
-    mask = fixed_masks(B, R, T // P, ratio, masking)
-    tmask = time_mask(mask, R, T // P, P)
-    row: dict[str, Any] = {"parcels": R, "masking": masking, "mask_ratio": ratio, "windows": B, "lam": lam}
-    mu, cov, xt, mask_BRN = (
-        torch.from_numpy(g.mu_R),
-        torch.from_numpy(g.cov_RR),
-        torch.from_numpy(x),
-        mask.reshape(B, R, T // P),
-    )
-
-    def batched(alpha: float, passes: int) -> np.ndarray:
-        return torch.cat(
-            [
-                prior.impute(xt[i : i + 16], mask_BRN[i : i + 16], mu, cov, P, lam, alpha, passes)
-                for i in range(0, B, 16)
-            ]
-        ).numpy()
-
-    for name, fast, slow in (
-        ("ridge", lambda: batched(0.0, 0), lambda: g.spatial(x, tmask, P, lam)),
-        ("adaptive", lambda: batched(0.25, 2), lambda: g.adaptive(x, tmask, P, lam, 0.25)),
-    ):
-        preds = {}
-        for impl, run in (("torch", fast), ("loops", slow)):
-            with CpuMonitor() as mon:
-                preds[impl] = run()
-            row[f"{name}_{impl}"] = {**mon.record(), "s_per_window": round(mon.wall / B, 4)}
-        row[f"{name}_speedup"] = round(row[f"{name}_loops"]["wall_s"] / row[f"{name}_torch"]["wall_s"], 2)
-        row[f"{name}_max_abs_diff"] = float(np.abs(preds["torch"] - preds["loops"]).max())
-    return row
-
-
 def measure(R: int, masking: str, ratio: float, B: int, lam: float) -> dict[str, Any]:
     g = GaussianImputer(windows(64, R, seed=0), max_lag=(2 * REACH + 1) * P)
     x = windows(B, R, seed=1)
@@ -161,30 +120,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parcels", type=int, nargs="+", default=[94, 300])
     parser.add_argument("--windows", type=int, default=2, help="evaluation windows per setting (the dense one is slow)")
-    parser.add_argument("--gaussian-windows", type=int, default=16, help="evaluation windows per ridge/adaptive row")
     parser.add_argument("--lam", type=float, default=0.01)
-    parser.add_argument("--parts", default="gaussian,spatiotemporal", help="which comparisons to run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    parts = args.parts.split(",")
-    gaussian = []
-    for R in args.parcels if "gaussian" in parts else []:
-        for masking, ratio in (("random", 0.5), ("parcel", 0.5)):
-            row = measure_gaussian(R, masking, ratio, args.gaussian_windows, args.lam)
-            gaussian.append(row)
-            print(
-                f"R={R:4d} {masking:6s} {ratio:.2f}: "
-                + "; ".join(
-                    f"{n} torch {row[n + '_torch']['s_per_window']:.4f} s/window, loops "
-                    f"{row[n + '_loops']['s_per_window']:.4f}, x{row[n + '_speedup']:.1f}, max |diff| "
-                    f"{row[n + '_max_abs_diff']:.1e}"
-                    for n in ("ridge", "adaptive")
-                )
-                + f", foreign CPU {row['adaptive_loops']['foreign_cpu_share']:.0%}",
-                flush=True,
-            )
     rows = []
-    for R in args.parcels if "spatiotemporal" in parts else []:
+    for R in args.parcels:
         for masking, ratio in (("random", 0.5), ("parcel", 0.5), ("random", 0.75)):
             t0 = time.perf_counter()
             row = measure(R, masking, ratio, args.windows, args.lam)
@@ -198,7 +138,7 @@ def main() -> None:
             )
     write_json(
         Path(args.out) if args.out else None,
-        {"command": command_line(), "date": now_utc(), "machine": machine(), "gaussian": gaussian, "rows": rows},
+        {"command": command_line(), "date": now_utc(), "machine": machine(), "rows": rows},
     )
 
 

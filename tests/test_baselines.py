@@ -105,15 +105,46 @@ def test_adaptive_follows_each_windows_own_coupling():
 # ---------------------------------------------------------------- the model's Gaussian prior (brainlm/model/prior.py)
 
 
+def reference_adaptive(x_BRT, mask_BRN, mu_R, cov_BRR, P, ridge, alpha, passes):
+    """The conditional expectation written plainly: per window and token column, a solve over the visible parcels
+    (none visible: the means; none masked: the signal), then ``passes`` re-estimations of the window's covariance."""
+
+    def spatial(cov_of):
+        out = x_BRT.astype(np.float64).copy()
+        for b in range(len(x_BRT)):
+            cov = cov_of(b)
+            for n in range(mask_BRN.shape[2]):
+                m, sl = mask_BRN[b, :, n], slice(n * P, (n + 1) * P)
+                v = ~m
+                if not m.any():
+                    continue
+                if not v.any():
+                    out[b, :, sl] = mu_R[:, None]
+                    continue
+                w = np.linalg.solve(cov[np.ix_(v, v)] + ridge * np.eye(v.sum()), cov[np.ix_(v, m)])
+                out[b, m, sl] = mu_R[m, None] + w.T @ (x_BRT[b, v, sl] - mu_R[v, None])
+        return out
+
+    pred = spatial(lambda b: cov_BRR[b])
+    for _ in range(passes):
+        xc = pred - mu_R[None, :, None]
+        own = np.einsum("brt,bqt->brq", xc, xc) / x_BRT.shape[2]
+        pred = spatial(lambda b, own=own: (1 - alpha) * cov_BRR[b] + alpha * own[b])
+    return pred
+
+
 @pytest.mark.parametrize(
-    ("masking", "B", "R", "T", "P"), [("random", 5, 6, 24, 4), ("parcel", 5, 6, 24, 4), ("random", 16, 300, 100, 20)]
+    ("masking", "B", "R", "T", "P"),
+    [("random", 5, 6, 24, 4), ("parcel", 5, 6, 24, 4), ("mixed", 6, 7, 24, 4), ("random", 16, 300, 100, 20)],
 )
-def test_model_prior_is_the_adaptive_baseline(masking, B, R, T, P):
-    """The decoder's prior, batched in torch, is the adaptive baseline (solved over the visible parcels, window by
-    window) to float precision: same statistics, same imputation, masks of either kind (with windows where every
-    token of a patch is masked or visible), and at a training batch of 300 parcels (the Cholesky solve; the batched
-    LU it replaced returned garbage pivots under multi-threaded MKL on a batch of the synthetic cohort, a failure
-    that depends on the data and the threads and that these AR windows do not trigger)."""
+def test_gaussian_imputation_is_the_conditional_expectation(masking, B, R, T, P):
+    """The one Gaussian imputation (brainlm/model/prior.py, batched in torch), which the decoder's prior and the
+    ridge / adaptive baselines both run, against the conditional expectation written plainly, to float precision:
+    masks of either kind and mixed (windows with every token of a patch masked or visible, windows whose columns
+    share a visible set beside windows whose columns do not), a population covariance or one per window (the
+    context baselines), a given first pass, and a training batch of 300 parcels (the Cholesky solve; the batched LU
+    it replaced returned garbage pivots under multi-threaded MKL on a batch of the synthetic cohort, a failure that
+    depends on the data and the threads and that these AR windows do not trigger)."""
     from brainlm.model import prior
 
     train = ar_windows(64, R, T, 0.8, 0.9)
@@ -122,23 +153,37 @@ def test_model_prior_is_the_adaptive_baseline(masking, B, R, T, P):
     mu, cov = prior.fit(torch.from_numpy(train))
     np.testing.assert_allclose(mu.numpy(), g.mu_R, atol=1e-12)
     np.testing.assert_allclose(cov.numpy(), g.cov_RR, atol=1e-12)
-    mask = fixed_masks(B, R, T // P, 0.5, masking)
-    tmask = time_mask(mask, R, T // P, P)
-    ours = prior.impute(torch.from_numpy(test), mask.reshape(B, R, T // P), mu, cov, P, 0.1, 0.5).numpy()
-    theirs = g.adaptive(test, tmask, P, 0.1, 0.5)
-    np.testing.assert_allclose(ours, theirs, atol=1e-9)
-    spatial = prior.impute(torch.from_numpy(test), mask.reshape(B, R, T // P), mu, cov, P, 0.1, 0.5, passes=0)
-    np.testing.assert_allclose(spatial.numpy(), g.spatial(test, tmask, P, 0.1), atol=1e-9)
+    N = T // P
+    if masking == "mixed":
+        mask = torch.cat([fixed_masks(3, R, N, 0.5, "parcel"), fixed_masks(3, R, N, 0.5, "random")])
+        mask = mask.reshape(B, R, N)
+        mask[0, :, 1], mask[1, :, 2], mask[4, :, 0] = True, False, True  # all masked, none masked
+        mask = mask.reshape(B, R * N)
+    else:
+        mask = fixed_masks(B, R, N, 0.5, masking)
+    tmask, mask_BRN = time_mask(mask, R, N, P), mask.reshape(B, R, N).numpy()
+    population = np.broadcast_to(g.cov_RR, (B, R, R))
+    ridge = 0.1 * g.scale
+    expected = reference_adaptive(test, mask_BRN, g.mu_R, population, P, ridge, 0.5, 2)
+    ours = prior.impute(torch.from_numpy(test), mask.reshape(B, R, N), mu, cov, P, 0.1, 0.5).numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-9)
+    np.testing.assert_allclose(g.adaptive(test, tmask, P, 0.1, 0.5), expected, atol=1e-9)
+    spatial = reference_adaptive(test, mask_BRN, g.mu_R, population, P, ridge, 0.5, 0)
+    np.testing.assert_allclose(g.spatial(test, tmask, P, 0.1), spatial, atol=1e-9)
+    np.testing.assert_allclose(g.adaptive(test, tmask, P, 0.1, 0.5, start_BRT=spatial), expected, atol=1e-9)
     np.testing.assert_allclose(ours[~tmask], test[~tmask], atol=1e-12)  # visible values: the signal itself
-    assert r2_parts(ours, test, tmask)[0] > r2_parts(g.spatial(test, tmask, P, 0.1), test, tmask)[0]
-    # One covariance per window (the context baselines): each window imputed under its own, in the baselines and
-    # in the prior alike, as one window alone would be under that covariance.
+    assert r2_parts(ours, test, tmask)[0] > r2_parts(spatial, test, tmask)[0]
+    # One covariance per window (the context baselines).
     own = np.stack([np.cov(w) + 0.1 * np.eye(R) for w in test])
-    single = GaussianImputer(train, max_lag=P)
-    single.cov_RR = own[1]
-    alone = single.adaptive(test[1:2], tmask[1:2], P, 0.1, 0.5)[0]
-    np.testing.assert_allclose(g.adaptive(test, tmask, P, 0.1, 0.5, cov_BRR=own)[1], alone, atol=1e-9)
-    per_window = prior.impute(
-        torch.from_numpy(test), mask.reshape(B, R, T // P), mu, torch.from_numpy(own), P, 0.1, 0.5, scale=g.scale
-    )
-    np.testing.assert_allclose(per_window[1].numpy(), alone, atol=1e-9)
+    expected = reference_adaptive(test, mask_BRN, g.mu_R, own, P, ridge, 0.5, 2)
+    np.testing.assert_allclose(g.adaptive(test, tmask, P, 0.1, 0.5, cov_BRR=own), expected, atol=1e-9)
+
+
+def test_lagged_products_equal_the_sum_over_timepoints():
+    """The FFT's lagged products against the direct sums, for every lag (none wraps around the window's end)."""
+    from brainlm.eval.baselines import lagged_products
+
+    x = np.random.default_rng(3).normal(size=(4, 70, 9))
+    got = lagged_products(x, 9, rows=16)  # several row blocks, the last one short
+    for tau in range(9):
+        np.testing.assert_allclose(got[tau], np.einsum("bit,bjt->ij", x[:, :, : 9 - tau], x[:, :, tau:]), atol=1e-12)

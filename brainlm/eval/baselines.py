@@ -24,9 +24,16 @@ lam (and alpha) are chosen on the validation split; s = trace(C(0)) / R makes la
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import torch
+
+from brainlm import threads
+from brainlm.model import prior
 
 REACH = 2  # the spatio-temporal baseline looks this many patches away for a visible patch of the parcel
+WINDOWS = 8  # windows per batched solve of the spatial and adaptive baselines (memory: ~8 x N x R^2 doubles)
 
 
 def interpolate(x_BRT: np.ndarray, tmask_BRT: np.ndarray, fallback_R: np.ndarray) -> np.ndarray:
@@ -71,6 +78,28 @@ def patch_groups(tokens_BRN: np.ndarray, P: int):
             yield b, n, masked, vis, groups
 
 
+def lagged_products(xc_BRT: np.ndarray, lags: int, rows: int = 64) -> np.ndarray:
+    """[lags, R, R]: sum over windows b and timepoints t of x_i(t) x_j(t + tau), for tau in [0, lags).
+
+    Through the FFT: the cross-spectrum summed over windows is one complex matrix product per frequency, and its
+    inverse transform gives every lag at once (zero-padded to T + lags, so nothing wraps around). At 300 parcels,
+    100 lags and 192 windows this takes ~3 s where a product per lag took ~50 s; equal to 1e-14 relative
+    (tests/test_baselines.py). ``rows`` parcels at a time bound the memory to ~rows x R x the FFT length."""
+    B, R, T = xc_BRT.shape
+    n = 1 << int(np.ceil(np.log2(T + lags)))
+    F_KRB = np.fft.rfft(xc_BRT, n=n, axis=2).transpose(2, 1, 0).copy()
+    out = np.empty((lags, R, R))
+    for i in range(0, R, rows):
+        cross_KrR = np.conj(F_KRB[:, i : i + rows]) @ F_KRB.transpose(0, 2, 1)
+        out[:, i : i + rows] = np.fft.irfft(cross_KrR, n=n, axis=0)[:lags]
+    return out
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    """[0, n) in slices of at most ``size``."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 class GaussianImputer:
     """A stationary Gaussian model of windows [R, T], fitted on training windows: means and lagged covariances up to
     ``max_lag`` timepoints ((2 REACH + 1) patches: the farthest pair the spatio-temporal baseline conditions on)."""
@@ -82,18 +111,14 @@ class GaussianImputer:
         self.mu_R = flat_RX.mean(axis=1)
         self.cov_RR = np.cov(flat_RX)
         self.scale = float(np.trace(self.cov_RR)) / R
-        xc = x - self.mu_R[None, :, None]
         lags = min(max_lag, T)
-        # lagged_[tau][i, j] = Cov(x_i(t), x_j(t + tau)), pooled over every pair of timepoints tau apart.
-        lagged = [
-            np.einsum("bit,bjt->ij", xc[:, :, : T - tau], xc[:, :, tau:]) / max(B * (T - tau) - 1, 1)
-            for tau in range(lags)
-        ]
+        # lagged[tau][i, j] = Cov(x_i(t), x_j(t + tau)), pooled over every pair of timepoints tau apart.
+        lagged = lagged_products(x - self.mu_R[None, :, None], lags)
+        lagged /= np.maximum(B * (T - np.arange(lags)) - 1, 1)[:, None, None]
         lagged[0] = self.cov_RR
         # full_[lag + offset] for lag in (-lags, lags): negative lags are the transposes.
         self.offset = lags - 1
-        negative = [c.T for c in lagged[:0:-1]]
-        self.full = np.stack([*negative, *lagged]).astype(np.float32)
+        self.full = np.concatenate([lagged[:0:-1].transpose(0, 2, 1), lagged]).astype(np.float32)
 
     # -- spatial ------------------------------------------------------------------------------------------
 
@@ -102,16 +127,8 @@ class GaussianImputer:
     ) -> np.ndarray:
         """Each masked timepoint from the visible parcels at the same timepoint (the ``ridge`` baseline); with
         ``cov_BRR``, each window under its own covariance (e.g. the population's shrunk toward its recording's other
-        windows). One solve per window and token column over the visible parcels only: on a CPU this is 2-3x faster
-        than the batched full-size solve of the model's prior (docs/benchmarks.md, section 6), which it equals."""
-        x = x_BRT.astype(np.float64)
-        out = x.copy()
-        B, _, T = x.shape
-        for b in range(B):
-            cov = self.cov_RR if cov_BRR is None else cov_BRR[b]
-            for n in range(T // P):
-                self._solve(out[b], x[b], tmask_BRT[b, :, n * P], cov, slice(n * P, (n + 1) * P), lam)
-        return out
+        windows)."""
+        return self.adaptive(x_BRT, tmask_BRT, P, lam, 0.0, passes=0, cov_BRR=cov_BRR)
 
     def adaptive(
         self,
@@ -122,50 +139,54 @@ class GaussianImputer:
         alpha: float,
         passes: int = 2,
         cov_BRR: np.ndarray | None = None,
+        start_BRT: np.ndarray | None = None,
     ) -> np.ndarray:
         """The spatial imputation under each window's own shrunk covariance (the ``adaptive`` baseline); ``cov_BRR``
-        replaces the population covariance per window."""
-        x = x_BRT.astype(np.float64)
-        pred = self.spatial(x, tmask_BRT, P, lam, cov_BRR)
-        B, _, T = x.shape
-        for _ in range(passes):
-            new = x.copy()
-            for b in range(B):
-                xc = pred[b] - self.mu_R[:, None]
-                population = self.cov_RR if cov_BRR is None else cov_BRR[b]
-                cov = (1 - alpha) * population + alpha * (xc @ xc.T) / T
-                for n in range(T // P):
-                    sl = slice(n * P, (n + 1) * P)
-                    if not self._solve(new[b], x[b], tmask_BRT[b, :, n * P], cov, sl, lam):
-                        new[b, :, sl] = pred[b, :, sl]
-            pred = new
-        return pred
+        replaces the population covariance per window; ``start_BRT``, the spatial imputation under the same
+        ``lam`` and ``cov_BRR``, saves computing it again. One implementation with the model's decoder prior
+        (``brainlm.model.prior.impute``, float64): batched over ``WINDOWS`` windows, one Cholesky solve per window
+        and set of visible parcels, over those parcels only."""
+        mu, population = torch.from_numpy(self.mu_R), torch.from_numpy(self.cov_RR)
 
-    def _solve(self, out_RT, x_RT, masked_R, cov, sl: slice, lam: float) -> bool:
-        """out[masked, sl] = E[x_masked | x_visible] under ``cov`` for one token column; False where there is nothing
-        to condition (no masked or no visible parcel: a column with none visible gets the means)."""
-        if not masked_R.any():
-            return False
-        vis = ~masked_R
-        if not vis.any():
-            out_RT[:, sl] = self.mu_R[:, None]
-            return False
-        c_vv = cov[np.ix_(vis, vis)] + lam * self.scale * np.eye(int(vis.sum()))
-        w_VM = np.linalg.solve(c_vv, cov[np.ix_(vis, masked_R)])
-        out_RT[masked_R, sl] = self.mu_R[masked_R, None] + w_VM.T @ (x_RT[vis, sl] - self.mu_R[vis, None])
-        return True
+        def run(rows: slice) -> np.ndarray:
+            return prior.impute(
+                torch.from_numpy(np.asarray(x_BRT[rows], dtype=np.float64)),
+                torch.from_numpy(np.ascontiguousarray(tmask_BRT[rows, :, ::P])),
+                mu,
+                population if cov_BRR is None else torch.from_numpy(cov_BRR[rows]),
+                P,
+                lam,
+                alpha,
+                passes,
+                scale=self.scale,
+                start_BRT=None if start_BRT is None else torch.from_numpy(start_BRT[rows]),
+            ).numpy()
+
+        return np.concatenate(threads.map_kernels(run, chunks(len(x_BRT), WINDOWS)))
 
     # -- spatio-temporal -----------------------------------------------------------------------------------
 
     def spatiotemporal(self, x_BRT: np.ndarray, tmask_BRT: np.ndarray, P: int, lam: float) -> np.ndarray:
         """Each masked timepoint from the visible parcels at that timepoint and the parcel's own visible
         neighbouring patches (the ``spatiotemporal`` baseline)."""
+        return self.spatiotemporal_grid(x_BRT, tmask_BRT, P, [lam])[0]
+
+    def spatiotemporal_grid(
+        self, x_BRT: np.ndarray, tmask_BRT: np.ndarray, P: int, lams: Sequence[float]
+    ) -> list[np.ndarray]:
+        """The spatio-temporal baseline under each of ``lams`` (a settings search): what does not depend on lam
+        (the lagged covariance columns, the features) is gathered once per token column."""
         x = x_BRT.astype(np.float64)
-        out = x.copy()
-        for b, n, masked, vis, groups in patch_groups(tmask_BRT[:, :, ::P], P):
-            with_S = [(rows, S) for rows, S in groups if len(S)]  # the rest: the spatial part of _condition alone
-            out[b, masked, n * P : (n + 1) * P] = self._condition(x[b], masked, vis, with_S, n * P, P, lam)
-        return out
+        outs = [x.copy() for _ in lams]
+
+        def run(b: int) -> None:
+            for _, n, masked, vis, groups in patch_groups(tmask_BRT[b : b + 1, :, ::P], P):
+                with_S = [(rows, S) for rows, S in groups if len(S)]  # the rest: the spatial part of _condition
+                for out, pred in zip(outs, self._condition(x[b], masked, vis, with_S, n * P, P, lams), strict=True):
+                    out[b, masked, n * P : (n + 1) * P] = pred
+
+        threads.map_kernels(run, range(len(x)))
+        return outs
 
     def _condition(
         self,
@@ -175,9 +196,9 @@ class GaussianImputer:
         groups: list[tuple[np.ndarray, np.ndarray]],
         t0: int,
         P: int,
-        lam: float,
-    ) -> np.ndarray:
-        """E[x_r(t) | x_V(t), x_r(S_r)] for the masked parcels r at t in [t0, t0 + P): [M, P].
+        lams: Sequence[float],
+    ) -> list[np.ndarray]:
+        """E[x_r(t) | x_V(t), x_r(S_r)] for the masked parcels r at t in [t0, t0 + P), one [M, P] per lam.
 
         The joint system over [x_V(t), x_r(S)] is solved by blocks. Its V x V block A = C_VV + lam s I is the same
         for every r and t and is solved once. The rest reduces to a small Schur complement per (r, t), of size
@@ -186,39 +207,50 @@ class GaussianImputer:
         D = Cov(x_r(S), x_r(S)) + lam s I. The columns of B are lagged covariances C(S_j - t)[V, r], and within
         a group (shared S) the lags S_j - t take at most 4P - 2 values: A^-1 is applied to those columns only."""
         mu, full, off = self.mu_R, self.full, self.offset
-        ridge = lam * self.scale
         V = len(vis)
         t_P = np.arange(t0, t0 + P)
         f_VP = x_RT[vis][:, t_P] - mu[vis, None]
         C_VM = self.cov_RR[np.ix_(vis, masked)]
+        C_VV = self.cov_RR[np.ix_(vis, vis)]
         # Every group's distinct lagged columns L [lags, V, g] beside C_VM, through one solve with A.
         lagged = []
         for rows, S in groups:
             lags, idx_PS = np.unique(S[None, :] - t_P[:, None], return_inverse=True)
             L = full[np.ix_(lags + off, vis, masked[rows])].astype(np.float64)
-            lagged.append((L, idx_PS.reshape(P, len(S))))
-        rhs = np.concatenate([C_VM, *(L.transpose(1, 0, 2).reshape(V, len(L) * L.shape[2]) for L, _ in lagged)], axis=1)
-        K_rhs = np.linalg.solve(self.cov_RR[np.ix_(vis, vis)] + ridge * np.eye(V), rhs) if V else np.zeros_like(rhs)
-        out = mu[masked, None] + K_rhs[:, : len(masked)].T @ f_VP
-        col = len(masked)
-        for (rows, S), (L, idx_PS) in zip(groups, lagged, strict=True):
             rs = masked[rows]
-            nl, _, g = L.shape
-            KL_gVl = K_rhs[:, col : col + nl * g].reshape(V, nl, g).transpose(2, 0, 1)  # A^-1 B's columns
-            L_glV = L.transpose(2, 0, 1)
-            col += nl * g
-            diag = full[:, rs, rs].astype(np.float64)  # [lags, g]: C_rr(lag)
-            # Schur complements [g, P, s, s]: D - B' A^-1 B, B' A^-1 B gathered from the distinct lags.
-            BKB = L_glV @ KL_gVl
-            schur = diag[S[None, :] - S[:, None] + off].transpose(2, 0, 1)[:, None] + ridge * np.eye(len(S))
-            schur = schur - BKB[:, idx_PS[:, :, None], idx_PS[:, None, :]]
-            # u = f_S - B' A^-1 f_V and v = y_S - B' A^-1 y_V: [g, P, s].
-            BKf = (KL_gVl.transpose(0, 2, 1) @ f_VP)[:, idx_PS, np.arange(P)[:, None]]
-            u = (x_RT[rs][:, S] - mu[rs, None])[:, None, :] - BKf
-            BKy = np.einsum("gvl,vg->gl", KL_gVl, C_VM[:, rows], optimize=True)[:, idx_PS]
-            v = diag[t_P[:, None] - S[None, :] + off].transpose(2, 0, 1) - BKy
-            out[rows] += (v * np.linalg.solve(schur, u[..., None])[..., 0]).sum(-1)
-        return out
+            lagged.append(
+                (
+                    L,
+                    L.transpose(2, 0, 1),
+                    idx_PS.reshape(P, len(S)),
+                    full[:, rs, rs].astype(np.float64),  # [lags, g]: C_rr(lag)
+                    (x_RT[rs][:, S] - mu[rs, None])[:, None, :],
+                )
+            )
+        rhs = np.concatenate(
+            [C_VM, *(L.transpose(1, 0, 2).reshape(V, L.shape[0] * L.shape[2]) for L, *_ in lagged)], axis=1
+        )
+        outs = []
+        for lam in lams:
+            ridge = lam * self.scale
+            K_rhs = np.linalg.solve(C_VV + ridge * np.eye(V), rhs) if V else np.zeros_like(rhs)
+            out = mu[masked, None] + K_rhs[:, : len(masked)].T @ f_VP
+            col = len(masked)
+            for (rows, S), (L, L_glV, idx_PS, diag, f_S) in zip(groups, lagged, strict=True):
+                nl, _, g = L.shape
+                KL_gVl = K_rhs[:, col : col + nl * g].reshape(V, nl, g).transpose(2, 0, 1)  # A^-1 B's columns
+                col += nl * g
+                # Schur complements [g, P, s, s]: D - B' A^-1 B, B' A^-1 B gathered from the distinct lags.
+                BKB = L_glV @ KL_gVl
+                schur = diag[S[None, :] - S[:, None] + off].transpose(2, 0, 1)[:, None] + ridge * np.eye(len(S))
+                schur = schur - BKB[:, idx_PS[:, :, None], idx_PS[:, None, :]]
+                # u = f_S - B' A^-1 f_V and v = y_S - B' A^-1 y_V: [g, P, s].
+                BKf = (KL_gVl.transpose(0, 2, 1) @ f_VP)[:, idx_PS, np.arange(P)[:, None]]
+                BKy = np.einsum("gvl,vg->gl", KL_gVl, C_VM[:, rows], optimize=True)[:, idx_PS]
+                v = diag[t_P[:, None] - S[None, :] + off].transpose(2, 0, 1) - BKy
+                out[rows] += (v * np.linalg.solve(schur, (f_S - BKf)[..., None])[..., 0]).sum(-1)
+            outs.append(out)
+        return outs
 
 
 def map_windows(x_BRT: np.ndarray, from_R3: np.ndarray, to_Q3: np.ndarray) -> tuple[np.ndarray, float]:

@@ -22,6 +22,7 @@ says what each side was fitted on and keeps every window's sums, so folds and re
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,14 +139,30 @@ class Baselines:
             return np.broadcast_to(self.mean_R[None, :, None], x_BRT.shape)
         if name == "interp":
             return interpolate(x_BRT, tmask_BRT, self.mean_R)
-        return self._run(name, x_BRT, tmask_BRT, P, self.settings_of(name, masking, P), context)
+        settings = self.settings_of(name, masking, P)
+        return next(self._predictions(name, [settings], x_BRT, tmask_BRT, P, context))[1]
 
-    def _run(self, name, x_BRT, tmask_BRT, P, settings: dict[str, float], context) -> np.ndarray:
-        method = getattr(self.gaussian, LINEAR[name][0])
-        kwargs = {k: v for k, v in settings.items() if k != "beta"}
-        if "beta" in settings:
-            kwargs["cov_BRR"] = context_covariances(x_BRT, context, self.gaussian.cov_RR, settings["beta"])
-        return method(x_BRT, tmask_BRT, P, **kwargs)
+    def _predictions(
+        self, name: str, candidates: list[dict[str, float]], x_BRT, tmask_BRT, P: int, context
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(index, predictions) of each candidate setting, in an order that computes what they share once: the
+        context statistics, the spatio-temporal gathers (across lam), the adaptive first pass (across alpha)."""
+        g, method = self.gaussian, LINEAR[name][0]
+        if method == "spatiotemporal":
+            yield from enumerate(g.spatiotemporal_grid(x_BRT, tmask_BRT, P, [c["lam"] for c in candidates]))
+            return
+        stats = context_statistics(x_BRT, context or [[]] * len(x_BRT)) if "beta" in candidates[0] else None
+        first: dict[tuple, np.ndarray] = {}  # the spatial pass of the latest (lam, beta), shared across alpha
+        for i in sorted(range(len(candidates)), key=lambda i: (candidates[i]["lam"], candidates[i].get("beta", 0))):
+            c = candidates[i]
+            cov = None if stats is None else shrink_toward_context(g.cov_RR, *stats, c["beta"])
+            if method == "spatial":
+                yield i, g.spatial(x_BRT, tmask_BRT, P, c["lam"], cov)
+                continue
+            key = (c["lam"], c.get("beta"))
+            if key not in first:
+                first = {key: g.spatial(x_BRT, tmask_BRT, P, c["lam"], cov)}
+            yield i, g.adaptive(x_BRT, tmask_BRT, P, c["lam"], c["alpha"], cov_BRR=cov, start_BRT=first[key])
 
     def settings_of(self, name: str, masking: str, P: int) -> dict[str, float]:
         """A linear baseline's settings for a masking strategy: the best on the validation windows."""
@@ -155,22 +172,19 @@ class Baselines:
             tmask = time_mask(fixed_masks(len(self.val_BRT), R, T // P, self.mask_ratio, masking), R, T // P, P)
             grid = LINEAR[name][1]
             candidates = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-            bar = progress.bar(candidates, desc=f"{name}: settings on {len(self.val_BRT)} val windows", inner=True)
-            scores = [
-                r2_parts(self._run(name, self.val_BRT, tmask, P, c, self.val_context), self.val_BRT, tmask)[0]
-                for c in bar
-            ]
+            scores = np.empty(len(candidates))
+            runs = self._predictions(name, candidates, self.val_BRT, tmask, P, self.val_context)
+            desc = f"{name}: settings on {len(self.val_BRT)} val windows"
+            for i, pred in progress.bar(runs, desc=desc, total=len(candidates), inner=True):
+                scores[i] = r2_parts(pred, self.val_BRT, tmask)[0]
             chosen[masking] = candidates[int(np.argmax(scores))]
         return chosen[masking]
 
 
-def context_covariances(
-    x_BRT: np.ndarray, context: list[list[int]] | None, population_RR: np.ndarray, beta: float
-) -> np.ndarray:
-    """Each window's population covariance shrunk toward its context windows' covariance: (1 - beta) C + beta
-    C_context; C itself where a window has no context."""
-    out = np.broadcast_to(population_RR, (len(x_BRT), *population_RR.shape)).copy()
-    cov_BRR, n_B = context_statistics(x_BRT, context or [[]] * len(x_BRT))
+def shrink_toward_context(population_RR: np.ndarray, cov_BRR: np.ndarray, n_B: np.ndarray, beta: float) -> np.ndarray:
+    """Each window's population covariance shrunk toward its context windows' covariance (``cov_BRR``, from
+    ``context_statistics``): (1 - beta) C + beta C_context; C itself where a window has no context (``n_B`` 0)."""
+    out = np.broadcast_to(population_RR, (len(cov_BRR), *population_RR.shape)).copy()
     has = n_B > 0
     out[has] = (1 - beta) * population_RR + beta * cov_BRR[has]
     return out

@@ -50,16 +50,47 @@ def fit(windows_BRT: Tensor) -> tuple[Tensor, Tensor]:
 def _spatial(xc_BNRP: Tensor, vis_BNR: Tensor, cov_BRR: Tensor, ridge: float) -> Tensor:
     """C_MV (C_VV + ridge I)^-1 x_V for every patch of every window, batched; centred values in and out.
 
-    Masked parcels get an identity row and a zero right-hand side, so one R x R solve per patch covers any visible
-    set: z_V = (C_VV + ridge I)^-1 x_V, z_M = 0, and C z is the imputation on the masked rows. The system is
-    symmetric positive definite (ridge > 0), so it is solved by Cholesky: batched LU (`torch.linalg.solve`) returned
-    garbage pivots under 2-thread MKL on a 300-parcel training batch ("Pivots given to lu_solve must all be
-    greater or equal to 1") and hung on others."""
-    v = vis_BNR.to(cov_BRR.dtype)
-    eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
-    A = v[..., :, None] * v[..., None, :] * cov_BRR[:, None] + eye * (1 - v + ridge * v)[..., None, :]
-    z = torch.cholesky_solve(v[..., None] * xc_BNRP, torch.linalg.cholesky(A))
-    return torch.where(vis_BNR[..., None], xc_BNRP, cov_BRR[:, None] @ z)
+    Each token column solves the system of its visible parcels only: they are gathered to the front, V_max (the
+    most visible in the batch) wide, the rest pointing at an appended zero parcel (identity rows, zero right-hand
+    side: they change nothing). The columns of a window with the same visible parcels (every column under parcel
+    masking) share one factorisation. z = (C_VV + ridge I)^-1 x_V is scattered back to all R rows (zero on the masked
+    ones), and C z is the imputation on the masked rows. Solved by Cholesky (the system is symmetric positive
+    definite): batched LU (`torch.linalg.solve`) returned garbage pivots under 2-thread MKL on a 300-parcel training
+    batch ("Pivots given to lu_solve must all be greater or equal to 1") and hung on others."""
+    B, N, R, P = xc_BNRP.shape
+    v_max = int(vis_BNR.sum(-1).max())
+    if v_max == 0:
+        return torch.where(vis_BNR[..., None], xc_BNRP, torch.zeros_like(xc_BNRP))
+    device = vis_BNR.device
+    # One system per window and set of visible parcels; k columns each when every system serves as many.
+    window_X1 = torch.arange(B, device=device).repeat_interleave(N)[:, None]  # X = B * N token columns
+    keys = torch.cat([window_X1, vis_BNR.reshape(B * N, R).long()], dim=-1)
+    systems, column_system_X, count_U = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+    k = int(count_U[0])
+    if not bool((count_U == k).all()):
+        systems, column_system_X, k = keys, torch.arange(B * N, device=device), 1
+    U = len(systems)
+    by_system_X = torch.argsort(column_system_X, stable=True)  # columns grouped by system, k per system
+    window_U, vis_UR = systems[:, 0], systems[:, 1:].bool()
+    # Visible parcels first (in order), then index R: the appended zero row and column.
+    order_UR = torch.argsort((~vis_UR).to(torch.int8), dim=-1, stable=True)
+    valid_UV = torch.arange(v_max, device=device) < vis_UR.sum(-1, keepdim=True)
+    order_UV = torch.where(valid_UV, order_UR[:, :v_max], R)
+    padded_BRR = torch.nn.functional.pad(cov_BRR, (0, 1, 0, 1))
+    rows_UVR = padded_BRR[window_U[:, None], order_UV]  # whole rows first: far faster than one 3-index gather
+    A = torch.gather(rows_UVR, 2, order_UV[:, None, :].expand(-1, v_max, -1))
+    A.diagonal(dim1=-2, dim2=-1).add_(1 + (ridge - 1) * valid_UV.to(A.dtype))  # float64, not where()'s float32
+    xc_XRP = torch.nn.functional.pad(xc_BNRP.reshape(B * N, R, P), (0, 0, 0, 1))[by_system_X]
+    order_XV = order_UV.repeat_interleave(k, dim=0)
+    rhs_XVP = torch.gather(xc_XRP, 1, order_XV[..., None].expand(-1, -1, P))
+    rhs_UVJ = rhs_XVP.reshape(U, k, v_max, P).transpose(1, 2).reshape(U, v_max, k * P)
+    z_UVJ = torch.cholesky_solve(rhs_UVJ, torch.linalg.cholesky(A))
+    z_XVP = z_UVJ.reshape(U, v_max, k, P).transpose(1, 2).reshape(B * N, v_max, P)
+    z_XRP = torch.zeros_like(xc_XRP).scatter_(1, order_XV[..., None].expand(-1, -1, P), z_XVP)
+    z_XRP = z_XRP[torch.argsort(by_system_X)][:, :R]  # back to column order, without the zero row
+    z_BRJ = z_XRP.reshape(B, N, R, P).transpose(1, 2).reshape(B, R, N * P)  # J = N * P: one product per window
+    imputed_BNRP = (cov_BRR @ z_BRJ).reshape(B, R, N, P).transpose(1, 2)
+    return torch.where(vis_BNR[..., None], xc_BNRP, imputed_BNRP)
 
 
 @torch.no_grad()
@@ -73,13 +104,15 @@ def impute(
     shrinkage: float,
     passes: int = PASSES,
     scale: float | None = None,
+    start_BRT: Tensor | None = None,
 ) -> Tensor:
     """The prior for every value (the visible ones are the signal itself): prior_BRT, in the signal's dtype.
 
     ``mu_R`` / ``cov_RR`` None: no population model (another atlas), the window's own covariance only. ``cov_RR``
     may also be one covariance per window ([B, R, R]: e.g. the population's shrunk toward the recording's other
     windows). ``passes`` 0 with any shrinkage is the plain spatial imputation (the ``ridge`` baseline). The ridge
-    is ``ridge x scale``, scale the mean variance of the population covariance unless given."""
+    is ``ridge x scale``, scale the mean variance of the population covariance unless given. ``start_BRT``: the
+    spatial imputation under the same ridge, already computed (a settings search shares it across shrinkages)."""
     B, R, T = signal_BRT.shape
     N, P = T // patch_size, patch_size
     x = signal_BRT.double()
@@ -92,7 +125,10 @@ def impute(
     xc_BNRP = (x - mu_R[:, None]).reshape(B, R, N, P).transpose(1, 2)
     vis_BNR = ~mask_BRN.transpose(1, 2)
     population_BRR = cov_RR.expand(B, R, R)
-    pred_BNRP = _spatial(xc_BNRP, vis_BNR, population_BRR, ridge * scale)
+    if start_BRT is None:
+        pred_BNRP = _spatial(xc_BNRP, vis_BNR, population_BRR, ridge * scale)
+    else:
+        pred_BNRP = (start_BRT.to(x) - mu_R[:, None]).reshape(B, R, N, P).transpose(1, 2)
     for _ in range(passes):
         filled_BRT = pred_BNRP.transpose(1, 2).reshape(B, R, T)
         own_BRR = filled_BRT @ filled_BRT.transpose(1, 2) / T
