@@ -101,7 +101,7 @@ def main() -> None:
                 ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
             ).stdout.strip(),
             "pairs": rows,
-            "median_speedup": speedups[len(speedups) // 2],
+            "median_speedup": round((speedups[(len(speedups) - 1) // 2] + speedups[len(speedups) // 2]) / 2, 2),
             "max_abs_difference": worst,
             "settings_equal": same_settings,
             "other_differences": other,
