@@ -110,13 +110,13 @@ def embed_files(
     progress: bool = True,
 ) -> Embeddings:
     """Embed recordings straight from files, no shard build: a BIDS/fMRIPrep folder or plain 4D NIfTI files
-    (parcellated with ``atlas``, the label image or 4D maps of the model's atlas, through data_prep's masker), or
+    (parcellated with ``atlas``, the label image or 4D maps of the model's atlas, through nilearn's masker), or
     parcel arrays (.npy/.mat/.tsv/.csv). Each recording's TR (sidecar, recordings.tsv, NIfTI header) is checked
     against the model's. A recording that cannot be used is skipped with its reason, as in a build."""
     from brainlm import progress as progress_bars
-    from data_prep.atlas import AtlasSource, load_atlas
-    from data_prep.parcellate import load_array, parcellate_nifti
-    from data_prep.sources import discover, spec_for_file
+    from brainlm.recordings.atlas import AtlasSource, load_atlas
+    from brainlm.recordings.parcellate import load_array, parcellate_nifti
+    from brainlm.recordings.sources import discover, spec_for_file
 
     specs = _specs(inputs, kind, atlas, discover, spec_for_file)
     trained = (model.extra or {}).get("atlas")

@@ -97,7 +97,7 @@ FIXED = ("inputs", "config", "recipe_sha256", "model", "folds", "val_subjects", 
 
 def cohort_subjects(inputs: str, build_args: str = "") -> list[str]:
     """The subjects of a cohort folder, as the build (with ``build_args``) will see them."""
-    from data_prep.sources import discover
+    from brainlm.recordings.sources import discover
 
     args = shlex.split(build_args)
 

@@ -89,7 +89,7 @@ def _import_brainlm(a: argparse.Namespace) -> None:
     conv = convert_brainlm(a.src)
     extra: dict = {"source": conv.source, "notes": conv.notes}
     if a.atlas_table:
-        from data_prep.atlas import atlas_from_table
+        from brainlm.recordings.atlas import atlas_from_table
 
         atlas, _ = atlas_from_table(a.atlas_table)
         R = conv.model.config.num_parcels

@@ -39,12 +39,12 @@ from brainlm.data.store import LocalStore, open_store
 from brainlm.exceptions import BrainLMError, InputError, StoreError
 from brainlm.lock import FolderLock
 from brainlm.model.scaling import NORMALIZE, RobustScaler
-from data_prep.atlas import AtlasSource, load_atlas
-from data_prep.parcellate import Cleaning, clean_array, load_array, orient, parcellate_nifti, resample_time
-from data_prep.qc import check_length, check_signal, check_tr
+from brainlm.recordings.atlas import AtlasSource, load_atlas
+from brainlm.recordings.parcellate import Cleaning, clean_array, load_array, orient, parcellate_nifti, resample_time
+from brainlm.recordings.qc import check_length, check_signal, check_tr
+from brainlm.recordings.sources import RecordingSpec, discover, find_participants, read_participants, strip_sub
+from brainlm.recordings.tables import read_tsv
 from data_prep.shards import _load_parcellated, _sample_meta, _sidecar, intact, remove_dead_uploads, write_shards
-from data_prep.sources import RecordingSpec, discover, find_participants, read_participants, strip_sub
-from data_prep.tables import read_tsv
 from data_prep.workers import Workers, progress_bar
 
 STAGES = ("all", "parcellate", "plan", "shards", "manifest")

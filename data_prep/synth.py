@@ -26,7 +26,7 @@ import pandas as pd
 
 from brainlm.data.format import Atlas
 from brainlm.progress import bar
-from data_prep.atlas import seitzman_atlas
+from brainlm.recordings.atlas import seitzman_atlas
 
 SYNTH_VERSION = 1
 AGE_PAIR = ("DefaultMode", "FrontoParietal")

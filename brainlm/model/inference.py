@@ -20,7 +20,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +28,9 @@ import torch
 from brainlm.exceptions import DimensionError, InputError, TRMismatchError
 from brainlm.model.scaling import RobustScaler, non_finite
 
-if TYPE_CHECKING:
-    from brainlm.model.mae import BrainLM
+# The model these functions run: a BrainLM (brainlm/model/mae.py), which imports this module for its `embed` and
+# `reconstruct` methods (RecordingMethods below), so this module names it without importing it.
+BrainLM = torch.nn.Module
 
 POOLINGS = ("cls", "mean", "latent_fc")
 LAYOUTS = ("auto", "TR", "RT")
@@ -364,3 +365,15 @@ def reconstruct(
         sst = float(((target - target.mean()) ** 2).sum())
         out.append(Reconstruction(windows, pred, tmask, starts, 1 - sse / sst if sst > 0 else float("nan")))
     return out[0] if single else out
+
+
+class RecordingMethods:
+    """A model's methods on a user's own recordings, preprocessed as it was trained (mixed into ``BrainLM``)."""
+
+    def embed(self, recording: Any, **options: Any) -> Any:
+        """Embeddings of your own recordings: `brainlm.model.inference.embed`."""
+        return embed(self, recording, **options)
+
+    def reconstruct(self, recording: Any, **options: Any) -> Any:
+        """Masked reconstruction of your own recordings: `brainlm.model.inference.reconstruct`."""
+        return reconstruct(self, recording, **options)

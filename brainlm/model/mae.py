@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from brainlm.exceptions import CheckpointError, DimensionError, InputError
 from brainlm.model import io, prior
 from brainlm.model.config import ModelConfig
+from brainlm.model.inference import RecordingMethods
 from brainlm.model.layers import Block, FactorizedBlock, FourierCoordEncoder, sincos_1d
 from brainlm.model.masking import num_kept, sample_mask
 
@@ -49,7 +50,7 @@ def _spatial_encoder(kind: str, dim: int) -> nn.Module:
     return nn.Linear(3, dim) if kind == "linear" else FourierCoordEncoder(dim)
 
 
-class BrainLM(nn.Module):
+class BrainLM(RecordingMethods, nn.Module):
     """BrainLM's masked autoencoder: encoder over CLS + visible tokens, light decoder over all tokens."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -409,18 +410,6 @@ class BrainLM(nn.Module):
         attn_BYH1L = torch.stack(rows, dim=1)
         attn = attn_BYH1L if include_cls else attn_BYH1L[..., 1:]
         return (attn, self.norm(x_B1LD)[:, 1:]) if return_tokens else attn
-
-    def embed(self, recording: Any, **options: Any) -> Any:
-        """Embeddings of your own recordings, preprocessed as the model was trained: `brainlm.model.inference.embed`."""
-        from brainlm.model.inference import embed
-
-        return embed(self, recording, **options)
-
-    def reconstruct(self, recording: Any, **options: Any) -> Any:
-        """Masked reconstruction of your own recordings: `brainlm.model.inference.reconstruct`."""
-        from brainlm.model.inference import reconstruct
-
-        return reconstruct(self, recording, **options)
 
     # ------------------------------------------------------------------ accounting
 

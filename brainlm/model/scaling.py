@@ -27,7 +27,7 @@ NORMALIZE = ("demean", "psc", "none")
 
 def non_finite(signal_RT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The mask of NaN / inf values [R, T] and the parcels holding any: the check before any scaling, shared by
-    the shard build's QC (``data_prep.qc``) and inference on a user's recording (``brainlm.model.inference``)."""
+    the recordings QC (``brainlm.recordings.qc``) and inference on a recording (``brainlm.model.inference``)."""
     bad = ~np.isfinite(signal_RT)
     return bad, np.flatnonzero(bad.any(axis=1))
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from brainlm.exceptions import AtlasMismatchError, DimensionError, EmptyRecordingError, InputError
-from data_prep.atlas import AtlasSource
-from data_prep.sources import RecordingSpec
+from brainlm.recordings.atlas import AtlasSource
+from brainlm.recordings.sources import RecordingSpec
 
 
 def load_array(path: str | Path) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from brainlm.exceptions import InputError
-from data_prep.tables import read_tsv, utf8_name
+from brainlm.recordings.tables import read_tsv, utf8_name
 
 NIFTI = (".nii", ".nii.gz")
 ARRAYS = (".npy", ".mat", ".tsv", ".csv")

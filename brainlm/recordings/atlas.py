@@ -11,7 +11,7 @@ import pandas as pd
 
 from brainlm.data.format import Atlas
 from brainlm.exceptions import AtlasMismatchError, InputError
-from data_prep.tables import read_tsv
+from brainlm.recordings.tables import read_tsv
 
 
 @dataclass
