@@ -15,7 +15,7 @@ from brainlm.schema import add_flags, add_version, from_flags
 
 def _reconstruct(a: argparse.Namespace) -> None:
     from brainlm.eval.reconstruct import reconstruct
-    from brainlm.model.config import MASKINGS
+    from brainlm.masking import MASKINGS
 
     strategies = tuple(m.strip() for m in a.masking.split(",") if m.strip()) if a.masking else MASKINGS
     sources = [s.strip() for s in a.source_shards.split(",") if s.strip()] if a.source_shards else None

@@ -15,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from brainlm.exceptions import CheckpointError, ConfigError, DimensionError, InputError
+from brainlm.masking import MASKINGS
 from brainlm.model import (
     PRESETS,
     BrainLM,
@@ -25,7 +26,6 @@ from brainlm.model import (
     attention,
     get_preset,
 )
-from brainlm.model.config import MASKINGS
 
 B, R, T, P = 3, 7, 24, 4
 N, L = T // P, R * T // P
@@ -644,8 +644,8 @@ def test_gaussian_prior_errors():
 def test_gaussian_prior_refits_on_another_atlas_and_saves_its_size(batch, tmp_path):
     """Refitted on another atlas's windows, the prior is that atlas's (not the window-only fallback), and the model
     saves and loads with the new size."""
+    from brainlm.masking import sample_mask
     from brainlm.model import prior
-    from brainlm.model.masking import sample_mask
 
     _, coords = batch
     model = build(decoder_prior="gaussian")

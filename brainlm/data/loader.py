@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from brainlm.data.format import Manifest, decode_signal, sample_digest, shard_urls
 from brainlm.data.store import register_webdataset_s3, unanswered
 from brainlm.exceptions import BrainLMError, ShardError
-from brainlm.model.masking import seeded_masks
+from brainlm.masking import seeded_masks
 
 
 def sample_seed(seed: int, slot: int, position: int) -> int:

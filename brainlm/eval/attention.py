@@ -41,7 +41,7 @@ def attention(
     max_windows: int = 512,
     device: str | None = None,
 ) -> dict[str, Any]:
-    from brainlm.eval import plots
+    from brainlm import plots
 
     ctx = load_context(model, shards, device)
     atlas = ctx.manifest.atlas

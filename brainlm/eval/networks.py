@@ -130,7 +130,7 @@ def networks(
     n_splits: int = 5,
     device: str | None = None,
 ) -> dict[str, Any]:
-    from brainlm.eval import plots
+    from brainlm import plots
 
     ctx = load_context(model, shards, device)
     atlas = ctx.manifest.atlas

@@ -140,7 +140,7 @@ def top_report(values_R: np.ndarray, networks: list[str] | None, labels: list[st
 
 
 def perturb(model: str, shards: str, out: str | Path, cfg: PerturbConfig) -> dict[str, Any]:
-    from brainlm.eval import plots
+    from brainlm import plots
 
     ctx = load_context(model, shards, cfg.device)
     atlas = ctx.manifest.atlas

@@ -37,7 +37,7 @@ from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, map_wind
 from brainlm.eval.common import Context, comparison_table, load_context, split_windows, table, write_metrics
 from brainlm.exceptions import BrainLMError, InputError
 from brainlm.model import prior
-from brainlm.model.config import MASKINGS
+from brainlm.masking import MASKINGS
 from brainlm.model.io import trained_on
 from brainlm.protocol import (
     WindowSums,
@@ -336,7 +336,7 @@ def reconstruct(
 ) -> dict[str, Any]:
     """Run the protocol; writes metrics.json and figures into ``out``; returns the metrics. ``context``: the other
     windows of its recording each window's +ctx baselines see (0, K nearest, or all)."""
-    from brainlm.eval import plots
+    from brainlm import plots
 
     unknown = [m for m in strategies if m not in MASKINGS]
     if unknown or not strategies:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from brainlm.exceptions import ConfigError
+from brainlm.masking import MASKINGS
 
-MASKINGS = ("random", "tube", "parcel", "future")
 SPATIAL_ENCODINGS = ("linear", "fourier")
 ATTENTION_BACKENDS = ("sdpa", "xformers", "math")
 BLOCK_NORMS = ("pre", "post")

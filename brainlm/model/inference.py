@@ -327,8 +327,8 @@ def reconstruct(
     parcel-major) and reconstruct it. A model whose prior reads recording context (``model.prior_context``) is given
     each window's ``context``: the other non-overlapping windows of the same recording ("all", or the K nearest; 0
     for none); any other model sees each window alone."""
+    from brainlm.masking import seeded_masks
     from brainlm.model.context import context_statistics, context_windows
-    from brainlm.model.masking import seeded_masks
 
     prep, single = prepare(model, recording, tr, layout, stride, coords, resample, scaling)
     model.eval()

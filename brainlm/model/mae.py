@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from brainlm.exceptions import CheckpointError, DimensionError, InputError
+from brainlm.masking import num_kept, sample_mask
 from brainlm.model import io, prior
 from brainlm.model.config import ModelConfig
 from brainlm.model.inference import RecordingMethods
 from brainlm.model.layers import Block, FactorizedBlock, FourierCoordEncoder, sincos_1d
-from brainlm.model.masking import num_kept, sample_mask
 
 # MNI coordinates are in mm, spanning about +-100. The paper fed them raw to Linear(3 -> D); we divide by
 # 100 first. The function class is the same (a rescaled weight), but the embedding starts at the scale of

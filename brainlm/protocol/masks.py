@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from brainlm.data.loader import sample_seed
-from brainlm.model.masking import seeded_masks
+from brainlm.masking import seeded_masks
 
 MASK_SEED = 20_240_424  # fixed evaluation masks: the same in every run, for every model
 MASKING_CODES = {"random": 0, "tube": 1, "parcel": 2, "future": 3}

@@ -27,9 +27,9 @@ from brainlm.data.format import Manifest, load_manifest
 from brainlm.data.loader import MaskSpec, TrainLoader, fixed_samples
 from brainlm.exceptions import ConfigError, NonFiniteLossError, ShardError
 from brainlm.lock import FolderLock
+from brainlm.masking import seeded_masks
 from brainlm.model import BrainLM, ModelConfig, prior
 from brainlm.model.io import trained_on
-from brainlm.model.masking import seeded_masks
 from brainlm.protocol import R2Sums, context_statistics, context_windows, protocol_seeds
 from brainlm.tracking.env import default_tracking_uri, git_sha
 from brainlm.tracking.runs import Tracker
@@ -545,7 +545,7 @@ def finish_tracking(cfg: PretrainConfig, plan: Plan, trainer: Trainer, result: R
 def _log_reconstruction_figure(model_dir: Path, val: ValidationSet, coords_R3, out_dir: Path, tracker: Tracker) -> None:
     """True vs reconstructed signals of one validation crop, for the run's artifacts."""
     try:
-        from brainlm.eval.plots import reconstruction_figure
+        from brainlm.plots import reconstruction_figure
 
         path = reconstruction_figure(
             BrainLM.from_pretrained(model_dir), val.signal[:1], coords_R3.float().cpu(), out_dir / "reconstruction.png"

@@ -15,7 +15,7 @@ import torch
 import yaml
 from ray import tune
 
-from brainlm.eval import plots
+from brainlm import plots
 from brainlm.eval.common import table
 from brainlm.exceptions import ConfigError
 from brainlm.model import BrainLM

@@ -204,7 +204,7 @@ def write_summary(
 
 def trials_figure(rows: list[TrialRow], x: str, y: str, path: Path, title: str, best: TrialRow | None) -> Path:
     """``y`` against ``x`` for every trial from its reported history (dashed: stopped early by ASHA)."""
-    from brainlm.eval import plots
+    from brainlm import plots
 
     histories = {r.trial_id: [(h[x], h[y]) for h in r.history if number(h.get(x)) and number(h.get(y))] for r in rows}
     outcomes = {r.trial_id: r.outcome for r in rows}

@@ -31,7 +31,7 @@ def reconstruction_figure(
     seed: int = 0,
 ) -> Path:
     """True vs reconstructed time courses of a few parcels of one window; masked patches shaded."""
-    from brainlm.model.masking import sample_mask
+    from brainlm.masking import sample_mask
 
     model.eval()
     R, N, P = signal_BRT.shape[1], model.config.num_patches, model.config.patch_size

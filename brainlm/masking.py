@@ -1,6 +1,7 @@
 """Which tokens a masked autoencoder hides: MAE's random masking and BrainLM's structured variants, drawn from a
 generator (``sample_mask``) or from one seed per sample (``seeded_masks``, what training, validation and the
-evaluation protocol use). mask_BL is bool, True = removed; tokens are parcel-major (token r * N + n)."""
+evaluation protocol use). mask_BL is bool, True = removed; tokens are parcel-major (token r * N + n). Below the
+model, the data loader (which draws each sample's mask from its seed) and the protocol alike."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 from torch import Tensor
 
 from brainlm.exceptions import ConfigError
-from brainlm.model.config import MASKINGS
+
+MASKINGS = ("random", "tube", "parcel", "future")
 
 
 def num_kept(num_parcels: int, num_patches: int, mask_ratio: float, masking: str) -> int:
