@@ -103,28 +103,26 @@ def run_cli(*args: str, env: dict | None = None, timeout: int | None = None) -> 
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory) -> Path:
-    """A small local shard set: 7 parcels, crops of 40 timepoints, 3 uneven train shards (25, 25, 22 crops)."""
+def build_tiny(root: Path, parcels: int, seed: int):
+    """A small array cohort (10 subjects x 2 runs of 90 timepoints) under ``root``/cohort, built into ``root``/shards
+    at TR 0.8 s: crops of 40 timepoints (stride 10), shards of 34 crops. Returns the manifest."""
     from data_prep.build import BuildConfig, build
 
-    root = tmp_path_factory.mktemp("tiny")
     src = root / "cohort"
     src.mkdir()
-    write_atlas_table(src / "atlas.tsv")
-    rng = np.random.default_rng(3)
+    write_atlas_table(src / "atlas.tsv", parcels)
+    rng = np.random.default_rng(seed)
     subjects = [f"sub-{s:02d}" for s in range(1, 11)]
     for sub in subjects:
         for run, cond in ((1, "rest"), (2, "task")):
-            np.save(src / f"{sub}_task-{cond}_run-{run}_bold.npy", make_signal(rng, 7, 90))
+            np.save(src / f"{sub}_task-{cond}_run-{run}_bold.npy", make_signal(rng, parcels, 90))
     pd.DataFrame({"participant_id": subjects, "age": np.linspace(20, 80, len(subjects)).round(1)}).to_csv(
         src / "participants.tsv", sep="\t", index=False
     )
-    out = root / "shards"
-    m = build(
+    return build(
         BuildConfig(
             inputs=str(src),
-            out=str(out),
+            out=str(root / "shards"),
             tr=0.8,
             crop=40,
             stride=10,
@@ -134,5 +132,20 @@ def tiny_shards(tmp_path_factory) -> Path:
             progress=False,
         )
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """A small local shard set: 7 parcels, crops of 40 timepoints, 3 uneven train shards (34, 34, 28 crops)."""
+    root = tmp_path_factory.mktemp("tiny")
+    m = build_tiny(root, 7, seed=3)
     assert [s["samples"] for s in m.shards_of("train")] == [34, 34, 28], m.shards_of("train")
-    return out
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_shards_5(tmp_path_factory) -> Path:
+    """Another atlas (5 parcels), built as ``tiny_shards``: a second shard set for a mixture."""
+    root = tmp_path_factory.mktemp("tiny5")
+    build_tiny(root, 5, seed=4)
+    return root / "shards"

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -392,3 +393,105 @@ def test_ds_config_auto_fill_and_conflicts():
         resolve_ds_config(ds | {"train_micro_batch_size_per_gpu": 16}, cfg, 4, False)
     with pytest.raises(ConfigError, match="scheduler"):
         resolve_ds_config(ds | {"scheduler": {"type": "WarmupLR"}}, cfg, 4, False)
+
+
+# ---------------------------------------------------------------- several shard sets in one run (a mixture)
+
+
+def test_mixture_schedule_follows_the_weights_and_resumes(tiny_shards, tiny_shards_5):
+    """The set of each micro-step is drawn by the weights, the same from any start (a resume, another rank); a
+    mixture's batches hold one atlas each, and a loader started at micro-step k continues as the one that ran k."""
+    from brainlm.data.format import load_manifest
+    from brainlm.data.loader import MixtureLoader, TrainLoader, mixture_schedule
+
+    draws = mixture_schedule([3.0, 1.0], 7, 0, 20000)
+    assert abs((draws == 0).mean() - 0.75) < 0.015
+    np.testing.assert_array_equal(mixture_schedule([3.0, 1.0], 7, 4090, 20), draws[4090:4110])  # across a block
+    sets = [load_manifest(str(p)) for p in (tiny_shards, tiny_shards_5)]
+
+    def mixture(start: int) -> MixtureLoader:
+        return MixtureLoader(
+            lambda i, served: TrainLoader(*sets[i], "train", 4, 20, seed=11 + i, start=served), [3.0, 1.0], 7, start
+        )
+
+    running = mixture(0)
+    batches = [next(running) for _ in range(12)]
+    parcels = {0: 7, 1: 5}
+    assert [b["set"] for b in batches] == draws[:12].tolist()
+    assert all(b["signal"].shape[1] == parcels[b["set"]] for b in batches)
+    resumed = mixture(9)
+    for b in batches[9:]:
+        got = next(resumed)
+        assert got["set"] == b["set"]
+        torch.testing.assert_close(got["signal"], b["signal"])
+
+
+def test_two_shard_sets_of_different_atlases_train_in_one_run(tiny_shards, tiny_shards_5, tmp_path):
+    """2 ranks through the deepspeed launcher on two shard sets (7 and 5 parcels, weights 3:1): each set's samples
+    as the schedule drew them, a validation curve per set, an export that records both and reconstructs both."""
+    import brainlm
+    from brainlm.data.loader import mixture_schedule
+
+    out = tmp_path / "mixture"
+    proc = run(
+        deepspeed_cmd(
+            [
+                "--data.shards",
+                f"{tiny_shards},{tiny_shards_5}",
+                "--data.weights",
+                "3,1",
+                "--train.micro_batch_size",
+                "4",
+                "--train.max_steps",
+                "16",
+                "--train.val_every",
+                "8",
+                "--train.out_dir",
+                str(out),
+                "--tracking.enabled",
+                "false",
+            ]
+        )
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (
+        "mixture: shards0 (atlas, 7 parcels" in proc.stdout
+        and "weight 0.75" in proc.stdout
+        and "weight 0.25" in proc.stdout
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "loss" in r][-1]
+    drawn = np.bincount(mixture_schedule([3.0, 1.0], 0, 0, 16), minlength=2) * 8  # global batch 8 per micro-step
+    assert [last["samples_shards0"], last["samples_shards1"]] == drawn.tolist() and 0 < drawn[1] < drawn[0]
+    val = [r for r in rows if "val_masked_r2" in r][-1]
+    assert {"val_masked_r2_shards0", "val_masked_r2_shards1"} <= set(val)
+    assert val["val_masked_r2"] == pytest.approx((val["val_masked_r2_shards0"] + val["val_masked_r2_shards1"]) / 2)
+    extra = json.loads((out / "model" / "extra.json").read_text())
+    assert [(r["parcels"], round(r["weight"], 2)) for r in extra["trained_on"]] == [(7, 0.75), (5, 0.25)]
+    for shards in (tiny_shards, tiny_shards_5):
+        metrics = brainlm.reconstruct(
+            str(out / "model"), str(shards), tmp_path / shards.parent.name, strategies=("random",), limit=8
+        )
+        assert np.isfinite(metrics["pooled_r2"]["random"]["model"])
+        assert "a mixture of the train splits" in metrics["fitted_on"]["model"]["weights"]
+
+
+def test_mixture_weights_are_checked_before_any_work(tiny_shards, tiny_shards_5):
+    """data.weights: one positive number per shard set, else a ConfigError naming the sets; the default weighs
+    the sets by their training crops."""
+    from brainlm.training.pretrain import preflight
+
+    both = f"{tiny_shards},{tiny_shards_5}"
+    window = {"num_timepoints": 40}
+    as_list = build_recipe({"data": {"shards": [str(tiny_shards), str(tiny_shards_5)]}, "model": window})  # YAML list
+    plan = preflight(as_list, ROOT / "ds_config.json")
+    assert [s.weight for s in plan.sets] == [float(s.manifest.num_samples("train")) for s in plan.sets]
+    assert plan.num_parcels == 7 and [s.manifest.atlas.num_parcels for s in plan.sets] == [7, 5]
+    for weights in ("1", "1,0", "1,x", "1,2,3"):
+        with pytest.raises(ConfigError, match="expected 2 positive numbers"):
+            preflight(
+                build_recipe({"data": {"shards": both, "weights": weights}, "model": window}), ROOT / "ds_config.json"
+            )
+    with pytest.raises(ConfigError, match="ties the model to one atlas"):
+        cfg = build_recipe({"data": {"shards": both}, "model": {**window, "learned_parcel_embedding": True}})
+        preflight(cfg, ROOT / "ds_config.json")

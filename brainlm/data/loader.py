@@ -348,3 +348,44 @@ def fixed_samples(
     if not signals:
         raise ShardError(f"the {split!r} split has no samples")
     return torch.from_numpy(np.stack(signals)), metas
+
+
+SCHEDULE_BLOCK = 4096  # micro-steps drawn per seeded block of the mixture's schedule
+
+
+def mixture_schedule(weights: list[float], seed: int, start: int, count: int) -> np.ndarray:
+    """Which shard set each micro-step ``start .. start + count - 1`` of a mixture reads: drawn by ``weights`` from
+    one seeded block of SCHEDULE_BLOCK micro-steps at a time, so every rank draws the same and a resumed run the
+    same as an uninterrupted one."""
+    p = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    first, last = start // SCHEDULE_BLOCK, (start + max(count, 1) - 1) // SCHEDULE_BLOCK
+    blocks = [
+        np.random.default_rng([seed, 0x5E7, b]).choice(len(p), size=SCHEDULE_BLOCK, p=p) for b in range(first, last + 1)
+    ]
+    offset = start - first * SCHEDULE_BLOCK
+    return np.concatenate(blocks)[offset : offset + count]
+
+
+class MixtureLoader:
+    """Micro-batches from several shard sets (``data.shards`` a list), one set per micro-batch, chosen by
+    ``mixture_schedule``: each batch's parcels belong to one atlas, and the batch says which (``batch["set"]``).
+    Each set streams through a ``TrainLoader`` of its own (its own seed, resumed at the micro-batches it served
+    before ``start``); ``position`` counts the micro-batches handed out, as a ``TrainLoader``'s does."""
+
+    def __init__(self, make_loader, weights: list[float], seed: int, start: int = 0) -> None:
+        self.weights, self.seed, self.position = list(weights), seed, start
+        served = np.bincount(mixture_schedule(self.weights, seed, 0, start), minlength=len(weights))
+        self.loaders = [make_loader(i, int(served[i])) for i in range(len(weights))]
+        self._block: tuple[int, np.ndarray] = (-1, np.zeros(0, dtype=np.int64))
+
+    def __iter__(self) -> MixtureLoader:
+        return self
+
+    def __next__(self) -> dict:
+        b = self.position // SCHEDULE_BLOCK
+        if self._block[0] != b:
+            self._block = (b, mixture_schedule(self.weights, self.seed, b * SCHEDULE_BLOCK, SCHEDULE_BLOCK))
+        which = int(self._block[1][self.position % SCHEDULE_BLOCK])
+        batch = next(self.loaders[which])
+        self.position += 1
+        return {**batch, "set": which}

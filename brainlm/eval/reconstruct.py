@@ -308,7 +308,19 @@ def windows_context(meta: list[dict], window: int, k: int | None) -> list[list[i
 def model_fitted_on(ctx: Context) -> dict[str, str]:
     """What the model's parts saw: its weights (pretraining) and its decoder prior."""
     recorded = trained_on(ctx.model.extra)
-    weights = "trained on " + (" then ".join(f"the train split of {r['shards']}" for r in recorded) or "?")
+    runs: list[list[dict]] = []  # one run's shard sets together (a mixture), runs in order
+    for r in recorded:
+        if runs and r.get("mixture") and runs[-1][-1].get("mixture") == r.get("mixture"):
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    phrases = [
+        f"the train split of {run[0]['shards']}"
+        if len(run) == 1
+        else "a mixture of the train splits of " + " + ".join(f"{r['shards']} ({r['weight']:.2f})" for r in run)
+        for run in runs
+    ]
+    weights = "trained on " + (" then ".join(phrases) or "?")
     strength = ctx.model.config.prior_context
     out = {
         "weights": weights,

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from brainlm import atomic
 from brainlm.data.format import Manifest, load_manifest
-from brainlm.data.loader import MaskSpec, TrainLoader, fixed_samples
+from brainlm.data.loader import MaskSpec, MixtureLoader, TrainLoader, fixed_samples
 from brainlm.exceptions import ConfigError, NonFiniteLossError, ShardError
 from brainlm.lock import FolderLock
 from brainlm.masking import seeded_masks
@@ -52,23 +53,102 @@ class RunResult:
 
 
 @dataclass
-class Plan:
-    """What a run is, known before any process group exists."""
+class ShardSet:
+    """One shard set of a run: its manifest, where it lives, its sampling weight and its short name (for logs)."""
 
     manifest: Manifest
     root: str
-    model: ModelConfig  # the recipe's model with the atlas's parcel count
+    weight: float = 1.0
+    name: str = ""
+
+
+@dataclass
+class Plan:
+    """What a run is, known before any process group exists. ``sets``: the shard sets it trains on (one, or a
+    mixture); the first is the primary one (its atlas, TR and scaling are the export's, its training split fits
+    the decoder prior)."""
+
+    sets: list[ShardSet]
+    model: ModelConfig  # the recipe's model with the primary atlas's parcel count
     ds_config: dict[str, Any]
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.sets[0].manifest
+
+    @property
+    def root(self) -> str:
+        return self.sets[0].root
 
     @property
     def num_parcels(self) -> int:
         return self.model.num_parcels
 
 
+def shard_list(value: str) -> list[str]:
+    """``data.shards``: one shard set or several, comma-separated."""
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def mixture_weights(cfg: PretrainConfig, sets: list[ShardSet]) -> list[float]:
+    """``data.weights`` (one positive number per set), else each set's training crops."""
+    if not str(cfg.data.weights).strip():
+        return [float(s.manifest.num_samples(cfg.data.train_split)) for s in sets]
+    try:
+        weights = [float(w) for w in str(cfg.data.weights).split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != len(sets) or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ConfigError(
+            f"`data.weights` {cfg.data.weights!r}: expected {len(sets)} positive numbers, comma-separated, one per "
+            f"shard set of data.shards ({', '.join(s.root for s in sets)}); or leave it empty to weigh the sets by "
+            "their training crops"
+        )
+    return weights
+
+
+def check_mixture(cfg: PretrainConfig, sets: list[ShardSet]) -> None:
+    """Shard sets one model can train on together: one TR (a model is trained for one), every set with training
+    crops, and the same parcel count where the model has a learned per-parcel table (it ties it to one atlas)."""
+    primary = sets[0].manifest
+    for s in sets:
+        if not s.manifest.num_samples(cfg.data.train_split):
+            raise ShardError(f"{s.root} has no {cfg.data.train_split!r} crops to train on")
+        if abs(s.manifest.tr - primary.tr) > 1e-3:
+            raise ShardError(
+                f"the shard sets have different TRs ({sets[0].root}: {primary.tr:g} s, {s.root}: {s.manifest.tr:g} "
+                f"s); a model is trained at one TR: rebuild {s.root} at {primary.tr:g} s (python -m data_prep build "
+                f"--tr {primary.tr:g} --resample)"
+            )
+        if cfg.model.learned_parcel_embedding and s.manifest.atlas.num_parcels != primary.atlas.num_parcels:
+            raise ConfigError(
+                f"model.learned_parcel_embedding ties the model to one atlas ({primary.atlas.num_parcels} parcels), "
+                f"but {s.root} has {s.manifest.atlas.num_parcels}: turn it off to train on several atlases"
+            )
+
+
 def preflight(cfg: PretrainConfig, ds_config: dict | str | Path) -> Plan:
-    """Read the DeepSpeed JSON and the shard set's manifest and check they fit the recipe; raises before any work."""
+    """Read the DeepSpeed JSON and the shard sets' manifests and check they fit the recipe; raises before any work."""
     ds_json = read_ds_config(ds_config)
-    manifest, root = load_manifest(cfg.data.shards)
+    urls = shard_list(cfg.data.shards)
+    if not urls:
+        raise ConfigError("`data.shards` is empty: name a shard set (a folder or s3://bucket/prefix)")
+    sets = []
+    for url in urls:
+        manifest, root = load_manifest(url)
+        check_crops(cfg, manifest, root)
+        sets.append(ShardSet(manifest, root, name=Path(str(root).rstrip("/")).name or str(root)))
+    check_mixture(cfg, sets)
+    names = [s.name for s in sets]
+    for i, (s, w) in enumerate(zip(sets, mixture_weights(cfg, sets), strict=True)):
+        s.weight = w
+        s.name = s.name if names.count(s.name) == 1 else f"{s.name}{i}"  # names of logged curves: unique
+    # The (primary) atlas decides the parcel count.
+    model_cfg = dataclasses.replace(cfg.model, num_parcels=sets[0].manifest.atlas.num_parcels)
+    return Plan(sets, model_cfg, ds_json)
+
+
+def check_crops(cfg: PretrainConfig, manifest: Manifest, root: str) -> None:
     window = cfg.model.num_timepoints
     if manifest.crop < window:
         raise ShardError(
@@ -83,9 +163,6 @@ def preflight(cfg: PretrainConfig, ds_config: dict | str | Path) -> Plan:
             "any; rebuild with a larger --crop (e.g. twice the window, or a whole recording) or set "
             "model.prior_context 0"
         )
-    # The atlas decides the parcel count.
-    model_cfg = dataclasses.replace(cfg.model, num_parcels=manifest.atlas.num_parcels)
-    return Plan(manifest, root, model_cfg, ds_json)
 
 
 def apply_activation_checkpointing(model: BrainLM) -> None:
@@ -145,55 +222,78 @@ def fit_prior(model: BrainLM, cfg: PretrainConfig, plan: Plan) -> dict[str, torc
     return {name: getattr(model, name).detach().clone() for name in BrainLM.PRIOR_BUFFERS}
 
 
-def build_loader(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext, start_step: int) -> TrainLoader:
+def build_loader(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext, start_step: int) -> TrainLoader | MixtureLoader:
+    """The rank's training micro-batches: one shard set's ``TrainLoader``, or a ``MixtureLoader`` over several."""
     c = plan.model
-    return TrainLoader(
-        plan.manifest,
-        plan.root,
-        cfg.data.train_split,
-        cfg.train.micro_batch_size,
-        c.num_timepoints,
+
+    def loader(index: int, start: int, seed: int) -> TrainLoader:
+        return TrainLoader(
+            plan.sets[index].manifest,
+            plan.sets[index].root,
+            cfg.data.train_split,
+            cfg.train.micro_batch_size,
+            c.num_timepoints,
+            seed,
+            ctx.rank,
+            ctx.world_size,
+            cfg.data.num_workers,
+            cfg.data.prefetch,
+            start=start,
+            masks=MaskSpec(c.num_patches, c.mask_ratio, c.masking),
+            on_corrupt=cfg.data.on_corrupt,
+            context=bool(c.prior_context),
+        )
+
+    start = start_step * cfg.train.grad_accum
+    if len(plan.sets) == 1:
+        return loader(0, start, cfg.train.seed)
+    seeds = np.random.SeedSequence(cfg.train.seed).spawn(len(plan.sets))  # each set's streams their own seed
+    return MixtureLoader(
+        lambda i, served: loader(i, served, int(seeds[i].generate_state(1)[0])),
+        [s.weight for s in plan.sets],
         cfg.train.seed,
-        ctx.rank,
-        ctx.world_size,
-        cfg.data.num_workers,
-        cfg.data.prefetch,
-        start=start_step * cfg.train.grad_accum,
-        masks=MaskSpec(c.num_patches, c.mask_ratio, c.masking),
-        on_corrupt=cfg.data.on_corrupt,
-        context=bool(c.prior_context),
+        start,
     )
 
 
 @dataclass
 class ValidationSet:
-    """This rank's share of the fixed validation windows and their masks (the evaluation protocol's), and each
-    window's recording context (the protocol's: the rest of its recording) for a prior that reads it."""
+    """This rank's share of one shard set's fixed validation windows and their masks (the evaluation protocol's),
+    the set's parcel coordinates, and each window's recording context (the protocol's: the rest of its recording)
+    for a prior that reads it."""
 
     signal: torch.Tensor
     masks: torch.Tensor
+    coords_R3: torch.Tensor
+    name: str = ""
     context: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def context_of(self, rows: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if self.context is None else (self.context[0][rows].to(device), self.context[1][rows].to(device))
 
 
-def build_validation(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> ValidationSet:
-    m = plan.manifest
+def build_validation(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> list[ValidationSet]:
+    """One validation set per shard set (its own curve; the run's figure is their mean)."""
+    return [validation_of(cfg, plan, s, ctx) for s in plan.sets]
+
+
+def validation_of(cfg: PretrainConfig, plan: Plan, shard_set: ShardSet, ctx: ds.DistContext) -> ValidationSet:
+    m = shard_set.manifest
     split = cfg.data.val_split if m.num_samples(cfg.data.val_split) else cfg.data.train_split
     count = max(ctx.world_size, cfg.train.val_samples // ctx.world_size * ctx.world_size)
-    signal, meta = fixed_samples(m, plan.root, split, count, plan.model.num_timepoints)
+    signal, meta = fixed_samples(m, shard_set.root, split, count, plan.model.num_timepoints)
     usable = signal.shape[0] // ctx.world_size * ctx.world_size  # equal work per rank (ZeRO-3 needs it)
     idx = list(range(ctx.rank, usable, ctx.world_size))
-    c = plan.model
+    c, R = plan.model, m.atlas.num_parcels
     # Window i of the split gets the mask `brainlm reconstruct` gives it: a learning curve measures the final table.
-    masks = seeded_masks(protocol_seeds(idx, c.masking), plan.num_parcels, c.num_patches, c.mask_ratio, c.masking)
+    masks = seeded_masks(protocol_seeds(idx, c.masking), R, c.num_patches, c.mask_ratio, c.masking)
     context = None
     if c.prior_context:  # as `brainlm reconstruct --context all`: the other windows of the window's recording
         recordings, starts = [x["recording"] for x in meta], [int(x["start"]) for x in meta]
         cov_BRR, n_B = context_statistics(signal.numpy(), context_windows(recordings, starts, c.num_timepoints, None))
         context = (torch.from_numpy(cov_BRR[idx]).float(), torch.from_numpy(n_B[idx]))
-    return ValidationSet(signal[idx], masks, context)
+    coords = torch.tensor(m.atlas.coords(), dtype=torch.float32)
+    return ValidationSet(signal[idx], masks, coords, shard_set.name, context)
 
 
 def build_tracker(
@@ -211,7 +311,11 @@ def build_tracker(
     tracker.start(
         cfg.tracking.run_name or out_dir.name,
         {"recipe": recipe, "ds": ds_resolved, "world_size": ctx.world_size, "num_parcels": plan.num_parcels},
-        {"git_sha": git_sha(), "manifest_sha256": plan.manifest.plan_sha256, "shards": str(plan.root)},
+        {
+            "git_sha": git_sha(),
+            "manifest_sha256": ",".join(s.manifest.plan_sha256 for s in plan.sets),
+            "shards": ",".join(str(s.root) for s in plan.sets),
+        },
         resume_run_id=run_id,
     )
     return tracker
@@ -254,20 +358,25 @@ class Trainer:
     ) -> None:
         self.cfg, self.plan, self.ctx, self.model, self.engine, self.dtype = cfg, plan, ctx, model, engine, dtype
         self.out_dir = Path(cfg.train.out_dir)
-        self.coords_R3 = torch.tensor(plan.manifest.atlas.coords(), device=ctx.device, dtype=dtype)
+        self.coords = [torch.tensor(s.manifest.atlas.coords(), device=ctx.device, dtype=dtype) for s in plan.sets]
         self.ckpt = Checkpointer(self.out_dir, cfg.train.keep_last, ctx.rank)
         self.tracker: Tracker | None = None
         self.global_batch = global_batch(cfg, ctx.world_size)
-        samples = plan.manifest.num_samples(cfg.data.train_split)
+        samples = sum(s.manifest.num_samples(cfg.data.train_split) for s in plan.sets)
         self.steps_per_epoch = cfg.data.steps_per_epoch or max(1, math.ceil(samples / self.global_batch))
-        self.flops = model.flops_per_sample(plan.model.mask_ratio, plan.num_parcels)
+        weights = np.array([s.weight for s in plan.sets]) / sum(s.weight for s in plan.sets)
+        self.flops = sum(
+            w * model.flops_per_sample(plan.model.mask_ratio, s.manifest.atlas.num_parcels)
+            for w, s in zip(weights, plan.sets, strict=True)
+        )
         self.peak = cfg.train.peak_tflops or ds.peak_tflops(ctx.device)
         self._window = {"start": time.time(), "samples": 0, "wait": 0.0}
+        self.set_samples = [0] * len(plan.sets)  # samples each shard set gave since this process started
         self.prior_state = prior_state or {}  # the Gaussian prior's fp32 statistics, if the model has one
 
     # -- one step ------------------------------------------------------------------------------------------
 
-    def step(self, loader: TrainLoader, step: int) -> float:
+    def step(self, loader, step: int) -> float:
         """Forward, backward and optimizer step for ``grad_accum`` micro-batches; the global mean loss."""
         step_loss = 0.0
         accum = self.cfg.train.grad_accum
@@ -279,7 +388,9 @@ class Trainer:
             context = None
             if "context_cov" in batch:
                 context = (batch["context_cov"].to(self.ctx.device), batch["context_n"].to(self.ctx.device))
-            out = self.engine(signal, self.coords_R3, mask_BL=batch["mask"].to(self.ctx.device), context=context)
+            which = int(batch.get("set", 0))
+            self.set_samples[which] += signal.shape[0] * self.ctx.world_size
+            out = self.engine(signal, self.coords[which], mask_BL=batch["mask"].to(self.ctx.device), context=context)
             self.engine.backward(out.loss)
             self.engine.step()
             step_loss += float(out.loss.detach()) / accum
@@ -312,6 +423,8 @@ class Trainer:
         }
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
+        if len(self.plan.sets) > 1:  # the mixture as sampled (since this process started)
+            metrics |= {f"samples_{s.name}": float(n) for s, n in zip(self.plan.sets, self.set_samples, strict=True)}
         mfu = ""
         if self.peak:
             metrics["mfu"] = sps * self.flops / (self.peak * 1e12 * self.ctx.world_size)
@@ -335,13 +448,14 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, val: ValidationSet) -> float:
-        """Pooled masked R^2 over every rank's validation windows."""
+        """Pooled masked R^2 over every rank's validation windows of one shard set."""
         self.engine.eval()
         sums = R2Sums()
+        coords = val.coords_R3.to(self.ctx.device, dtype=self.dtype)
         for i in range(0, val.signal.shape[0], 8):
             x = val.signal[i : i + 8].to(self.ctx.device, dtype=self.dtype)
             mask = val.masks[i : i + 8].to(self.ctx.device)
-            out = self.engine(x, self.coords_R3, mask_BL=mask, context=val.context_of(slice(i, i + 8), self.ctx.device))
+            out = self.engine(x, coords, mask_BL=mask, context=val.context_of(slice(i, i + 8), self.ctx.device))
             sums.add(out.pred_BLP.float(), self.model.patchify(x.float()), out.mask_BL)
         total = sums.tensor().to(self.ctx.device)
         dist.all_reduce(total)
@@ -382,14 +496,21 @@ class Trainer:
             model = BrainLM(self.plan.model)
             model.load_state_dict({**state, **self.prior_state})
             m = self.plan.manifest
-            this = {
-                "shards": str(self.plan.root),
-                "manifest_sha256": m.plan_sha256,
-                "atlas": m.atlas.name,
-                "tr": m.tr,
-                "train_subjects": len(m.subjects_of(self.cfg.data.train_split)),
-                "steps": self.cfg.train.max_steps,
-            }
+            total = sum(s.weight for s in self.plan.sets)
+            these = [
+                {
+                    "shards": str(s.root),
+                    "manifest_sha256": s.manifest.plan_sha256,
+                    "atlas": s.manifest.atlas.name,
+                    "parcels": s.manifest.atlas.num_parcels,
+                    "tr": s.manifest.tr,
+                    "train_subjects": len(s.manifest.subjects_of(self.cfg.data.train_split)),
+                    "train_crops": s.manifest.num_samples(self.cfg.data.train_split),
+                    "steps": self.cfg.train.max_steps,
+                }
+                | ({"weight": s.weight / total, "mixture": str(self.out_dir)} if len(self.plan.sets) > 1 else {})
+                for s in self.plan.sets
+            ]
             model.save_pretrained(
                 target,
                 scaling=m.scaling,
@@ -398,7 +519,7 @@ class Trainer:
                     "tr": m.tr,
                     "shards": str(self.plan.root),
                     "manifest_sha256": m.plan_sha256,
-                    "trained_on": [*trained_on(self.model.extra), this],
+                    "trained_on": [*trained_on(self.model.extra), *these],
                     "preset": self.cfg.preset,
                     "steps": self.cfg.train.max_steps,
                     "git_sha": git_sha(),
@@ -410,7 +531,7 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------------
 
-    def fit(self, loader: TrainLoader, val: ValidationSet, start_step: int, result: RunResult) -> None:
+    def fit(self, loader, val: list[ValidationSet], start_step: int, result: RunResult) -> None:
         t = self.cfg.train
         self.engine.train()
         for step in range(start_step, t.max_steps):
@@ -421,10 +542,20 @@ class Trainer:
             if self.ctx.is_main and (done % t.log_every == 0 or last):
                 self.log(done, loss)
             if (t.val_every and done % t.val_every == 0) or last:
-                r2 = result.val_r2[done] = self.validate(val)
+                per_set = [self.validate(v) for v in val]
+                r2 = result.val_r2[done] = float(np.mean(per_set))
                 if self.ctx.is_main:
-                    print(f"step {done:>6}/{t.max_steps} | val masked R^2 {r2:.4f} (pooled, fixed masks)", flush=True)
-                    self._record(done, {"val_masked_r2": r2})
+                    sets = (
+                        ""
+                        if len(val) == 1
+                        else " = mean of " + ", ".join(f"{v.name} {x:.4f}" for v, x in zip(val, per_set, strict=True))
+                    )
+                    line = f"step {done:>6}/{t.max_steps} | val masked R^2 {r2:.4f} (pooled, fixed masks){sets}"
+                    print(line, flush=True)
+                    record = {"val_masked_r2": r2}
+                    if len(val) > 1:
+                        record |= {f"val_masked_r2_{v.name}": x for v, x in zip(val, per_set, strict=True)}
+                    self._record(done, record)
             if (t.ckpt_every and done % t.ckpt_every == 0) or last:
                 self.checkpoint(done)
             result.steps = done
@@ -487,6 +618,24 @@ def _run(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> RunResult:
     if trainer.tracker is not None and start_step:
         # MLflow keeps every value it was sent: the steps after the checkpoint appear twice in its history.
         trainer.tracker.set_tags({"brainlm.resumed_at_steps": str(start_step)})
+    if ctx.is_main and len(plan.sets) > 1:
+        total = sum(s.weight for s in plan.sets)
+        print(
+            "mixture: "
+            + ", ".join(
+                f"{s.name} ({s.manifest.atlas.name}, {s.manifest.atlas.num_parcels} parcels, "
+                f"{s.manifest.num_samples(cfg.data.train_split)} crops, weight {s.weight / total:.2f})"
+                for s in plan.sets
+            )
+            + "; one shard set per micro-batch",
+            flush=True,
+        )
+        if model.decoder_prior_embed is not None and any(s.manifest.atlas != plan.manifest.atlas for s in plan.sets):
+            print(
+                f"note: the decoder prior is fitted on {plan.sets[0].name}'s atlas; windows of another atlas start "
+                "from their own covariance only (as on transfer)",
+                flush=True,
+            )
     if ctx.is_main:
         w, gb = ctx.world_size, trainer.global_batch
         print(
@@ -521,7 +670,7 @@ def finish_tracking(cfg: PretrainConfig, plan: Plan, trainer: Trainer, result: R
     result.run_id = tracker.run_id
     if result.model_dir is not None and tracker.tag(REGISTERED_TAG) is None:
         if val is not None:
-            _log_reconstruction_figure(result.model_dir, val, trainer.coords_R3, result.out_dir, tracker)
+            _log_reconstruction_figure(result.model_dir, val[0], result.out_dir, tracker)
         tracker.log_artifact(result.model_dir / "config.json", "export")
         if cfg.tracking.register_as:
             result.registered_version = tracker.register(
@@ -542,13 +691,13 @@ def finish_tracking(cfg: PretrainConfig, plan: Plan, trainer: Trainer, result: R
     tracker.end()
 
 
-def _log_reconstruction_figure(model_dir: Path, val: ValidationSet, coords_R3, out_dir: Path, tracker: Tracker) -> None:
+def _log_reconstruction_figure(model_dir: Path, val: ValidationSet, out_dir: Path, tracker: Tracker) -> None:
     """True vs reconstructed signals of one validation crop, for the run's artifacts."""
     try:
         from brainlm.plots import reconstruction_figure
 
         path = reconstruction_figure(
-            BrainLM.from_pretrained(model_dir), val.signal[:1], coords_R3.float().cpu(), out_dir / "reconstruction.png"
+            BrainLM.from_pretrained(model_dir), val.signal[:1], val.coords_R3, out_dir / "reconstruction.png"
         )
         tracker.log_artifact(path, "figures")
     except Exception as err:  # a figure must never fail a finished run

@@ -26,7 +26,10 @@ from brainlm.schema import coerce, field_docs, unknown_key
 @dataclass
 class DataConfig:
     shards: str = "demo/shards"
-    """Shard set to train on: a local folder or s3://bucket/prefix holding manifest.json."""
+    """Shard set to train on: a local folder or s3://bucket/prefix holding manifest.json; several, comma-separated
+    (a YAML list in a recipe), train one model on all of them, one set per micro-batch (any atlases, one TR)."""
+    weights: str = ""
+    """Sampling weights of the shard sets, comma-separated, one per set; default: their training crops."""
     train_split: str = "train"
     """Split to train on."""
     val_split: str = "val"
@@ -191,6 +194,8 @@ def build_recipe(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -
             if key not in valid:
                 listed = valid + (["preset"] if name == "model" else [])
                 raise unknown_key(f"{name}.{key}", [f"{name}.{v}" for v in listed])
+            if name == "data" and key in ("shards", "weights") and isinstance(value, list):
+                value = ",".join(str(v) for v in value)  # a YAML list of shard sets (or weights)
             kwargs[key] = coerce(f"{name}.{key}", value, hints[key])
         sections[name] = get_preset(preset, **kwargs) if name == "model" else cls(**kwargs)
     cfg = PretrainConfig(preset=preset, **sections)
