@@ -450,17 +450,31 @@ def test_data_prep_parts_and_merge_agree_with_the_cli(rendered):
         role = find(objects, "Role", "brainlm-job-reader")
         assert role["rules"] == [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch"]}]
         assert pod_specs(merge_job)["Job"]["serviceAccountName"] == "brainlm"
-        # pretraining starts when the shard set is committed (manifest.json), however it was built
+        # pretraining starts when every shard set is committed (manifest.json), however it was built
         shard_wait = " ".join(argv(container(find(objects, "Job", "brainlm-pretrain"), "wait-for-shards")))
-        assert 'python -m data_prep inspect "$BRAINLM_SHARDS" --no-verify' in shard_wait
+        assert 'python -m data_prep inspect "$s" --no-verify' in shard_wait and "BRAINLM_SHARDS//,/ " in shard_wait
 
 
-def test_the_shard_wait_fails_until_a_manifest_exists(tmp_path, tiny_shards):
-    """`data_prep inspect --no-verify` (the pretraining pods' init container) exits non-zero without a manifest."""
+def test_the_shard_wait_fails_until_a_manifest_exists(rendered, tmp_path, tiny_shards, tiny_shards_5):
+    """`data_prep inspect --no-verify` (the pretraining pods' init container) exits non-zero without a manifest; the
+    init container's own script, run here with bash, returns once every set of a comma-separated list has one."""
     from data_prep.cli import main
 
     assert main(["inspect", str(tmp_path / "nothing-yet"), "--no-verify"]) != 0
     assert main(["inspect", str(tiny_shards), "--no-verify"]) == 0
+    jobs = [
+        o
+        for objects in rendered.values()
+        for o in objects
+        if o["kind"] == "Job" and "pretrain" in o["metadata"]["name"]
+    ]
+    assert jobs
+    for job in jobs:
+        wait = container(job, "wait-for-shards")
+        shards = f"{tiny_shards},{tiny_shards_5}"
+        env = {**os.environ, "BRAINLM_SHARDS": shards, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+        done = subprocess.run(argv(wait), env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
 
 
 # -- sweep --------------------------------------------------------------------------------------------------
