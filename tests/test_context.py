@@ -83,7 +83,7 @@ def test_the_python_api_gives_a_context_model_the_rest_of_the_recording():
 
 def test_a_context_model_on_crops_without_room_for_context_is_refused(tiny_shards):
     from brainlm.exceptions import ShardError
-    from brainlm.training.pretrain import preflight
+    from brainlm.training.plan import preflight
     from brainlm.training.recipe import load_recipe
 
     # tiny_shards has crops of 40 timepoints: a 40-timepoint window leaves no context in its crop.

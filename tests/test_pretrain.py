@@ -479,7 +479,7 @@ def test_two_shard_sets_of_different_atlases_train_in_one_run(tiny_shards, tiny_
 def test_mixture_weights_are_checked_before_any_work(tiny_shards, tiny_shards_5):
     """data.weights: one positive number per shard set, else a ConfigError naming the sets; the default weighs
     the sets by their training crops."""
-    from brainlm.training.pretrain import preflight
+    from brainlm.training.plan import preflight
 
     both = f"{tiny_shards},{tiny_shards_5}"
     window = {"num_timepoints": 40}

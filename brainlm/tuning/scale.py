@@ -211,7 +211,7 @@ def scale_sweep(
     val_points: int = 4,
 ) -> dict[str, Any]:
     """Width x depth x mask ratio x budget, one short pretraining run each; figure + tables + MLflow."""
-    from brainlm.training.pretrain import preflight
+    from brainlm.training.plan import preflight
 
     if not (widths and depths and mask_ratios and budgets):
         raise ConfigError("--widths, --depths, --mask-ratios and --budget each need at least one value")
