@@ -1,7 +1,7 @@
 """Pretraining in parts, as torchtitan lays it out: ``preflight`` (``brainlm.training.plan``: what the run is,
 checked before any process group: the shard sets, the model it trains, the DeepSpeed JSON), the builders (model,
-loader, validation sets, tracker), and a ``Trainer`` that steps, logs, validates, checkpoints and exports. ``run(cfg, ds_config)`` puts
-them together; ``launcher/pretrain.py``, the scaling sweep's trials and the tests call it.
+loader, validation sets, tracker), and a ``Trainer`` that steps, logs, validates, checkpoints and exports.
+``run(cfg, ds_config)`` puts them together; ``launcher/pretrain.py``, the scaling sweep's trials and the tests call it.
 
 Masks come with the batches: the loader draws each sample's mask from the sample's seed (``MaskSpec``), in the
 worker that reads it; validation windows carry the evaluation protocol's masks (``brainlm.protocol``).
