@@ -13,6 +13,9 @@ Stages and what makes each resumable (all state lives in the destination store):
                sidecar spec matches and whose checksum matches is skipped on a re-run.
 4. manifest    written last, atomically: the commit point. An older manifest that disagrees with the
                new plan is deleted before any shard is written, so no manifest ever claims stale data.
+
+About 600 lines in one file on purpose: the stages read in order; what a recording is lives in brainlm.recordings,
+the shard writing in data_prep/shards.py.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Shapes (suffixes on every tensor name):
     D encoder width, E decoder width, H heads, Y encoder layers, "1K" / "1L" = CLS + K / L tokens.
 mask_BL is bool, True = removed (masked), as MAE documents its 0/1 mask.
 
-About 400 lines, kept in one file on purpose: the model reads top to bottom as MAE's does, plus the options the
+About 500 lines, kept in one file on purpose: the model reads top to bottom as MAE's does, plus the options the
 released BrainLM weights need and thin entry points to inference (brainlm/model/inference.py) and files (io.py).
 """
 
