@@ -428,7 +428,8 @@ def test_mixture_schedule_follows_the_weights_and_resumes(tiny_shards, tiny_shar
 
 def test_two_shard_sets_of_different_atlases_train_in_one_run(tiny_shards, tiny_shards_5, tmp_path):
     """2 ranks through the deepspeed launcher on two shard sets (7 and 5 parcels, weights 3:1): each set's samples
-    as the schedule drew them, a validation curve per set, an export that records both and reconstructs both."""
+    as the schedule drew them, a validation curve per set, an export that records both and reconstructs both, its
+    decoder prior fitted on the first (primary) set."""
     import brainlm
     from brainlm.data.loader import mixture_schedule
 
@@ -440,6 +441,8 @@ def test_two_shard_sets_of_different_atlases_train_in_one_run(tiny_shards, tiny_
                 f"{tiny_shards},{tiny_shards_5}",
                 "--data.weights",
                 "3,1",
+                "--model.decoder_prior",
+                "gaussian",
                 "--train.micro_batch_size",
                 "4",
                 "--train.max_steps",
@@ -474,6 +477,11 @@ def test_two_shard_sets_of_different_atlases_train_in_one_run(tiny_shards, tiny_
         )
         assert np.isfinite(metrics["pooled_r2"]["random"]["model"])
         assert "a mixture of the train splits" in metrics["fitted_on"]["model"]["weights"]
+        prior = metrics["fitted_on"]["model"]["prior"]
+        if shards == tiny_shards:  # the primary set: the prior the run fitted
+            assert prior == f"fitted on the train split of {tiny_shards}"
+        else:  # the other atlas: refitted on its shards, as on transfer
+            assert prior.startswith(f"fitted on the train split of {tiny_shards_5} (") and prior.endswith("refitted")
 
 
 def test_mixture_weights_are_checked_before_any_work(tiny_shards, tiny_shards_5):

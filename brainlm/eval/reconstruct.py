@@ -329,7 +329,8 @@ def model_fitted_on(ctx: Context) -> dict[str, str]:
         else "none (the model sees its window only)",
     }
     if ctx.model.decoder_prior_embed is not None:
-        fitted = ctx.prior_fitted_on or (f"the train split of {recorded[-1]['shards']}" if recorded else "?")
+        # Fitted by the last run, on its first (primary) shard set.
+        fitted = ctx.prior_fitted_on or (f"the train split of {runs[-1][0]['shards']}" if runs else "?")
         out["prior"] = f"fitted on {fitted}"
     return out
 
