@@ -5,8 +5,9 @@ Each masked patch starts from the conditional expectation of a Gaussian model of
     E[x_M(t) | x_V(t)] = mu_M + C_MV (C_VV + lam s I)^-1 (x_V(t) - mu_V),   s = trace(C) / R,
 
 with C the training split's parcel covariance shrunk toward the window's own (its visible values, the masked ones
-imputed: C_w = (1 - alpha) C + alpha cov(window), two passes): the ``adaptive`` baseline of `brainlm reconstruct`
-(brainlm/eval/baselines.py), computed in torch for a whole batch. The decoder then predicts the correction to it.
+imputed: C_w = (1 - alpha) C + alpha cov(window), two passes): the ``adaptive`` baseline of `brainlm reconstruct`,
+computed in torch for a whole batch. ``impute`` is the one implementation: the ``ridge`` and ``adaptive`` baselines
+(brainlm/eval/baselines.py) call it too. The decoder then predicts the correction to it.
 The baseline is the floor the model starts from, and what the model scores above it is the transformer's doing.
 
 mu and C are buffers fitted on training windows (`fit`); on another atlas (other coordinates) the prior has no
