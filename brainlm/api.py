@@ -26,6 +26,7 @@ from brainlm.exceptions import InputError
 from brainlm.model import BrainLM, BrainLMForPrediction
 from brainlm.model import io as model_io
 from brainlm.model.inference import check_pooling, resolve_device
+from brainlm.model.load import load_model
 
 
 def _resolve_registry(uri: str) -> Path:
@@ -52,8 +53,9 @@ def load(source: str | Path, device: str | torch.device | None = None) -> BrainL
             f"{source}: expected an exported model folder (model.safetensors + config.json), a registry URI like "
             "models:/brainlm-debug@current, or runs:/RUN_ID/model"
         )
-    cls = BrainLMForPrediction if (folder / "head.json").is_file() else BrainLM
-    return cls.from_pretrained(folder).to(resolve_device(device)).eval()
+    if (folder / "head.json").is_file():
+        return BrainLMForPrediction.from_pretrained(folder).to(resolve_device(device)).eval()
+    return load_model(folder).to(resolve_device(device)).eval()
 
 
 # -- recordings on disk ------------------------------------------------------------------------------------

@@ -84,14 +84,13 @@ def _attention(a: argparse.Namespace) -> None:
 
 def _import_brainlm(a: argparse.Namespace) -> None:
 
-    from brainlm.model.convert import convert_brainlm
+    from brainlm.model.convert_vitmae import convert_release
+    from brainlm.recordings.atlas import atlas_from_table
 
-    conv = convert_brainlm(a.src)
+    atlas = atlas_from_table(a.atlas_table)[0] if a.atlas_table else None
+    conv = convert_release(a.src, atlas.coords() if atlas else None)
     extra: dict = {"source": conv.source, "notes": conv.notes}
-    if a.atlas_table:
-        from brainlm.recordings.atlas import atlas_from_table
-
-        atlas, _ = atlas_from_table(a.atlas_table)
+    if atlas is not None:
         R = conv.model.config.num_parcels
         if atlas.num_parcels != R:
             raise BrainLMError(
@@ -101,11 +100,14 @@ def _import_brainlm(a: argparse.Namespace) -> None:
         extra["atlas"] = dataclasses.asdict(atlas)
     conv.model.save_pretrained(a.out, extra=extra)
     c = conv.model.config
-    print(
-        f"imported {a.src} -> {a.out}: {conv.source['params_millions']}M parameters, {c.num_parcels} parcels x "
-        f"{c.num_timepoints} timepoints, patches of {c.patch_size}"
+    patches = f"patches of {c.patch_size}" if conv.source["format"] == "BrainLMForPretraining" else (
+        f"a {c.image_size} x {c.image_size} image in patches of {c.patch_size} x {c.patch_size}"
     )
-    print("dropped (unused by the release's forward):")
+    print(
+        f"imported {a.src} -> {a.out}: {conv.source['params_millions']}M parameters ({conv.source['format']}), "
+        f"{c.num_parcels} parcels x {c.num_timepoints} timepoints, {patches}"
+    )
+    print("dropped (not needed: unused by the release's forward, or recomputed and checked):")
     for key, why in conv.dropped.items():
         print(f"  {key}: {why}")
     print("what the release does not say:")
@@ -346,14 +348,20 @@ def parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser(
         "import-brainlm",
-        help="convert the released BrainLM weights (BrainLMForPretraining, e.g. old_13M) into a model folder",
-        description="Read a Hugging Face BrainLMForPretraining folder (config.json + model.safetensors or "
-        "pytorch_model.bin, read as weights only) and write our model folder. Every key is mapped; unused ones are "
-        "listed. The released weights are CC BY-NC-ND: convert them locally, never redistribute the result.",
+        help="convert the released BrainLM weights (old_13M, vitmae_111M, vitmae_650M) into a model folder",
+        description="Read a Hugging Face release folder (config.json + model.safetensors or pytorch_model.bin, read "
+        "as weights only): BrainLMForPretraining (old_13M) or ViTMAEForPreTraining (vitmae_111M, vitmae_650M: needs "
+        "--atlas-table, whose Y coordinates order the image rows), and write our model folder. Every key is mapped; "
+        "unused ones are listed. The released weights are CC BY-NC-ND: convert them locally, never redistribute the "
+        "result.",
     )
     i.add_argument("src", help="the release's folder (config.json + weights)")
     i.add_argument("--out", required=True, help="model folder to write")
-    i.add_argument("--atlas-table", help="the atlas the release was trained on (name, x, y, z[, network]), e.g. A424")
+    i.add_argument(
+        "--atlas-table",
+        help="the atlas the release was trained on (name, x, y, z[, network]), e.g. A424; required for the ViT-MAE "
+        "releases",
+    )
     i.set_defaults(func=_import_brainlm)
 
     g = sub.add_parser(

@@ -30,31 +30,28 @@ def reconstruction_figure(
     mask_BL: torch.Tensor | None = None,
     seed: int = 0,
 ) -> Path:
-    """True vs reconstructed time courses of a few parcels of one window; masked patches shaded."""
-    from brainlm.masking import sample_mask
-
+    """True vs reconstructed time courses of a few parcels of one window; masked values shaded."""
     model.eval()
-    R, N, P = signal_BRT.shape[1], model.config.num_patches, model.config.patch_size
+    R = signal_BRT.shape[1]
     if mask_BL is None:
-        g = torch.Generator().manual_seed(seed)
-        mask_BL = sample_mask(1, R, N, model.config.mask_ratio, model.config.masking, generator=g)
+        mask_BL = model.masks_from_seeds([seed], R, model.config.mask_ratio, model.config.masking)
     device = next(model.parameters()).device
     signal_BRT, mask_BL = signal_BRT[:1].float().cpu(), mask_BL[:1].cpu()
     with torch.no_grad():
         out = model(signal_BRT.to(device), coords_R3.float().to(device), mask_BL=mask_BL.to(device))
     pred_RT = model.unpatchify(out.pred_BLP.float(), R)[0].cpu()
-    mask_RN = mask_BL[0].reshape(R, N)
+    mask_RT = model.value_mask(mask_BL, R)[0]
     rows = np.linspace(0, R - 1, parcels).round().astype(int)
     fig, axes = plt.subplots(parcels, 1, figsize=(9, 1.8 * parcels), sharex=True)
     for ax, r in zip(np.atleast_1d(axes), rows, strict=False):
         ax.plot(signal_BRT[0, r].float().numpy(), color="k", lw=1, label="true")
         ax.plot(pred_RT[r].numpy(), color="tab:red", lw=1, label="reconstructed")
-        for n in range(N):
-            if mask_RN[r, n]:
-                ax.axvspan(n * P, (n + 1) * P, color="tab:red", alpha=0.08)
+        edges = np.flatnonzero(np.diff(np.r_[0, mask_RT[r].astype(int), 0]))  # starts and ends of masked runs
+        for start, end in zip(edges[::2], edges[1::2], strict=True):
+            ax.axvspan(start, end, color="tab:red", alpha=0.08)
         ax.set_ylabel(f"parcel {r}")
     np.atleast_1d(axes)[0].legend(loc="upper right", fontsize=8)
-    np.atleast_1d(axes)[-1].set_xlabel("timepoint (shaded: masked patches)")
+    np.atleast_1d(axes)[-1].set_xlabel("timepoint (shaded: masked values)")
     return _save(fig, path)
 
 

@@ -15,20 +15,20 @@ import torch
 from brainlm.eval.common import autocast, load_context, recordings, table, write_metrics
 from brainlm.eval.perturb import top_report
 from brainlm.exceptions import InputError
+from brainlm.model import grid
 
 
 @torch.no_grad()
 def parcel_attention(model, windows_BRW: np.ndarray, coords_R3: torch.Tensor, batch: int = 32) -> np.ndarray:
     """[B, R]: last-layer, head-mean CLS attention on each parcel's tokens."""
     model.eval()
-    N = model.config.num_patches
+    R = windows_BRW.shape[1]
     out = []
     for i in range(0, len(windows_BRW), batch):
         x = torch.from_numpy(windows_BRW[i : i + batch]).to(coords_R3.device)
         with autocast(coords_R3.device):
             a_BHL = model.cls_attention(x, coords_R3)[:, -1].float().cpu()
-        B, _, L = a_BHL.shape
-        out.append(a_BHL.mean(dim=1).reshape(B, L // N, N).sum(dim=-1))
+        out.append(grid.parcel_attention(model, a_BHL.mean(dim=1), R))
     return torch.cat(out).numpy()
 
 

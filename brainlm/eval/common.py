@@ -16,6 +16,7 @@ from brainlm.data.format import Manifest, load_manifest
 from brainlm.data.loader import fixed_samples
 from brainlm.exceptions import DimensionError, InputError
 from brainlm.model import BrainLM
+from brainlm.model.load import MODELS, load_model
 from brainlm.model.inference import TR_TOLERANCE, autocast, fisher_z, model_tr, resolve_device, window_features
 from brainlm.model.io import REGISTRY_SCHEMES, model_folder
 
@@ -52,7 +53,7 @@ class Context:
 def load_context(model_uri: str | Path | BrainLM, shards: str, device: str | torch.device | None = None) -> Context:
     """The model (on ``device``: default CUDA when available) and the shard set it is evaluated on. A model folder
     needs no MLflow; a ``models:/`` or ``runs:/`` URI is fetched from the registry (the [train] extra)."""
-    if isinstance(model_uri, BrainLM):  # a model already loaded in a notebook: a copy, which the refit may change
+    if isinstance(model_uri, MODELS):  # a model already loaded in a notebook: a copy, which the refit may change
         model, model_dir, model_uri = copy.deepcopy(model_uri), None, "the model given"
     elif isinstance(model_uri, (str, Path)):
         if str(model_uri).startswith(REGISTRY_SCHEMES):
@@ -61,7 +62,7 @@ def load_context(model_uri: str | Path | BrainLM, shards: str, device: str | tor
             model_dir = resolve_model(str(model_uri))
         else:
             model_dir = model_folder(model_uri)
-        model = BrainLM.from_pretrained(model_dir)
+        model = load_model(model_dir)
     else:
         raise InputError(
             f"model: expected a BrainLM (from brainlm.load), a model folder or a models:/ / runs:/ URI; got "

@@ -44,6 +44,7 @@ from brainlm.eval.common import (
     write_metrics,
 )
 from brainlm.exceptions import InputError
+from brainlm.model import grid
 from brainlm.protocol import UnitScores, compare
 
 UNLABELLED = {"unassigned", "none", "", "nan"}
@@ -87,7 +88,6 @@ def knn_across_recordings(
 def recording_features(model, windows_NRW: np.ndarray, coords_R3: torch.Tensor, parcels: np.ndarray, batch: int = 32):
     """Every feature of one recording for the kept parcels: {name: [P, F]}."""
     model.eval()
-    N = model.config.num_patches
     R = windows_NRW.shape[1]
     attn, tokens = [], []
     for i in range(0, len(windows_NRW), batch):
@@ -95,9 +95,9 @@ def recording_features(model, windows_NRW: np.ndarray, coords_R3: torch.Tensor, 
         with autocast(coords_R3.device):
             a_BYHL, t_BLD = model.cls_attention(x, coords_R3, return_tokens=True)
         a_BYHL, t_BLD = a_BYHL.float().cpu(), t_BLD.float().cpu()
-        B, Y, H, _ = a_BYHL.shape
-        attn.append(a_BYHL.reshape(B, Y * H, R, N).sum(dim=-1))  # [B, Y*H, R]
-        tokens.append(t_BLD.reshape(B, R, N, -1).mean(dim=2))  # [B, R, D]
+        B, Y, H, L = a_BYHL.shape
+        attn.append(grid.parcel_attention(model, a_BYHL.reshape(B, Y * H, L), R))  # [B, Y*H, R]
+        tokens.append(grid.parcel_tokens(model, t_BLD, R))  # [B, R, D]
     a_FR = torch.cat(attn).mean(dim=0) * R  # 1 = the attention a parcel would get if CLS attended uniformly
     signal = np.concatenate(list(windows_NRW), axis=1)[parcels]  # [P, windows x W]
     signal = (signal - signal.mean(axis=1, keepdims=True)) / (signal.std(axis=1, keepdims=True) + 1e-8)

@@ -29,6 +29,7 @@ import torch
 
 from brainlm.eval.common import Context, load_context, parse_where, recordings, table, write_metrics
 from brainlm.exceptions import ConfigError
+from brainlm.model import grid
 
 
 @dataclass
@@ -82,15 +83,14 @@ def optimise(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Learn theta; returns it and how far the embedding moved (reached = 1 - d_after / d_before)."""
     model = ctx.model.eval().requires_grad_(False)
-    cfgm = model.config
-    R, N = source.shape[1], cfgm.num_patches
+    R, block = source.shape[1], model.value_block
+    N = source.shape[2] // block
     x = ctx.tensor(source)
 
     def embedding(signal_BRT: torch.Tensor) -> torch.Tensor:
         cls_BD, tokens_BLD = model.encode(signal_BRT, ctx.coords_R3)
         if cfg.pooling == "parcels":  # [R, D]: each parcel's tokens averaged over its patches and the windows
-            B, L, D = tokens_BLD.shape
-            return tokens_BLD.reshape(B, R, L // R, D).mean(dim=(0, 2))
+            return grid.parcel_tokens(model, tokens_BLD, R).mean(dim=0)
         return (cls_BD if cfg.pooling == "cls" else tokens_BLD.mean(dim=1)).mean(dim=0)
 
     with torch.no_grad():
@@ -100,7 +100,7 @@ def optimise(
     opt = torch.optim.Adam([theta], lr=cfg.lr)
     torch.manual_seed(0)
     for step in range(1, cfg.steps + 1):
-        emb = embedding(apply(x, theta, cfg.form, cfgm.patch_size))
+        emb = embedding(apply(x, theta, cfg.form, block))
         match = ((emb - goal) ** 2).sum() / scale
         loss = match + cfg.l1 * theta.abs().mean()
         opt.zero_grad()
@@ -109,7 +109,7 @@ def optimise(
         if report and (step % 20 == 0 or step == cfg.steps):
             report(step, {"match": float(match), "l1": float(theta.abs().mean())})
     with torch.no_grad():
-        final = embedding(apply(x, theta, cfg.form, cfgm.patch_size))
+        final = embedding(apply(x, theta, cfg.form, block))
     after = float(((final - goal) ** 2).sum())
     return theta.detach().cpu(), {
         "distance_before": scale,

@@ -22,7 +22,7 @@ says what each side was fitted on and keeps every window's sums, so folds and re
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from brainlm.protocol import (
     context_statistics,
     context_windows,
     fixed_masks,
+    model_masks,
     parse_context,
     r2_parts,
     time_mask,
@@ -108,6 +109,9 @@ class Baselines:
     mask_ratio: float
     chosen: dict[str, dict[str, dict[str, float]]]
     val_context: list[list[int]] | None = None  # each validation window's context windows (the +ctx baselines)
+    # (count, masking) -> the protocol's value masks [count, R, T] of the evaluated model's tokens (its
+    # ``masks_from_seeds``: image patches for a ViT-MAE); None: BrainLM's tokens of ``P`` timepoints
+    value_masks: Callable[[int, str], np.ndarray] | None = None
 
     @classmethod
     def fit(
@@ -117,12 +121,13 @@ class Baselines:
         mask_ratio: float,
         patch_size: int,
         val_context: list[list[int]] | None = None,
+        value_masks: Callable[[int, str], np.ndarray] | None = None,
     ) -> Baselines:
         """Means and the Gaussian model from training windows; settings are chosen on ``val_BRT`` when asked."""
         train = np.asarray(train_BRT)
         gaussian = GaussianImputer(train, max_lag=(2 * REACH + 1) * patch_size)
         val = np.asarray(val_BRT, dtype=np.float64)
-        return cls(train.mean(axis=(0, 2)), gaussian, val, mask_ratio, {}, val_context)
+        return cls(train.mean(axis=(0, 2)), gaussian, val, mask_ratio, {}, val_context, value_masks)
 
     def predict(
         self,
@@ -169,7 +174,10 @@ class Baselines:
         chosen = self.chosen.setdefault(name, {})
         if masking not in chosen:
             R, T = self.val_BRT.shape[1:]
-            tmask = time_mask(fixed_masks(len(self.val_BRT), R, T // P, self.mask_ratio, masking), R, T // P, P)
+            if self.value_masks is not None:
+                tmask = self.value_masks(len(self.val_BRT), masking)
+            else:
+                tmask = time_mask(fixed_masks(len(self.val_BRT), R, T // P, self.mask_ratio, masking), R, T // P, P)
             grid = LINEAR[name][1]
             candidates = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
             scores = np.empty(len(candidates))
@@ -276,7 +284,7 @@ def fit_baselines(
     """Baselines fitted on the evaluated shards' training split, and on the model's pretraining data when that is
     another shard set (and on both). Settings are chosen on the validation windows, with ``context`` (K nearest, all:
     None, none: 0) other windows of their recordings for the +ctx baselines."""
-    P = ctx.model.config.patch_size
+    model, P = ctx.model, ctx.model.value_block
     train_split, val_split = ctx_split(ctx, "train"), ctx_split(ctx, "val")
     train, train_meta = split_windows(ctx, train_split, train_limit)
     val, val_meta = split_windows(ctx, val_split, val_limit)
@@ -294,8 +302,13 @@ def fit_baselines(
     data = {"target": train_np, "source": src_np}
     if src_np is not None:
         data["both"] = np.concatenate([src_np, train_np])
+    R = val_np.shape[1]
+
+    def value_masks(count: int, masking: str) -> np.ndarray:
+        return model.value_mask(model_masks(model, count, R, mask_ratio, masking), R)
+
     for s in sets:
-        s.baselines = Baselines.fit(data[s.name], val_np, mask_ratio, P, val_context)
+        s.baselines = Baselines.fit(data[s.name], val_np, mask_ratio, P, val_context, value_masks)
         s.context = context != 0
     return sets, notes
 
@@ -357,6 +370,15 @@ def reconstruct(
             f"masking strategies must be among {', '.join(MASKINGS)}; got {', '.join(strategies) or 'none'}"
         )
     ctx = load_context(model, shards, device)
+    own = tuple(m for m in strategies if m in ctx.model.maskings)
+    if not own:
+        raise InputError(
+            f"the model masks by {', '.join(ctx.model.maskings)} only; got --masking {', '.join(strategies)}"
+        )
+    if own != tuple(strategies):
+        skipped = [m for m in strategies if m not in own]
+        print(f"note: the model has no {', '.join(skipped)} masking (it masks by {', '.join(own)}): skipped")
+    strategies = own
     cfg = ctx.model.config
     ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
     x, meta = split_windows(ctx, split, limit)
@@ -392,10 +414,10 @@ def reconstruct(
     }
     verdicts: list = []
     per_parcel_random = {}
-    N, P = x.shape[2] // cfg.patch_size, cfg.patch_size
+    P = ctx.model.value_block
     for masking in strategies:
-        mask_BL = fixed_masks(B, R, N, ratio, masking)
-        tmask = time_mask(mask_BL, R, N, P)
+        mask_BL = model_masks(ctx.model, B, R, ratio, masking)
+        tmask = ctx.model.value_mask(mask_BL, R)
         preds = {"model": model_predict(ctx, x, mask_BL, test_context)}
         columns = [(s, c) for s in fit_sets for c in s.columns()]
         for s, column in progress.bar(columns, desc=f"baselines, {masking} masking", unit="baseline", inner=True):

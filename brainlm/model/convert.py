@@ -170,15 +170,20 @@ def _check_sinusoid(state: dict[str, Tensor], key: str, num_patches: int, width:
     )
 
 
+def release_config(path: Path) -> dict:
+    """A release folder's config.json, or an error that says what is wrong with it."""
+    _require((path / "config.json").is_file(), f"{path}: no config.json; expected a Hugging Face release folder")
+    try:
+        return json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}/config.json is not valid JSON: {err}") from err
+
+
 def convert_brainlm(src: str | Path) -> Conversion:
     """Read a BrainLMForPretraining folder into a BrainLM in eval mode. Every key is accounted for: unused ones are
     dropped and listed; a missing or unexpected one is an error that names it."""
     path = Path(src)
-    _require((path / "config.json").is_file(), f"{path}: no config.json; expected a BrainLMForPretraining folder")
-    try:
-        hf = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}/config.json is not valid JSON: {err}") from err
+    hf = release_config(path)
     config = model_config(hf, path)
     state = read_state(path)
     mapping = key_map(config)

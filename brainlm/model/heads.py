@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from brainlm.exceptions import ConfigError, InputError
 from brainlm.model import io
+from brainlm.model.load import load_model
 from brainlm.model.mae import BrainLM
 
 HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE = "head.json", "head.safetensors"
@@ -126,7 +127,7 @@ class BrainLMForPrediction(nn.Module):
             (io.CONFIG_FILE, io.WEIGHTS_FILE, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE),
             "BrainLMForPrediction.save_pretrained",
         )
-        backbone = BrainLM.from_pretrained(folder, map_location)
+        backbone = load_model(folder, map_location)
         head_config = json.loads((folder / HEAD_CONFIG_FILE).read_text())
         with torch.device("meta"):
             head = MLPHead(

@@ -245,6 +245,11 @@ def window_features(
     averaging. A mean- or CLS-pooled embedding averages signed, zero-mean signals away, so it cannot carry the
     coupling between networks; this second-order pooling can)."""
     check_pooling(pooling)
+    if pooling == "latent_fc" and getattr(model.config, "architecture", None) == "vitmae":
+        raise InputError(
+            "pooling latent_fc correlates each parcel's own token sequence; the ViT-MAE's tokens are image patches "
+            "over 16 parcels each, so it has none: use pooling cls or mean"
+        )
     model.eval()
     device = _device(model)
     coords = coords_R3.to(device)
@@ -327,29 +332,28 @@ def reconstruct(
     parcel-major) and reconstruct it. A model whose prior reads recording context (``model.prior_context``) is given
     each window's ``context``: the other non-overlapping windows of the same recording ("all", or the K nearest; 0
     for none); any other model sees each window alone."""
-    from brainlm.masking import seeded_masks
     from brainlm.model.context import context_statistics, context_windows
 
     prep, single = prepare(model, recording, tr, layout, stride, coords, resample, scaling)
     model.eval()
     device = _device(model)
     c = model.config
-    R, P = prep.coords_R3.shape[0], c.patch_size
-    N = c.num_timepoints // P
+    R = prep.coords_R3.shape[0]
     out = []
     for windows, starts in zip(prep.windows, prep.starts, strict=True):
         W = len(windows)
+        ratio = c.mask_ratio if mask_ratio is None else mask_ratio
+        mask_BL = model.masks_from_seeds([seed * 100_003 + w for w in range(W)], R, ratio, masking or c.masking)
         if mask is not None:
+            L = mask_BL.shape[1]
             m = torch.as_tensor(np.asarray(mask)).bool()
-            if m.ndim == 1 or (m.ndim == 2 and m.shape[-1] == R * N):
-                mask_BL = m.reshape(-1, R * N).expand(W, R * N)
+            if m.ndim == 1 or (m.ndim == 2 and m.shape[-1] == L):
+                mask_BL = m.reshape(-1, L).expand(W, L)
             else:
                 raise DimensionError(
-                    f"mask must be [{R * N}] or [{W}, {R * N}] tokens (parcels x patches); got {tuple(m.shape)}"
+                    f"mask must be [{L}] or [{W}, {L}] tokens (the model's: parcels x patches for BrainLM, image "
+                    f"patches for a ViT-MAE); got {tuple(m.shape)}"
                 )
-        else:
-            ratio = c.mask_ratio if mask_ratio is None else mask_ratio
-            mask_BL = seeded_masks([seed * 100_003 + w for w in range(W)], R, N, ratio, masking or c.masking)
         x = torch.from_numpy(windows).to(device)
         stats = None
         if c.prior_context and context not in (0, "0"):
@@ -359,7 +363,7 @@ def reconstruct(
         with autocast(device):
             res = model(x, prep.coords_R3.to(device), mask_BL=mask_BL.to(device), context=stats)
         pred = model.unpatchify(res.pred_BLP.float(), R).cpu().numpy()
-        tmask = mask_BL.reshape(W, R, N, 1).expand(W, R, N, P).reshape(W, R, N * P).numpy()
+        tmask = model.value_mask(mask_BL, R)
         target = windows[tmask].astype(np.float64)
         sse = float(((pred[tmask] - target) ** 2).sum())
         sst = float(((target - target.mean()) ** 2).sum())

@@ -18,11 +18,12 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from brainlm.exceptions import CheckpointError, DimensionError, InputError
-from brainlm.masking import num_kept, sample_mask
+from brainlm.masking import MASKINGS, num_kept, sample_mask, seeded_masks
 from brainlm.model import io, prior
 from brainlm.model.config import ModelConfig
 from brainlm.model.inference import RecordingMethods
@@ -242,6 +243,29 @@ class BrainLM(RecordingMethods, nn.Module):
         N = signal_BRT.shape[2] // self.config.patch_size
         pos_LD = self._pos_embed(coords_R3, N, self.spatial_embed, self.parcel_embed, self.config.hidden_size)
         return self.patch_embed(self.patchify(signal_BRT)) + pos_LD
+
+    # ------------------------------------------------------------------ the token grid (brainlm/model/grid.py)
+
+    maskings = MASKINGS
+
+    @property
+    def value_block(self) -> int:
+        """Timepoints over which every token mask is constant, from timepoint 0: a patch."""
+        return self.config.patch_size
+
+    def masks_from_seeds(self, seeds: list[int], num_parcels: int, mask_ratio: float, masking: str) -> Tensor:
+        """One mask_BL per seed (`brainlm.masking.seeded_masks`)."""
+        return seeded_masks(seeds, num_parcels, self.config.num_patches, mask_ratio, masking)
+
+    def value_mask(self, mask_BL: Tensor, num_parcels: int) -> np.ndarray:
+        """Which values of each window a token mask hides: [B, R, T] bool."""
+        R, N, P = num_parcels, mask_BL.shape[-1] // num_parcels, self.config.patch_size
+        return mask_BL.cpu().reshape(-1, R, N, 1).expand(-1, R, N, P).reshape(-1, R, N * P).numpy().astype(bool)
+
+    def token_parcel_counts(self, num_parcels: int) -> Tensor:
+        """[L, R]: how many values of each parcel each token holds (P for the parcel's own N tokens)."""
+        N = self.config.num_patches
+        return torch.eye(num_parcels).repeat_interleave(N, dim=0) * self.config.patch_size
 
     # ------------------------------------------------------------------ masking
 

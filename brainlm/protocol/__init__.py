@@ -16,7 +16,7 @@ Rules (docs/evaluation.md says why each exists):
 from brainlm.protocol.context import context_label, context_statistics, context_windows, parse_context
 from brainlm.protocol.folds import Fold, subject_folds
 from brainlm.protocol.intervals import Comparison, best, compare, verdict
-from brainlm.protocol.masks import MASK_SEED, fixed_masks, protocol_seeds, time_mask
+from brainlm.protocol.masks import MASK_SEED, fixed_masks, model_masks, protocol_seeds, time_mask
 from brainlm.protocol.r2 import R2Sums, UnitScores, WindowSums, r2_parts
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "context_statistics",
     "context_windows",
     "fixed_masks",
+    "model_masks",
     "parse_context",
     "protocol_seeds",
     "r2_parts",

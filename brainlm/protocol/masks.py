@@ -22,6 +22,12 @@ def fixed_masks(
     return seeded_masks(protocol_seeds(indices, masking), num_parcels, num_patches, ratio, masking)
 
 
+def model_masks(model, indices: int | list[int], num_parcels: int, ratio: float, masking: str) -> torch.Tensor:
+    """The same fixed masks in the evaluated model's own tokens (``model.masks_from_seeds``): BrainLM's parcel
+    patches (= ``fixed_masks``), or a ViT-MAE release's image patches."""
+    return model.masks_from_seeds(protocol_seeds(indices, masking), num_parcels, ratio, masking)
+
+
 def protocol_seeds(indices: int | list[int], masking: str) -> list[int]:
     """The mask seed of each evaluation window index."""
     return [

@@ -54,9 +54,9 @@ class BrainLMPyfunc(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True  # the signature describes the input; predict() takes any batch
 
     def load_context(self, context) -> None:
-        from brainlm.model import BrainLM
+        from brainlm.model.load import load_model
 
-        self.model = BrainLM.from_pretrained(context.artifacts["model_dir"])
+        self.model = load_model(context.artifacts["model_dir"])
 
     def predict(self, context, model_input, params=None):
         import torch
