@@ -50,4 +50,8 @@ echo "$(stamp) benchmarks.bench_data_prep"
 echo "$(stamp) benchmarks.bench_baselines"
 "$PYTHON" -m benchmarks.bench_baselines --out "$OUT/baselines.json" 2>&1 | tee "$OUT/baselines.log"
 
-echo "$(stamp) done: $OUT/{model,pretrain,data_prep,baselines}.json"
+# 5. One window through each released architecture (13M, ViT-MAE 111M and 650M) at full size.
+echo "$(stamp) benchmarks.bench_releases"
+"$PYTHON" -m benchmarks.bench_releases --out "$OUT/releases.json" 2>&1 | tee "$OUT/releases.log"
+
+echo "$(stamp) done: $OUT/{model,pretrain,data_prep,baselines,releases}.json"

@@ -100,8 +100,10 @@ def _import_brainlm(a: argparse.Namespace) -> None:
         extra["atlas"] = dataclasses.asdict(atlas)
     conv.model.save_pretrained(a.out, extra=extra)
     c = conv.model.config
-    patches = f"patches of {c.patch_size}" if conv.source["format"] == "BrainLMForPretraining" else (
-        f"a {c.image_size} x {c.image_size} image in patches of {c.patch_size} x {c.patch_size}"
+    patches = (
+        f"patches of {c.patch_size}"
+        if conv.source["format"] == "BrainLMForPretraining"
+        else (f"a {c.image_size} x {c.image_size} image in patches of {c.patch_size} x {c.patch_size}")
     )
     print(
         f"imported {a.src} -> {a.out}: {conv.source['params_millions']}M parameters ({conv.source['format']}), "

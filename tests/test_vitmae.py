@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from brainlm.exceptions import CheckpointError, InputError
-from brainlm.model.convert_vitmae import CHECKED, _tensor, convert_vitmae, key_map, model_config, release_names
+from brainlm.model.convert_vitmae import CHECKED, convert_vitmae, key_map, model_config, release_tensor
 from brainlm.model.vitmae import ImageMAE
 from tests.conftest import build_tiny, run_cli
 
@@ -85,7 +85,7 @@ def release_forward(ref, x_BRT, order, mask_BL, scale=SCALE):
     """The release's forward (modeling_vit_mae_with_padding.ViTMAEForPreTraining.forward, auto_encode), the visible
     patches fed in index order: (latent_B1KD, prediction [B, R, T] in the release's units and sorted order, loss)."""
     S, p = ref.config.image_size, ref.config.patch_size
-    B, R, T = x_BRT.shape
+    _, R, T = x_BRT.shape
     img = x_BRT[:, order] / scale
     hh, wh = (S - R) // 2, (S - T) // 2
     pixels = F.pad(img, (wh, wh, hh, hh), "constant", -1)[:, None].repeat(1, 3, 1, 1)
@@ -160,7 +160,7 @@ def test_release_sizes_map_every_key(release):
     mapping = key_map(config)
     used = {k for keys in mapping.values() for k in keys}
     assert used | set(CHECKED) == set(state), sorted(set(state) ^ (used | set(CHECKED)))
-    ours = {k: _tensor(k, [state[s] for s in sources], config) for k, sources in mapping.items()}
+    ours = {k: release_tensor(k, [state[s] for s in sources], config) for k, sources in mapping.items()}
     with torch.device("meta"):
         model = ImageMAE(config)
     model.load_state_dict(ours, strict=True, assign=True)  # every shape checked
@@ -249,3 +249,13 @@ def test_a_converted_release_runs_the_analyses(tmp_path, vitmae_shards):
     # independent and smooth in time: the one that reads the parcel's own neighbouring values).
     assert r2["model"] < 0.1 < r2["spatiotemporal"]
     assert metrics["comparisons"]["random"]["model_vs_best"]["winner"] != "model"
+
+    # A frozen probe and its random-weights control take it like any model; no latent-connectivity probe (its tokens
+    # are not a parcel's).
+    ft = run_cli(
+        "-m", "brainlm.cli", "finetune", "--model", str(model_dir), "--shards", str(vitmae_shards), "--out",
+        str(tmp_path / "ft"), "--target", "age", "--freeze", "--epochs", "2", "--seeds", "1",
+    )  # fmt: skip
+    assert ft.returncode == 0, ft.stderr
+    table = json.loads((tmp_path / "ft" / "metrics.json").read_text())["table"]
+    assert {"probe", "probe_random", "fc_ridge"} <= set(table) and "probe_latent_fc" not in table

@@ -211,7 +211,7 @@ def random_weights(model: BrainLM, seed: int = 20_240_424) -> BrainLM:
     this model, pooling and baselines gave it; what it loses is what pretraining added."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        fresh = BrainLM(model.config)
+        fresh = type(model)(model.config)
     out = copy.deepcopy(model)
     params = dict(fresh.named_parameters())
     with torch.no_grad():

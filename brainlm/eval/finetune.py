@@ -326,7 +326,8 @@ def baselines(data: FinetuneData, control: BrainLM | None = None) -> dict[str, n
     features = {"svr_raw": lambda r: r.windows_NRW[0].ravel(), "fc_ridge": fc_features}
     for suffix, m in models.items():
         features[f"probe{suffix}"] = lambda r, m=m: embed_windows(m, r.windows_NRW, ctx.coords_R3)[0].mean(axis=0)
-        features[f"probe_latent_fc{suffix}"] = lambda r, m=m: latent_connectivity(m, r.windows_NRW, ctx.coords_R3)
+        if m.parcel_tokens:  # a ViT-MAE release's tokens span several parcels: no latent connectivity
+            features[f"probe_latent_fc{suffix}"] = lambda r, m=m: latent_connectivity(m, r.windows_NRW, ctx.coords_R3)
     out = {}
     if classification:
         counts = np.bincount(train.y, minlength=len(data.classes))
@@ -412,7 +413,7 @@ def finetune(model: str, shards: str, out: str | Path, cfg: FinetuneConfig) -> d
     bar = best(unit_set, list(SIMPLE_BASELINES))
     comparisons = {"model_vs_best_baseline": compare(unit_set, subjects, name, bar)}
     if control is not None:
-        for a in (name, *PROBES):
+        for a in (name, *(p for p in PROBES if p in summary)):
             comparisons[f"{a}_vs_random_weights"] = compare(unit_set, subjects, a, f"{a}_random")
     primary = keys[0]
     out = Path(out)

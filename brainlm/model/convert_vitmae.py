@@ -121,7 +121,7 @@ def key_map(config: ImageMAEConfig) -> dict[str, tuple[str, ...]]:
     return m
 
 
-def _tensor(key: str, tensors: list[Tensor], config: ImageMAEConfig) -> Tensor:
+def release_tensor(key: str, tensors: list[Tensor], config: ImageMAEConfig) -> Tensor:
     """One of our tensors from the release's: the fused qkv, and the channels folded (3 identical input channels:
     the patch weights summed over them; the head's 3 channel outputs averaged, as the release averages them)."""
     Q = config.patch_size**2
@@ -168,13 +168,17 @@ def convert_vitmae(src: str | Path, coords_R3: np.ndarray, num_timepoints: int =
     _require(not unexpected, f"{path}: unexpected key(s) {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     _check_positions(state, "vit.embeddings.position_embeddings", config.grid, config.hidden_size)
     _check_positions(state, "decoder.decoder_pos_embed", config.grid, config.decoder_hidden_size)
-    ours = {k: _tensor(k, [state[s].float() for s in sources], config).contiguous() for k, sources in mapping.items()}
+    ours = {
+        k: release_tensor(k, [state[s].float() for s in sources], config).contiguous() for k, sources in mapping.items()
+    }
     with torch.device("meta"):
         model = ImageMAE(config)
     try:
         model.load_state_dict(ours, strict=True, assign=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: the converted weights do not fit the model its config describes: {err}") from err
+        raise CheckpointError(f"{path}: the converted weights do not fit the model its config describes: {err}") from (
+            err
+        )
     model.fixed_buffers(torch.device("cpu"))
     channels = state["vit.embeddings.patch_embeddings.projection.weight"].shape[1]
     notes = [

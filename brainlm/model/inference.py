@@ -245,7 +245,7 @@ def window_features(
     averaging. A mean- or CLS-pooled embedding averages signed, zero-mean signals away, so it cannot carry the
     coupling between networks; this second-order pooling can)."""
     check_pooling(pooling)
-    if pooling == "latent_fc" and getattr(model.config, "architecture", None) == "vitmae":
+    if pooling == "latent_fc" and not model.parcel_tokens:
         raise InputError(
             "pooling latent_fc correlates each parcel's own token sequence; the ViT-MAE's tokens are image patches "
             "over 16 parcels each, so it has none: use pooling cls or mean"

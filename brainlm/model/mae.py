@@ -247,6 +247,7 @@ class BrainLM(RecordingMethods, nn.Module):
     # ------------------------------------------------------------------ the token grid (brainlm/model/grid.py)
 
     maskings = MASKINGS
+    parcel_tokens = True  # every token is one parcel's patch: per-parcel token sequences (latent_fc) exist
 
     @property
     def value_block(self) -> int:

@@ -159,6 +159,21 @@ class ImageMAE(RecordingMethods, nn.Module):
         self.scaling: dict[str, Any] | None = None
         self.extra: dict[str, Any] | None = None
         self.fixed_buffers()
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The release's init (transformers' ViTMAE): Linear N(0, 0.02) with zero bias, the patch projection
+        xavier_uniform, LayerNorm 1 / 0, CLS and mask token N(0, 0.02). The random-weights control starts here."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
 
     def fixed_buffers(self, device: str | torch.device | None = None) -> None:
         """The buffers the config fixes (positions, parcel order), computed: never read from a file."""
@@ -210,6 +225,7 @@ class ImageMAE(RecordingMethods, nn.Module):
     # ------------------------------------------------------------------ the token grid (brainlm/model/grid.py)
 
     maskings = ("random",)
+    parcel_tokens = False  # a token spans several parcels: no per-parcel token sequence (latent_fc)
 
     @property
     def value_block(self) -> int:
