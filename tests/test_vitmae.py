@@ -259,3 +259,37 @@ def test_a_converted_release_runs_the_analyses(tmp_path, vitmae_shards):
     assert ft.returncode == 0, ft.stderr
     table = json.loads((tmp_path / "ft" / "metrics.json").read_text())["table"]
     assert {"probe", "probe_random", "fc_ridge"} <= set(table) and "probe_latent_fc" not in table
+
+
+def test_per_parcel_analyses_share_each_patch_among_its_parcels(tmp_path, vitmae_shards):
+    """attention, networks, perturb and fingerprint run on a converted ViT-MAE (a model object, as from a notebook):
+    per-parcel attention is each patch's weight shared by its parcels' values, so a layer's CLS row over the window's
+    parcels sums to what it gives the window (at most 1)."""
+    from brainlm.eval.attention import attention
+    from brainlm.eval.fingerprint import fingerprint
+    from brainlm.eval.networks import networks
+    from brainlm.eval.perturb import PerturbConfig, perturb
+    from brainlm.model import grid
+    from brainlm.recordings.atlas import atlas_from_table
+
+    ref = reference(48, 8, **SMALL)
+    atlas = atlas_from_table(vitmae_shards.parent / "cohort" / "atlas.tsv")[0]
+    model = convert_vitmae(write_release(ref, tmp_path / "release", T=40), atlas.coords()).model
+    model.extra = {"atlas": {"labels": atlas.labels, "coords_mm": atlas.coords().tolist()}}
+    x = torch.randn(2, 8, 40)
+    with torch.no_grad():
+        a_BYHL = model.cls_attention(x, include_cls=True)
+        per_parcel = grid.parcel_attention(model, a_BYHL[..., 1:], 8)
+        tokens = grid.parcel_tokens(model, model.encode(x)[1], 8)
+    counts = model.token_parcel_counts()
+    on_data = a_BYHL[..., 1:][..., counts.sum(dim=1) > 0].sum(dim=-1)  # what the patches holding values get
+    assert torch.allclose(per_parcel.sum(dim=-1), on_data, atol=1e-5) and bool((on_data < 1).all())
+    assert tokens.shape == (2, 8, SMALL["hidden_size"]) and torch.equal(counts.sum(dim=0), torch.full((8,), 40.0))
+    att = attention(model, str(vitmae_shards), tmp_path / "att", group_by="condition")
+    assert set(att["groups"]) == {"rest", "task"}
+    moved = perturb(model, str(vitmae_shards), tmp_path / "perturb", PerturbConfig(steps=20))
+    assert len(moved["magnitude"]) == 8 and moved["distance_after"] < moved["distance_before"]
+    fp = fingerprint(model, str(vitmae_shards), tmp_path / "fp", split="train")
+    assert {"cls", "mean", "cls_random", "fc"} <= set(fp["fingerprinting"]) and "latent_fc" not in fp["fingerprinting"]
+    net = networks(model, str(vitmae_shards), tmp_path / "net", split="train", n_splits=2)
+    assert {"attention", "tokens", "attention_random"} <= set(net["results"])

@@ -41,10 +41,16 @@ def fc_features(windows_NRW: np.ndarray) -> np.ndarray:
     return fisher_z(c[np.triu_indices_from(c, k=1)])
 
 
+def model_representations(model) -> tuple[str, ...]:
+    """The representations a model has: latent_fc needs each parcel's own tokens (not a ViT-MAE release's)."""
+    return MODEL_REPRESENTATIONS if model.parcel_tokens else tuple(p for p in MODEL_REPRESENTATIONS if p != "latent_fc")
+
+
 def representations(model, windows_NRW: np.ndarray, coords) -> dict[str, np.ndarray]:
     """One vector per representation for one recording (its windows pooled)."""
-    out = {p: window_features(model, windows_NRW, coords, p).mean(axis=0) for p in MODEL_REPRESENTATIONS}
-    out["latent_fc"] = fisher_z(out["latent_fc"])
+    out = {p: window_features(model, windows_NRW, coords, p).mean(axis=0) for p in model_representations(model)}
+    if "latent_fc" in out:
+        out["latent_fc"] = fisher_z(out["latent_fc"])
     return out
 
 
@@ -101,6 +107,7 @@ def fingerprint(
             "cohort with repeated runs (or sessions) per subject"
         )
     control = random_weights(ctx.model)
+    reps = model_representations(ctx.model)
     feats: dict[str, list[np.ndarray]] = {}
     for r in recs:
         row = representations(ctx.model, r.windows_NRW, ctx.coords_R3)
@@ -122,8 +129,8 @@ def fingerprint(
         "chance": float(np.mean([(counts[names == s][0] - 1) / (len(recs) - 1) for s in q_subjects])),
         "fingerprinting": {m: float(ident.score(m)) for m in methods},
     }
-    comparisons = [compare(ident, q_subjects, m, "fc") for m in MODEL_REPRESENTATIONS]
-    comparisons += [compare(ident, q_subjects, m, f"{m}_random") for m in MODEL_REPRESENTATIONS]
+    comparisons = [compare(ident, q_subjects, m, "fc") for m in reps]
+    comparisons += [compare(ident, q_subjects, m, f"{m}_random") for m in reps]
     metrics["fingerprinting_comparisons"] = [c.to_json() for c in comparisons]
     rows = [{"representation": m, "fingerprinting": metrics["fingerprinting"][m]} for m in methods]
     if label:
@@ -144,8 +151,8 @@ def fingerprint(
         )
         metrics["decoding"] = {"label": label, "classes": sorted(set(labels[keep])), "folds": k}
         metrics["decoding"] |= {"balanced_accuracy": {m: float(dec.score(m)) for m in methods}}
-        dec_cmp = [compare(dec, subjects[keep], m, "fc") for m in MODEL_REPRESENTATIONS]
-        dec_cmp += [compare(dec, subjects[keep], m, f"{m}_random") for m in MODEL_REPRESENTATIONS]
+        dec_cmp = [compare(dec, subjects[keep], m, "fc") for m in reps]
+        dec_cmp += [compare(dec, subjects[keep], m, f"{m}_random") for m in reps]
         metrics["decoding"]["comparisons"] = [c.to_json() for c in dec_cmp]
         for row in rows:
             row[f"{label} (balanced acc.)"] = metrics["decoding"]["balanced_accuracy"][row["representation"]]
