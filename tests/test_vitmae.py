@@ -229,6 +229,16 @@ def test_a_converted_release_runs_the_analyses(tmp_path, vitmae_shards):
     with pytest.raises(InputError, match="latent_fc"), pytest.warns(UserWarning):
         model.embed(rec, pooling="latent_fc")
 
+    # The registry's pyfunc loads it too (the folder says which model it holds).
+    from types import SimpleNamespace
+
+    from brainlm.tracking.pyfunc import BrainLMPyfunc
+
+    pyfunc = BrainLMPyfunc()
+    pyfunc.load_context(SimpleNamespace(artifacts={"model_dir": str(model_dir)}))
+    windows = rng.standard_normal((3, 8, 40)).astype(np.float32)
+    assert pyfunc.predict(None, windows, {"input": "windows"}).shape == (3, SMALL["hidden_size"])
+
     emb = run_cli(
         "-m", "brainlm.cli", "embed", "--model", str(model_dir), "--shards", str(vitmae_shards), "--out",
         str(tmp_path / "emb"),
