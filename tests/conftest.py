@@ -57,7 +57,7 @@ def write_atlas_table(path: Path, num_parcels: int = 7) -> Path:
             "x": coords[:, 0],
             "y": coords[:, 1],
             "z": coords[:, 2],
-            "network": (NETWORKS * 10)[:num_parcels],
+            "network": (NETWORKS * (num_parcels // len(NETWORKS) + 1))[:num_parcels],
         }
     ).to_csv(path, sep="\t", index=False)
     return path
