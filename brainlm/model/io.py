@@ -85,6 +85,41 @@ def write_folder(folder: str | Path, files: dict[str, atomic.Writer | None]) -> 
             (folder / name).unlink(missing_ok=True)
 
 
+def save_model(
+    path: str | Path, module: nn.Module, config: dict[str, Any], scaling: dict | None, extra: dict | None
+) -> None:
+    """A model folder: model.safetensors, scaling.json and extra.json when given (a stale one removed), config.json
+    last, each written to a temporary name and renamed: a reader never sees a half-written file."""
+    write_folder(
+        path,
+        {
+            WEIGHTS_FILE: tensors_writer(module),
+            SCALING_FILE: json_writer(scaling) if scaling is not None else None,
+            EXTRA_FILE: json_writer(extra) if extra is not None else None,
+            CONFIG_FILE: json_writer(config),
+        },
+    )
+
+
+def load_model(cls: type, config_cls: type, path: str | Path, map_location: str | torch.device) -> Any:
+    """A model folder read into ``cls(config_cls.from_dict(config.json))``, built on the meta device (every tensor
+    comes from the file), with ``.scaling`` and ``.extra`` (or None). The config is checked against the weights'
+    shapes before anything is built."""
+    folder = local_folder(path)
+    require_files(folder, (CONFIG_FILE, WEIGHTS_FILE), f"{cls.__name__}.save_pretrained")
+    try:
+        config = config_cls.from_dict(read_json(folder / CONFIG_FILE))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder / CONFIG_FILE} is not a {cls.__name__} config: {err}") from None
+    check_sizes(config, weight_shapes(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
+    with torch.device("meta"):
+        model = cls(config)
+    load_weights(model, folder / WEIGHTS_FILE, map_location)
+    model.scaling = load_scaling(folder)
+    model.extra = read_json(folder / EXTRA_FILE)
+    return model
+
+
 def read_json(file: str | Path) -> dict[str, Any] | None:
     """A JSON file's object, or None when the file does not exist. Anything but a JSON object is refused: a model
     folder is untrusted input."""

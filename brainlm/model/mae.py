@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from brainlm.exceptions import CheckpointError, DimensionError, InputError
+from brainlm.exceptions import DimensionError, InputError
 from brainlm.masking import MASKINGS, num_kept, sample_mask, seeded_masks
 from brainlm.model import io, prior
 from brainlm.model.config import ModelConfig
@@ -502,34 +502,12 @@ class BrainLM(RecordingMethods, nn.Module):
         scaling: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        """Write model.safetensors + config.json (+ scaling.json, extra.json when given) into folder `path`.
-
-        Each file is written to a temporary name and renamed, config.json last, so a reader never sees a
-        half-written file. A stale scaling.json / extra.json from an earlier save is removed."""
-        io.write_folder(
-            path,
-            {
-                io.WEIGHTS_FILE: io.tensors_writer(self),
-                io.SCALING_FILE: io.json_writer(scaling) if scaling is not None else None,
-                io.EXTRA_FILE: io.json_writer(extra) if extra is not None else None,
-                io.CONFIG_FILE: io.json_writer(self.config.to_dict()),
-            },
-        )
+        """Write model.safetensors + config.json (+ scaling.json, extra.json when given) into folder `path`,
+        atomically (`io.save_model`)."""
+        io.save_model(path, self, self.config.to_dict(), scaling, extra)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> BrainLM:
         """Load a folder written by `save_pretrained` (or a registry URI, `models:/NAME@ALIAS` / `runs:/...`, once
         `brainlm` is imported), in eval mode, with `.scaling` / `.extra` (or None)."""
-        folder = io.local_folder(path)
-        io.require_files(folder, (io.CONFIG_FILE, io.WEIGHTS_FILE), "BrainLM.save_pretrained")
-        try:
-            config = ModelConfig.from_dict(io.read_json(folder / io.CONFIG_FILE))
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{folder / io.CONFIG_FILE} is not a model config: {err}") from None
-        io.check_sizes(config, io.weight_shapes(folder / io.WEIGHTS_FILE), folder / io.WEIGHTS_FILE)
-        with torch.device("meta"):  # no init work: every tensor comes from the file
-            model = cls(config)
-        io.load_weights(model, folder / io.WEIGHTS_FILE, map_location)
-        model.scaling = io.load_scaling(folder)
-        model.extra = io.read_json(folder / io.EXTRA_FILE)
-        return model.eval()
+        return io.load_model(cls, ModelConfig, path, map_location).eval()

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from brainlm.exceptions import CheckpointError, ConfigError, DimensionError, InputError
+from brainlm.exceptions import ConfigError, DimensionError, InputError
 from brainlm.masking import sample_mask, seeded_masks
 from brainlm.model import io
 from brainlm.model.inference import RecordingMethods
@@ -388,29 +388,10 @@ class ImageMAE(RecordingMethods, nn.Module):
         self, path: str | os.PathLike, scaling: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
     ) -> None:
         """The same folder as `BrainLM.save_pretrained`; config.json says ``"architecture": "vitmae"``."""
-        io.write_folder(
-            path,
-            {
-                io.WEIGHTS_FILE: io.tensors_writer(self),
-                io.SCALING_FILE: io.json_writer(scaling) if scaling is not None else None,
-                io.EXTRA_FILE: io.json_writer(extra) if extra is not None else None,
-                io.CONFIG_FILE: io.json_writer(self.config.to_dict()),
-            },
-        )
+        io.save_model(path, self, self.config.to_dict(), scaling, extra)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ImageMAE:
-        folder = io.local_folder(path)
-        io.require_files(folder, (io.CONFIG_FILE, io.WEIGHTS_FILE), "ImageMAE.save_pretrained")
-        try:
-            config = ImageMAEConfig.from_dict(io.read_json(folder / io.CONFIG_FILE))
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{folder / io.CONFIG_FILE} is not a ViT-MAE config: {err}") from None
-        io.check_sizes(config, io.weight_shapes(folder / io.WEIGHTS_FILE), folder / io.WEIGHTS_FILE)
-        with torch.device("meta"):  # no init work: every parameter comes from the file
-            model = cls(config)
-        io.load_weights(model, folder / io.WEIGHTS_FILE, map_location)
-        model.fixed_buffers(torch.device(map_location))
-        model.scaling = io.load_scaling(folder)
-        model.extra = io.read_json(folder / io.EXTRA_FILE)
+        model = io.load_model(cls, ImageMAEConfig, path, map_location)
+        model.fixed_buffers(torch.device(map_location))  # computed from the config, never read from a file
         return model.eval()
