@@ -66,6 +66,7 @@ LAYERS = [
         "brainlm.masking",
         "brainlm.progress",
         "brainlm.schema",
+        "brainlm.scores",
         "brainlm.threads",
     ),
     ("brainlm.model",),

@@ -227,9 +227,8 @@ def scores(pred: np.ndarray, y: np.ndarray, classification: bool) -> dict[str, f
             auc = float("nan")
         return {"accuracy": acc, "auc": float(auc)}
     mse = float(((pred - y) ** 2).mean())
-    var = float(y.var())
     r = float(np.corrcoef(pred, y)[0, 1]) if pred.std() > 0 and y.std() > 0 else 0.0
-    return {"mse": mse, "r2": 1 - mse / var if var > 0 else float("nan"), "pearson_r": r}
+    return {"mse": mse, "r2": r2_score(pred, y), "pearson_r": r}
 
 
 def train_one(

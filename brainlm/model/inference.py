@@ -27,6 +27,7 @@ import torch
 
 from brainlm.exceptions import DimensionError, InputError, TRMismatchError
 from brainlm.model.scaling import RobustScaler, non_finite
+from brainlm.scores import r2_score
 
 # The model these functions run: a BrainLM (brainlm/model/mae.py), which imports this module for its `embed` and
 # `reconstruct` methods (RecordingMethods below), so this module names it without importing it.
@@ -364,10 +365,7 @@ def reconstruct(
             res = model(x, prep.coords_R3.to(device), mask_BL=mask_BL.to(device), context=stats)
         pred = model.unpatchify(res.pred_BLP.float(), R).cpu().numpy()
         tmask = model.value_mask(mask_BL, R)
-        target = windows[tmask].astype(np.float64)
-        sse = float(((pred[tmask] - target) ** 2).sum())
-        sst = float(((target - target.mean()) ** 2).sum())
-        out.append(Reconstruction(windows, pred, tmask, starts, 1 - sse / sst if sst > 0 else float("nan")))
+        out.append(Reconstruction(windows, pred, tmask, starts, r2_score(pred[tmask], windows[tmask])))
     return out[0] if single else out
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from brainlm.scores import pooled_r2, r2_score
+
 
 @dataclass
 class R2Sums:
@@ -42,13 +44,6 @@ class R2Sums:
     @property
     def mse(self) -> float:
         return self.sse / max(self.n, 1.0)
-
-
-def pooled_r2(sse, s1, s2, n):
-    """1 - SSE / SST from sums (scalars or arrays of resamples); NaN where the target has no variance."""
-    sst = np.asarray(s2, dtype=np.float64) - np.asarray(s1, dtype=np.float64) ** 2 / np.maximum(n, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(sst > 0, 1.0 - np.asarray(sse, dtype=np.float64) / sst, np.nan)
 
 
 @dataclass
@@ -107,9 +102,7 @@ def r2_parts(pred: np.ndarray, x: np.ndarray, tmask: np.ndarray) -> tuple[float,
     for r in range(x.shape[1]):
         m = tmask[:, r]
         if m.sum() > 1:
-            v = x[:, r][m]
-            sst = ((v - v.mean()) ** 2).sum()
-            per[r] = 1 - err[:, r][m].sum() / sst if sst > 0 else np.nan
+            per[r] = r2_score(pred[:, r][m], x[:, r][m])
     return float(pooled), per
 
 
