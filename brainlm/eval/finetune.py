@@ -55,6 +55,7 @@ from brainlm.exceptions import ConfigError, InputError, NonFiniteLossError
 from brainlm.model import BrainLM
 from brainlm.model.heads import BrainLMForPrediction, Transform
 from brainlm.protocol import UnitScores, best, compare
+from brainlm.scores import r2_score
 
 TRANSFORMS = ("zscore", "minmax", "logminmax", "none")
 
