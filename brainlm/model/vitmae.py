@@ -206,7 +206,7 @@ class ImageMAE(RecordingMethods, nn.Module):
         top, left = c.pads
         crop = image_BSS[:, top : top + c.num_parcels, left : left + c.num_timepoints]
         out = torch.empty_like(crop)
-        out[:, self.order_R] = crop
+        out[:, self.order_R.to(crop.device)] = crop
         return out * c.input_scale if unscale else out
 
     def patchify(self, image_BSS: Tensor) -> Tensor:
@@ -242,7 +242,8 @@ class ImageMAE(RecordingMethods, nn.Module):
         if masking not in self.maskings:
             raise InputError(
                 f"masking {masking!r}: the ViT-MAE release masks image patches at random only (masking random); its "
-                "patches span 16 parcels and 16 timepoints, so parcel, tube and future masks are not defined for it"
+                f"patches span {self.config.patch_size} parcels and {self.config.patch_size} timepoints, so parcel, "
+                "tube and future masks are not defined for it"
             )
 
     def value_mask(self, mask_BL: Tensor, num_parcels: int | None = None) -> np.ndarray:
