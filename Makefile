@@ -11,7 +11,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= demo
 # Test processes: whole files per process (--dist loadfile), so a file's module fixtures (a trained model, a shard
 # set) are built once. 2 on the 2-core CI machine: the suite's many subprocesses (ranks, servers, CLIs) wait on I/O
-# and start-up often enough that two files side by side finish in 0.65x the time of one after the other.
+# and start-up often enough that two files side by side finish in 0.67x the time of one after the other.
 TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint format bench clean
