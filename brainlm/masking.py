@@ -73,3 +73,9 @@ def seeded_masks(
         for s in seeds
     ]
     return torch.cat(rows)
+
+
+def value_mask(mask_BL: Tensor, num_parcels: int, num_patches: int, patch_size: int):
+    """Which values a parcel-major token mask hides: [B, R, N * P] bool numpy (True = masked timepoint)."""
+    R, N, P = num_parcels, num_patches, patch_size
+    return mask_BL.cpu().reshape(-1, R, N, 1).expand(-1, R, N, P).reshape(-1, R, N * P).numpy().astype(bool)

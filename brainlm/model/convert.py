@@ -170,6 +170,15 @@ def _check_sinusoid(state: dict[str, Tensor], key: str, num_patches: int, width:
     )
 
 
+def check_keys(path: Path, state: dict[str, Tensor], mapping: dict[str, tuple[str, ...]], unused) -> None:
+    """Every key of the release is mapped (``mapping``'s sources) or known to be unused; else an error naming it."""
+    wanted = {k for keys in mapping.values() for k in keys}
+    missing = sorted(k for k in wanted if k not in state)
+    unexpected = sorted(k for k in state if k not in wanted and k not in unused)
+    _require(not missing, f"{path}: missing key(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    _require(not unexpected, f"{path}: unexpected key(s) {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+
+
 def release_config(path: Path) -> dict:
     """A release folder's config.json, or an error that says what is wrong with it."""
     _require((path / "config.json").is_file(), f"{path}: no config.json; expected a Hugging Face release folder")
@@ -187,11 +196,7 @@ def convert_brainlm(src: str | Path) -> Conversion:
     config = model_config(hf, path)
     state = read_state(path)
     mapping = key_map(config)
-    wanted = {k for keys in mapping.values() for k in keys}
-    missing = sorted(k for k in wanted if k not in state)
-    unexpected = sorted(k for k in state if k not in wanted and k not in UNUSED)
-    _require(not missing, f"{path}: missing key(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    _require(not unexpected, f"{path}: unexpected key(s) {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    check_keys(path, state, mapping, UNUSED)
     _check_sinusoid(state, "vit.embeddings.pos_embedding.pe", config.num_patches, config.hidden_size)
     _check_sinusoid(state, "decoder.pos_embedding.pe", config.num_patches, config.hidden_size)
 

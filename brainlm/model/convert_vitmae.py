@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from brainlm.exceptions import CheckpointError
-from brainlm.model.convert import Conversion, _require, convert_brainlm, read_state, release_config
+from brainlm.model.convert import Conversion, _require, check_keys, convert_brainlm, read_state, release_config
 from brainlm.model.vitmae import RELEASE_INPUT_SCALE, ImageMAE, ImageMAEConfig, sincos_2d
 
 RELEASE_TIMEPOINTS = 200
@@ -65,20 +65,12 @@ def model_config(hf: dict, path: Path, parcel_order: list[int], num_timepoints: 
         not hf.get("norm_pix_loss", False),
         f"{where}: norm_pix_loss true (per-row normalised targets) is not reproduced by this importer",
     )
-    size, patch = hf.get("image_size", 224), hf.get("patch_size", 16)
-    size = size if isinstance(size, int) else list(size)
-    patch = patch if isinstance(patch, int) else list(patch)
-    if isinstance(size, list):
-        _require(len(set(size)) == 1, f"{where}: image_size {size}: only a square image is supported")
-        size = size[0]
-    if isinstance(patch, list):
-        _require(len(set(patch)) == 1, f"{where}: patch_size {patch}: only square patches are supported")
-        patch = patch[0]
+    size, patch = (_side(hf, key, default, where) for key, default in (("image_size", 224), ("patch_size", 16)))
     return ImageMAEConfig(
         num_parcels=len(parcel_order),
         num_timepoints=num_timepoints,
-        image_size=int(size),
-        patch_size=int(patch),
+        image_size=size,
+        patch_size=patch,
         hidden_size=int(hf.get("hidden_size", 768)),
         num_layers=int(hf.get("num_hidden_layers", 12)),
         num_heads=int(hf.get("num_attention_heads", 12)),
@@ -91,6 +83,14 @@ def model_config(hf: dict, path: Path, parcel_order: list[int], num_timepoints: 
         layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
         parcel_order=parcel_order,
     )
+
+
+def _side(hf: dict, key: str, default: int, where: str) -> int:
+    """A square's side from config.json's int or [height, width]; a non-square one is an error."""
+    value = hf.get(key, default)
+    sides = {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
+    _require(len(sides) == 1, f"{where}: {key} {value}: only square images and patches are supported")
+    return sides.pop()
 
 
 def _block_keys(ours: str, theirs: str) -> dict[str, tuple[str, ...]]:
@@ -140,11 +140,11 @@ def _check_positions(state: dict[str, Tensor], key: str, grid: int, width: int) 
     if key not in state:
         return
     ours, theirs = sincos_2d(grid, width), state[key].reshape(-1, width).float()
+    _require(theirs.shape == ours.shape, f"{key} has shape {tuple(theirs.shape)}; expected {tuple(ours.shape)}")
     _require(
-        theirs.shape == ours.shape and torch.allclose(theirs, ours, atol=1e-5),
-        f"{key} is not the 2-D sin-cos table this importer recomputes ("
-        + (f"max difference {(theirs - ours).abs().max().item():.3g})" if theirs.shape == ours.shape else "shape ")
-        + (")" if theirs.shape == ours.shape else f"{tuple(theirs.shape)} vs {tuple(ours.shape)})"),
+        torch.allclose(theirs, ours, atol=1e-5),
+        f"{key} is not the 2-D sin-cos table this importer recomputes (max difference "
+        f"{(theirs - ours).abs().max().item():.3g})",
     )
 
 
@@ -161,11 +161,7 @@ def convert_vitmae(src: str | Path, coords_R3: np.ndarray, num_timepoints: int =
     config = model_config(hf, path, y_order(coords_R3), int(hf.get("num_timepoints_per_voxel") or num_timepoints))
     state = release_names(read_state(path))
     mapping = key_map(config)
-    wanted = {k for keys in mapping.values() for k in keys}
-    missing = sorted(k for k in wanted if k not in state)
-    unexpected = sorted(k for k in state if k not in wanted and k not in CHECKED)
-    _require(not missing, f"{path}: missing key(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    _require(not unexpected, f"{path}: unexpected key(s) {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    check_keys(path, state, mapping, CHECKED)
     _check_positions(state, "vit.embeddings.position_embeddings", config.grid, config.hidden_size)
     _check_positions(state, "decoder.decoder_pos_embed", config.grid, config.decoder_hidden_size)
     ours = {

@@ -249,7 +249,7 @@ def window_features(
     if pooling == "latent_fc" and not model.parcel_tokens:
         raise InputError(
             "pooling latent_fc correlates each parcel's own token sequence; the ViT-MAE's tokens are image patches "
-            "over 16 parcels each, so it has none: use pooling cls or mean"
+            "over several parcels each, so it has none: use pooling cls or mean"
         )
     model.eval()
     device = _device(model)
@@ -340,10 +340,10 @@ def reconstruct(
     device = _device(model)
     c = model.config
     R = prep.coords_R3.shape[0]
+    ratio = c.mask_ratio if mask_ratio is None else mask_ratio
     out = []
     for windows, starts in zip(prep.windows, prep.starts, strict=True):
         W = len(windows)
-        ratio = c.mask_ratio if mask_ratio is None else mask_ratio
         mask_BL = model.masks_from_seeds([seed * 100_003 + w for w in range(W)], R, ratio, masking or c.masking)
         if mask is not None:
             L = mask_BL.shape[1]

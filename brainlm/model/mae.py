@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from brainlm.exceptions import DimensionError, InputError
-from brainlm.masking import MASKINGS, num_kept, sample_mask, seeded_masks
+from brainlm.masking import MASKINGS, num_kept, sample_mask, seeded_masks, value_mask
 from brainlm.model import io, prior
 from brainlm.model.config import ModelConfig
 from brainlm.model.inference import RecordingMethods
@@ -260,8 +260,7 @@ class BrainLM(RecordingMethods, nn.Module):
 
     def value_mask(self, mask_BL: Tensor, num_parcels: int) -> np.ndarray:
         """Which values of each window a token mask hides: [B, R, T] bool."""
-        R, N, P = num_parcels, mask_BL.shape[-1] // num_parcels, self.config.patch_size
-        return mask_BL.cpu().reshape(-1, R, N, 1).expand(-1, R, N, P).reshape(-1, R, N * P).numpy().astype(bool)
+        return value_mask(mask_BL, num_parcels, mask_BL.shape[-1] // num_parcels, self.config.patch_size)
 
     def token_parcel_counts(self, num_parcels: int) -> Tensor:
         """[L, R]: how many values of each parcel each token holds (P for the parcel's own N tokens)."""

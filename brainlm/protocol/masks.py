@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from brainlm.data.loader import sample_seed
-from brainlm.masking import seeded_masks
+from brainlm.masking import seeded_masks, value_mask
 
 MASK_SEED = 20_240_424  # fixed evaluation masks: the same in every run, for every model
 MASKING_CODES = {"random": 0, "tube": 1, "parcel": 2, "future": 3}
@@ -37,5 +37,5 @@ def protocol_seeds(indices: int | list[int], masking: str) -> list[int]:
 
 
 def time_mask(mask_BL: torch.Tensor, R: int, N: int, P: int) -> np.ndarray:
-    """Token mask -> [B, R, T] bool (True = masked timepoint)."""
-    return mask_BL.reshape(-1, R, N, 1).expand(-1, R, N, P).reshape(-1, R, N * P).numpy().astype(bool)
+    """Token mask -> [B, R, T] bool (True = masked timepoint): ``brainlm.masking.value_mask``."""
+    return value_mask(mask_BL, R, N, P)

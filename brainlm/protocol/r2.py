@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from brainlm.scores import pooled_r2, r2_score
+from brainlm.scores import pooled_r2
 
 
 @dataclass
@@ -102,7 +102,8 @@ def r2_parts(pred: np.ndarray, x: np.ndarray, tmask: np.ndarray) -> tuple[float,
     for r in range(x.shape[1]):
         m = tmask[:, r]
         if m.sum() > 1:
-            per[r] = r2_score(pred[:, r][m], x[:, r][m])
+            v = x[:, r][m]
+            per[r] = pooled_r2(err[:, r][m].sum(), v.sum(), (v**2).sum(), m.sum())
     return float(pooled), per
 
 
