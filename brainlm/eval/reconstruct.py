@@ -342,8 +342,10 @@ def model_fitted_on(ctx: Context) -> dict[str, str]:
         else "none (the model sees its window only)",
     }
     if ctx.model.decoder_prior_embed is not None:
-        # Fitted by the last run, on its first (primary) shard set.
-        fitted = ctx.prior_fitted_on or (f"the train split of {runs[-1][0]['shards']}" if runs else "?")
+        # Fitted by the last run, on the train split of its sets of these shards' atlas (one prior per atlas).
+        atlas = (ctx.manifest.atlas.name, ctx.manifest.atlas.num_parcels)
+        sets = [r for r in runs[-1] if (r.get("atlas"), r.get("parcels")) == atlas] or runs[-1][:1] if runs else []
+        fitted = ctx.prior_fitted_on or ("the train split of " + " + ".join(r["shards"] for r in sets) if sets else "?")
         out["prior"] = f"fitted on {fitted}"
     return out
 

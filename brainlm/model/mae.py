@@ -51,7 +51,7 @@ def _spatial_encoder(kind: str, dim: int) -> nn.Module:
     return nn.Linear(3, dim) if kind == "linear" else FourierCoordEncoder(dim)
 
 
-class BrainLM(RecordingMethods, nn.Module):
+class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
     """BrainLM's masked autoencoder: encoder over CLS + visible tokens, light decoder over all tokens."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -100,11 +100,8 @@ class BrainLM(RecordingMethods, nn.Module):
         # The Gaussian prior (brainlm/model/prior.py): its statistics are buffers (saved with the weights, filled by
         # `fit_prior`), the imputed patch is embedded into the masked tokens, and the head predicts the correction.
         self.decoder_prior_embed = nn.Linear(c.patch_size, E) if c.decoder_prior == "gaussian" else None
-        if self.decoder_prior_embed is not None:
-            R = c.num_parcels
-            self.register_buffer("prior_mu_R", torch.zeros(R))
-            self.register_buffer("prior_cov_RR", torch.zeros(R, R))
-            self.register_buffer("prior_coords_R3", torch.zeros(R, 3))
+        if self.decoder_prior_embed is not None:  # the primary atlas's; one more per atlas of a mixture
+            self.add_prior_slot(c.num_parcels)
 
         self.scaling: dict[str, Any] | None = None  # the robust-scaling statistics, set by from_pretrained
         self.extra: dict[str, Any] | None = None
@@ -123,73 +120,6 @@ class BrainLM(RecordingMethods, nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    # ------------------------------------------------------------------ the Gaussian prior
-
-    PRIOR_BUFFERS = ("prior_mu_R", "prior_cov_RR", "prior_coords_R3")
-
-    @torch.no_grad()
-    def fit_prior(self, windows_BRT: Tensor, coords_R3: Tensor) -> None:
-        """Fit the Gaussian prior's means and covariance on training windows of the atlas at `coords_R3`. Any atlas:
-        the model places parcels by their coordinates, so refitting on another atlas's training windows is how a
-        pretrained model is used there (`brainlm.eval.common.load_context` does it on transfer)."""
-        if self.decoder_prior_embed is None:
-            raise InputError("this model has no prior to fit (`model.decoder_prior` is none)")
-        R = windows_BRT.shape[1] if windows_BRT.ndim == 3 else -1
-        if R < 2 or tuple(coords_R3.shape) != (R, 3):
-            raise DimensionError(
-                "the prior is fitted on windows [batch, parcels, timepoints] and their atlas's coordinates "
-                f"[parcels, 3]; got windows {tuple(windows_BRT.shape)} and coordinates {tuple(coords_R3.shape)}"
-            )
-        if self.parcel_embed is not None and self.config.num_parcels != R:
-            raise DimensionError(
-                f"the windows have {R} parcels but the learned parcel table (`model.learned_parcel_embedding`) has "
-                f"`model.num_parcels` = {self.config.num_parcels}"
-            )
-        mu_R, cov_RR = prior.fit(windows_BRT)
-        for name, value in zip(self.PRIOR_BUFFERS, (mu_R, cov_RR, coords_R3), strict=True):
-            old = self._buffers[name]
-            self._buffers[name] = value.to(device=old.device, dtype=old.dtype).clone()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A prior refitted on another atlas has that atlas's size: take the saved statistics' shape.
-        if self.decoder_prior_embed is not None:
-            for name in self.PRIOR_BUFFERS:
-                saved = state_dict.get(prefix + name)
-                if saved is not None and saved.shape != self._buffers[name].shape:
-                    old = self._buffers[name]
-                    self._buffers[name] = torch.zeros(saved.shape, device=old.device, dtype=old.dtype)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def prior_fits(self, coords_R3: Tensor) -> bool:
-        """Whether the prior's statistics were fitted on the atlas at `coords_R3`."""
-        return (
-            self.decoder_prior_embed is not None
-            and self.prior_cov_RR.shape[0] == coords_R3.shape[0]
-            and bool(self.prior_cov_RR.diagonal().sum() > 0)
-            and torch.allclose(coords_R3.to(self.prior_coords_R3), self.prior_coords_R3, atol=1e-3)
-        )
-
-    def prior_patches(
-        self, signal_BRT: Tensor, coords_R3: Tensor, mask_BL: Tensor, context: tuple[Tensor, Tensor] | None = None
-    ) -> Tensor:
-        """The Gaussian prior of every token: prior_BLP. The fitted statistics when `coords_R3` is the atlas they
-        were fitted on, else the window's own covariance only; with `model.prior_context` and a `context`
-        (context_cov_BRR, context_n_B), the fitted covariance moved toward each window's recording context."""
-        B, R, T = signal_BRT.shape
-        c = self.config
-        mu, cov = (self.prior_mu_R, self.prior_cov_RR) if self.prior_fits(coords_R3) else (None, None)
-        scale = None
-        if c.prior_context and context is not None:
-            if cov is None:  # another atlas: no population covariance, the context's own moves from the identity
-                mu, cov = torch.zeros(R, device=signal_BRT.device), torch.eye(R, device=signal_BRT.device)
-            scale = float(torch.diagonal(cov.double()).mean())
-            cov = prior.with_context(cov.double(), context[0], context[1], c.prior_context)
-        mask_BRN = mask_BL.reshape(B, R, T // c.patch_size)
-        prior_BRT = prior.impute(
-            signal_BRT, mask_BRN, mu, cov, c.patch_size, c.prior_ridge, c.prior_shrinkage, scale=scale
-        )
-        return self.patchify(prior_BRT)
 
     # ------------------------------------------------------------------ tokens and positions
 

@@ -10,16 +10,22 @@ computed in torch for a whole batch. ``impute`` is the one implementation: the `
 (brainlm/eval/baselines.py) call it too. The decoder then predicts the correction to it.
 The baseline is the floor the model starts from, and what the model scores above it is the transformer's doing.
 
-mu and C are buffers fitted on training windows (`fit`); on another atlas (other coordinates) the prior has no
-population covariance and falls back to the window's own (C = I in the first pass).
+mu and C are buffers fitted on training windows (`PriorMethods.fit_prior`), one slot per atlas: a model pretrained on
+a mixture of shard sets keeps a prior for each atlas it saw (slot 0 the primary set's, `prior_mu_R`; slot k
+`prior{k}_mu_R`, ...), and each window uses the slot fitted on its atlas (matched by coordinates). On another atlas the
+prior has no population covariance and falls back to the window's own (C = I in the first pass) until it is refitted.
 
 Shapes: B windows, R parcels, T timepoints, N patches, P timepoints per patch; masks are True where masked.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
+
+from brainlm.exceptions import DimensionError, InputError
 
 PASSES = 2  # re-estimations of the window's own covariance, as the adaptive baseline
 FIT_WINDOWS = 512  # training windows the prior is fitted on (as `brainlm reconstruct`'s baselines)
@@ -136,3 +142,116 @@ def impute(
         cov_BRR = (1 - shrinkage) * population_BRR + shrinkage * own_BRR
         pred_BNRP = _spatial(xc_BNRP, vis_BNR, cov_BRR, ridge * scale)
     return (pred_BNRP.transpose(1, 2).reshape(B, R, T) + mu_R[:, None]).to(signal_BRT.dtype)
+
+
+PRIOR_KEY = re.compile(r"^prior(\d*)_(mu_R|cov_RR|coords_R3)$")  # a prior slot's buffer (slot 0 has no number)
+
+
+def slot_names(slot: int) -> tuple[str, str, str]:
+    """The buffers of prior slot ``slot``: (mu_R, cov_RR, coords_R3)."""
+    tag = "prior" if slot == 0 else f"prior{slot}"
+    return f"{tag}_mu_R", f"{tag}_cov_RR", f"{tag}_coords_R3"
+
+
+def is_prior_key(name: str) -> bool:
+    """Whether a state-dict key is a prior statistic (fitted per atlas, never a trained weight)."""
+    return PRIOR_KEY.match(name.rsplit(".", 1)[-1]) is not None
+
+
+class PriorMethods:
+    """The Gaussian prior's side of `BrainLM` (mixed in): its per-atlas statistics, fitting and use."""
+
+    PRIOR_BUFFERS = slot_names(0)  # the primary atlas's slot
+
+    def add_prior_slot(self, num_parcels: int) -> int:
+        """Register an empty prior slot for an atlas of ``num_parcels`` parcels; returns its index."""
+        slot = self.num_prior_slots
+        for name, shape in zip(slot_names(slot), ((num_parcels,), (num_parcels,) * 2, (num_parcels, 3)), strict=True):
+            self.register_buffer(name, torch.zeros(shape, device=self.patch_embed.weight.device))
+        return slot
+
+    @property
+    def num_prior_slots(self) -> int:
+        return sum(1 for name in self._buffers if PRIOR_KEY.match(name) and name.endswith("_cov_RR"))
+
+    @torch.no_grad()
+    def fit_prior(self, windows_BRT: Tensor, coords_R3: Tensor, slot: int = 0) -> None:
+        """Fit the Gaussian prior's means and covariance on training windows of the atlas at `coords_R3`, into
+        ``slot`` (0, the primary atlas's, by default; ``num_prior_slots`` adds one: pretraining on a mixture fits one
+        per atlas). Any atlas: the model places parcels by their coordinates, so refitting on another atlas's training
+        windows is how a pretrained model is used there (`brainlm.eval.common.load_context` does it on transfer)."""
+        if self.decoder_prior_embed is None:
+            raise InputError("this model has no prior to fit (`model.decoder_prior` is none)")
+        R = windows_BRT.shape[1] if windows_BRT.ndim == 3 else -1
+        if R < 2 or tuple(coords_R3.shape) != (R, 3):
+            raise DimensionError(
+                "the prior is fitted on windows [batch, parcels, timepoints] and their atlas's coordinates "
+                f"[parcels, 3]; got windows {tuple(windows_BRT.shape)} and coordinates {tuple(coords_R3.shape)}"
+            )
+        if self.parcel_embed is not None and self.config.num_parcels != R:
+            raise DimensionError(
+                f"the windows have {R} parcels but the learned parcel table (`model.learned_parcel_embedding`) has "
+                f"`model.num_parcels` = {self.config.num_parcels}"
+            )
+        if not 0 <= slot <= self.num_prior_slots:
+            raise InputError(f"prior slot {slot} does not exist; slots 0..{self.num_prior_slots} can be fitted")
+        if slot == self.num_prior_slots:
+            self.add_prior_slot(R)
+        for name, value in zip(slot_names(slot), (*fit(windows_BRT), coords_R3), strict=True):
+            old = self._buffers[name]
+            self._buffers[name] = value.to(device=old.device, dtype=old.dtype).clone()
+
+    def prior_state(self) -> dict[str, Tensor]:
+        """Every prior slot's statistics (copies): what the export writes in fp32."""
+        return {name: buf.detach().clone() for name, buf in self._buffers.items() if PRIOR_KEY.match(name)}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Saved slots may be for other atlases (their own sizes) and more than this model has: take the saved shapes.
+        if self.decoder_prior_embed is not None:
+            for key, saved in state_dict.items():
+                name = key[len(prefix) :] if key.startswith(prefix) else None
+                if name is None or not PRIOR_KEY.match(name):
+                    continue
+                old = self._buffers.get(name)
+                if old is None or old.shape != saved.shape:
+                    device = self.patch_embed.weight.device if old is None else old.device
+                    dtype = torch.float32 if old is None else old.dtype
+                    self._buffers[name] = torch.zeros(saved.shape, device=device, dtype=dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def prior_for(self, coords_R3: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(mu_R, cov_RR) of the slot fitted on the atlas at `coords_R3`, or None when no slot was."""
+        if self.decoder_prior_embed is None:
+            return None
+        for slot in range(self.num_prior_slots):
+            mu, cov, coords = (self._buffers[name] for name in slot_names(slot))
+            if (
+                cov.shape[0] == coords_R3.shape[0]
+                and bool(cov.diagonal().sum() > 0)
+                and torch.allclose(coords_R3.to(coords), coords, atol=1e-3)
+            ):
+                return mu, cov
+        return None
+
+    def prior_fits(self, coords_R3: Tensor) -> bool:
+        """Whether a prior slot was fitted on the atlas at `coords_R3`."""
+        return self.prior_for(coords_R3) is not None
+
+    def prior_patches(
+        self, signal_BRT: Tensor, coords_R3: Tensor, mask_BL: Tensor, context: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """The Gaussian prior of every token: prior_BLP. The statistics fitted on the atlas at `coords_R3`, else
+        the window's own covariance only; with `model.prior_context` and a `context` (context_cov_BRR,
+        context_n_B), the fitted covariance moved toward each window's recording context."""
+        B, R, T = signal_BRT.shape
+        c = self.config
+        mu, cov = self.prior_for(coords_R3) or (None, None)
+        scale = None
+        if c.prior_context and context is not None:
+            if cov is None:  # another atlas: no population covariance, the context's own moves from the identity
+                mu, cov = torch.zeros(R, device=signal_BRT.device), torch.eye(R, device=signal_BRT.device)
+            scale = float(torch.diagonal(cov.double()).mean())
+            cov = with_context(cov.double(), context[0], context[1], c.prior_context)
+        mask_BRN = mask_BL.reshape(B, R, T // c.patch_size)
+        prior_BRT = impute(signal_BRT, mask_BRN, mu, cov, c.patch_size, c.prior_ridge, c.prior_shrinkage, scale=scale)
+        return self.patchify(prior_BRT)

@@ -74,8 +74,8 @@ def init_weights(model: BrainLM, source: str) -> None:
 
     folder = resolve_model(source)
     loaded = BrainLM.from_pretrained(folder)
-    state = {k: v for k, v in loaded.state_dict().items() if k not in BrainLM.PRIOR_BUFFERS}
-    own = {k: v for k, v in model.state_dict().items() if k not in BrainLM.PRIOR_BUFFERS}
+    state = {k: v for k, v in loaded.state_dict().items() if not prior.is_prior_key(k)}
+    own = {k: v for k, v in model.state_dict().items() if not prior.is_prior_key(k)}
     missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
@@ -99,13 +99,21 @@ def init_weights(model: BrainLM, source: str) -> None:
 
 
 def fit_prior(model: BrainLM, cfg: PretrainConfig, plan: Plan) -> dict[str, torch.Tensor]:
-    """Fit the decoder's Gaussian prior on the training split (every rank reads the same windows); returns its
-    fp32 statistics, which the export writes (a bf16 engine casts the module's buffers to bf16)."""
-    windows, _ = fixed_samples(
-        plan.manifest, plan.root, cfg.data.train_split, prior.FIT_WINDOWS, plan.model.num_timepoints
-    )
-    model.fit_prior(windows, torch.tensor(plan.manifest.atlas.coords(), dtype=torch.float32))
-    return {name: getattr(model, name).detach().clone() for name in BrainLM.PRIOR_BUFFERS}
+    """Fit the decoder's Gaussian prior on the training split (every rank reads the same windows), one slot per atlas
+    of the shard sets (slot 0 the primary set's; sets that share an atlas pool their windows); returns the fp32
+    statistics, which the export writes (a bf16 engine casts the module's buffers to bf16)."""
+    atlases = []
+    for s in plan.sets:
+        if s.manifest.atlas not in atlases:
+            atlases.append(s.manifest.atlas)
+    for slot, atlas in enumerate(atlases):
+        windows = [
+            fixed_samples(s.manifest, s.root, cfg.data.train_split, prior.FIT_WINDOWS, plan.model.num_timepoints)[0]
+            for s in plan.sets
+            if s.manifest.atlas == atlas
+        ]
+        model.fit_prior(torch.cat(windows), torch.tensor(atlas.coords(), dtype=torch.float32), slot=slot)
+    return model.prior_state()
 
 
 def build_loader(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext, start_step: int) -> TrainLoader | MixtureLoader:
@@ -516,12 +524,9 @@ def _run(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> RunResult:
             + "; one shard set per micro-batch",
             flush=True,
         )
-        if model.decoder_prior_embed is not None and any(s.manifest.atlas != plan.manifest.atlas for s in plan.sets):
-            print(
-                f"note: the decoder prior is fitted on {plan.sets[0].name}'s atlas; windows of another atlas start "
-                "from their own covariance only (as on transfer)",
-                flush=True,
-            )
+        if model.decoder_prior_embed is not None and model.num_prior_slots > 1:
+            n = model.num_prior_slots
+            print(f"decoder prior: one per atlas ({n}), each fitted on its sets' train split", flush=True)
     if ctx.is_main:
         w, gb = ctx.world_size, trainer.global_batch
         print(
