@@ -434,6 +434,8 @@ def test_two_shard_sets_of_different_atlases_train_in_one_run(tiny_shards, tiny_
     from brainlm.data.format import load_manifest
     from brainlm.data.loader import fixed_samples, mixture_schedule
     from brainlm.model import prior
+    from brainlm.model.inference import prepare
+    from brainlm.model.scaling import RobustScaler
 
     out = tmp_path / "mixture"
     proc = run(
@@ -473,6 +475,7 @@ def test_two_shard_sets_of_different_atlases_train_in_one_run(tiny_shards, tiny_
     assert val["val_masked_r2"] == pytest.approx((val["val_masked_r2_shards0"] + val["val_masked_r2_shards1"]) / 2)
     extra = json.loads((out / "model" / "extra.json").read_text())
     assert [(r["parcels"], round(r["weight"], 2)) for r in extra["trained_on"]] == [(7, 0.75), (5, 0.25)]
+    assert [len(a["atlas"]["coords_mm"]) for a in extra["atlases"]] == [7, 5]
     assert "decoder prior: one per atlas (2)" in proc.stdout
     model = brainlm.load(out / "model")
     for slot, shards in enumerate((tiny_shards, tiny_shards_5)):  # each atlas's prior: its own set's train split
@@ -483,6 +486,11 @@ def test_two_shard_sets_of_different_atlases_train_in_one_run(tiny_shards, tiny_
         fitted_mu, fitted_cov = model.prior_for(coords)
         assert torch.allclose(fitted_cov.double(), cov, atol=1e-5) and torch.allclose(fitted_mu.double(), mu, atol=1e-5)
         assert torch.equal(fitted_cov, getattr(model, prior.slot_names(slot)[1]))
+        # A recording on this atlas is scaled with this atlas's training statistics (the export keeps each).
+        raw = np.random.default_rng(slot).standard_normal((manifest.atlas.num_parcels, 60)) * 3 + 1
+        prepared, _ = prepare(model, raw, tr=manifest.tr, coords=coords)
+        expected = RobustScaler.from_dict(manifest.scaling).transform(raw)
+        np.testing.assert_allclose(prepared.signals_RT[0], expected, rtol=1e-5, atol=1e-5)
     for shards in (tiny_shards, tiny_shards_5):
         metrics = brainlm.reconstruct(
             str(out / "model"), str(shards), tmp_path / shards.parent.name, strategies=("random",), limit=8

@@ -114,6 +114,16 @@ def model_tr(model: BrainLM) -> float | None:
     return float(tr) if tr is not None else None
 
 
+def model_scaling(model: BrainLM, coords_R3: torch.Tensor) -> dict[str, Any]:
+    """The saved scaling statistics of the atlas at ``coords_R3``: a model pretrained on a mixture of atlases keeps
+    each atlas's (extra.json ``atlases``, from that atlas's first set); else the primary atlas's (scaling.json)."""
+    for entry in (model.extra or {}).get("atlases", [])[1:]:
+        saved = torch.tensor(entry["atlas"]["coords_mm"], dtype=torch.float32)
+        if saved.shape == coords_R3.shape and torch.allclose(saved, coords_R3.float(), atol=1e-3):
+            return entry["scaling"]
+    return model.scaling
+
+
 def model_coords(model: BrainLM, coords: Any = None) -> torch.Tensor:
     if coords is not None:
         return torch.as_tensor(np.asarray(coords, dtype=np.float32))
@@ -176,10 +186,12 @@ def prepare(
         )
         scaling = "fit"
     if scaling == "model":
-        scaler = RobustScaler.from_dict(model.scaling)
+        scaler = RobustScaler.from_dict(model_scaling(model, coords_R3))
         if scaler.center.shape[0] != R:
             raise DimensionError(
-                f"the model's scaling statistics cover {scaler.center.shape[0]} parcels; the recordings have {R}"
+                f"the model's scaling statistics cover {scaler.center.shape[0]} parcels; the recordings have {R} "
+                "(an atlas the model was not trained on): pass scaling='fit' (--scaling fit) to fit them on the "
+                "recordings given"
             )
     elif scaling == "fit":
         scaler = RobustScaler.fit(signals)

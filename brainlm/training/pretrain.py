@@ -405,6 +405,7 @@ class Trainer:
                 | ({"weight": s.weight / total, "mixture": str(self.out_dir)} if len(self.plan.sets) > 1 else {})
                 for s in self.plan.sets
             ]
+            atlases = self.atlases()
             model.save_pretrained(
                 target,
                 scaling=m.scaling,
@@ -417,11 +418,22 @@ class Trainer:
                     "preset": self.cfg.preset,
                     "steps": self.cfg.train.max_steps,
                     "git_sha": git_sha(),
-                },
+                }
+                | ({"atlases": atlases} if len(atlases) > 1 else {}),  # a mixture's atlases, each with its scaling
             )
             print(f"exported {target} (model.safetensors, config.json, scaling.json, extra.json)", flush=True)
         dist.barrier()
         return target
+
+    def atlases(self) -> list[dict]:
+        """Each atlas the run trained on, the primary first, with its scaling statistics (those of its first set):
+        what `embed` / `reconstruct` of a recording on that atlas applies."""
+        out: list[dict] = []
+        for s in self.plan.sets:
+            atlas = dataclasses.asdict(s.manifest.atlas)
+            if all(a["atlas"] != atlas for a in out):
+                out.append({"atlas": atlas, "scaling": s.manifest.scaling, "tr": s.manifest.tr})
+        return out
 
     # -- the loop ------------------------------------------------------------------------------------------
 
