@@ -373,6 +373,8 @@ def test_bad_recipe_keys_and_values_name_the_flag():
         load_recipe(None, ["--train.micro_batch_size", "eight"])
     with pytest.raises(ConfigError, match=r"`model.hidden_size` \(33\) must be divisible by `model.num_heads`"):
         load_recipe(None, ["--model.hidden_size", "33"])
+    with pytest.raises(ConfigError, match=r"`train\.select` must be one of last, best, got 'worst'"):
+        load_recipe(None, ["--train.select", "worst"])
     with pytest.raises(ConfigError, match="Unknown config key `trian`"):
         build_recipe({"trian": {}})
     for recipe in sorted((ROOT / "configs" / "pretrain").glob("*.yaml")):
@@ -498,6 +500,49 @@ def test_two_shard_sets_of_different_atlases_train_in_one_run(tiny_shards, tiny_
         assert np.isfinite(metrics["pooled_r2"]["random"]["model"])
         assert "a mixture of the train splits" in metrics["fitted_on"]["model"]["weights"]
         assert metrics["fitted_on"]["model"]["prior"] == f"fitted on the train split of {shards}"  # not refitted
+
+
+def test_select_best_exports_the_best_validated_weights(tiny_shards, tiny_shards_5, tmp_path):
+    """train.select best, on a mixture: the export holds the weights of the validation step with the highest mean of
+    the sets' curves (recomputed here from the exported model on the same windows and masks), extra.json says which,
+    and a resumed run keeps the best it had."""
+    from brainlm.model import BrainLM
+    from brainlm.protocol import R2Sums
+    from brainlm.training.engine import DistContext
+    from brainlm.training.plan import preflight
+    from brainlm.training.pretrain import validation_of
+
+    out = tmp_path / "best"
+    args = [
+        "--data.shards", f"{tiny_shards},{tiny_shards_5}", "--train.select", "best", "--train.micro_batch_size", "4",
+        "--optim.lr", "0.02", "--train.val_every", "3", "--train.ckpt_every", "6", "--train.out_dir", str(out),
+        "--tracking.enabled", "false",
+    ]  # fmt: skip
+    proc = run(deepspeed_cmd([*args, "--train.max_steps", "9"], ranks=1))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run(deepspeed_cmd([*args, "--train.max_steps", "12", "--train.resume", "auto"], ranks=1))
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    curve = {r["step"]: r["val_masked_r2"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "val_masked_r2" in r}  # fmt: skip
+    assert sorted(curve) == [3, 6, 9, 12]  # here the best was step 6, kept by the first run: the resume path
+    selected = json.loads((out / "model" / "extra.json").read_text())["selected"]
+    assert (
+        selected["step"] == max(curve, key=lambda k: (curve[k], -k))
+        and selected["val_masked_r2"] == curve[selected["step"]]
+    )
+    # The exported weights score what the run measured at that step, on every set's validation windows.
+    cfg = load_recipe(None, parse_overrides([*COMMON, *args]))  # what deepspeed_cmd ran
+    plan = preflight(cfg, ROOT / "ds_config.json")
+    model = BrainLM.from_pretrained(out / "model").eval()
+    scores = []
+    for shard_set in plan.sets:
+        val = validation_of(cfg, plan, shard_set, DistContext(0, 1, 0, torch.device("cpu")))
+        sums = R2Sums()
+        with torch.no_grad():
+            pred = model(val.signal, val.coords_R3, mask_BL=val.masks).pred_BLP
+        sums.add(pred, model.patchify(val.signal), val.masks)
+        scores.append(sums.r2)
+    assert float(np.mean(scores)) == pytest.approx(selected["val_masked_r2"], abs=1e-4)
 
 
 def test_mixture_weights_are_checked_before_any_work(tiny_shards, tiny_shards_5):

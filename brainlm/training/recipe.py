@@ -22,6 +22,8 @@ from brainlm.exceptions import ConfigError
 from brainlm.model.config import PRESETS, ModelConfig, get_preset
 from brainlm.schema import coerce, field_docs, unknown_key
 
+SELECT = ("last", "best")  # train.select: which weights the export holds
+
 
 @dataclass
 class DataConfig:
@@ -96,6 +98,9 @@ class TrainConfig:
     resume from (train.resume) takes precedence."""
     export: bool = True
     """Export model.safetensors + config.json + scaling.json to out_dir/model at the end."""
+    select: str = "last"
+    """The weights the export holds: last (the final step's) or best (those of the validation step with the highest
+    val masked R^2: with several shard sets, the mean of their curves; kept in out_dir/best as training goes)."""
     dist_timeout_s: float = 600.0
     """Seconds a collective waits for the other ranks before the job fails (a rank that died or hangs)."""
     activation_checkpointing: bool = False
@@ -222,6 +227,8 @@ def validate(cfg: PretrainConfig) -> None:
             "and every choice made on it would be scored on the subjects the results report; docs/evaluation.md); "
             "use val, and build the shards with validation subjects (--val-frac or --splits)"
         )
+    if t.select not in SELECT:
+        raise ConfigError(f"`train.select` must be one of {', '.join(SELECT)}, got {t.select!r}")
     if t.dist_timeout_s <= 0:
         raise ConfigError(f"`train.dist_timeout_s` must be positive, got {t.dist_timeout_s}")
     if not 0 <= o.warmup_fraction < 1:
