@@ -1,6 +1,10 @@
-"""The ``brainlm`` console command: one subcommand per analysis, each a plain function.
+"""The ``brainlm`` console command, the one front door: shard sets, pretraining, sweeps, every analysis, the registry.
 
-brainlm reconstruct | embed | finetune | networks | perturb | attention | registry ...
+brainlm data | pretrain | tune | reconstruct | embed | finetune | networks | perturb | attention | registry ...
+
+The analyses are one subcommand each, a plain function; ``data``, ``pretrain`` and ``tune`` hand their arguments to
+their own parsers (``data_prep.cli``, ``brainlm.training.launch``, ``brainlm.tuning.cli``), which the shims
+``python -m data_prep``, ``launcher/pretrain.py`` and ``launcher/tune.py`` also call.
 """
 
 from __future__ import annotations
@@ -258,8 +262,18 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_benchmark, takes_overrides=True)
 
     sub.add_parser(
+        "data",
+        help="build, inspect and push shard sets: synth | build | inspect | push (as python -m data_prep)",
+        add_help=False,
+    )
+    sub.add_parser(
         "pretrain",
         help="pretrain with DeepSpeed in this process (as launcher/pretrain.py); --help lists every override",
+        add_help=False,
+    )
+    sub.add_parser(
+        "tune",
+        help="Ray Tune sweeps: finetune | perturb | scale (as launcher/tune.py)",
         add_help=False,
     )
 
@@ -397,10 +411,20 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["pretrain"]:  # the recipe's own parser: --config, --deepspeed and dotted overrides
+    # Commands with parsers of their own, run as they are: the shard build, pretraining (--config, --deepspeed and
+    # dotted overrides) and the sweeps. `python -m data_prep`, launcher/pretrain.py and launcher/tune.py are the same.
+    if argv[:1] == ["data"]:
+        from data_prep.cli import main as data
+
+        return data(argv[1:], prog="brainlm data")
+    if argv[:1] == ["pretrain"]:
         from brainlm.training.launch import main as pretrain
 
         return pretrain(argv[1:], prog="brainlm pretrain")
+    if argv[:1] == ["tune"]:
+        from brainlm.tuning.cli import main as tune
+
+        return tune(argv[1:], prog="brainlm tune")
     p = parser()
     args, extra = p.parse_known_args(argv)
     if extra and not getattr(args, "takes_overrides", False):

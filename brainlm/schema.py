@@ -1,6 +1,6 @@
 """Typed dataclasses as the schema of every entry point: the docstring under each field is its help, its annotation
 its type, and one mapper turns a dataclass into flags (``add_flags``) and back (``from_flags``). The recipe parser
-(``brainlm.training.recipe``), the ``brainlm`` commands, ``launcher/tune.py`` and ``python -m data_prep`` all go
+(``brainlm.training.recipe``) and every ``brainlm`` command (the analyses, ``brainlm tune``, ``brainlm data``) go
 through it, so a field's name, type, default and help are written once, in its dataclass.
 """
 

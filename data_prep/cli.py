@@ -23,7 +23,7 @@ def _synth(args: argparse.Namespace) -> int:
         f"synthetic cohort: {cfg.subjects} subjects, {n} recordings ({n_task} task) of {cfg.timepoints} x "
         f"{cfg.tr} s -> {args.out}"
     )
-    print(f"  build it: python -m data_prep build --inputs {args.out} --out SHARDS")
+    print(f"  build it: brainlm data build --inputs {args.out} --out SHARDS")
     if cfg.nifti:
         print(
             f"  NIfTI:    python -m data_prep build --inputs {args.out}/bids --atlas {args.out}/atlas_dseg.nii.gz "
@@ -60,9 +60,9 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "brainlm data") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m data_prep",
+        prog=prog,
         description="fMRI -> parcels -> robust-scaled crops -> WebDataset shards + manifest.json",
     )
     add_version(p)
@@ -113,8 +113,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "brainlm data") -> int:
+    args = parser(prog).parse_args(argv)
     try:
         return args.func(args)
     except BrainLMError as err:

@@ -13,10 +13,10 @@ PORT=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); pr
 start=$(date +%s)
 
 echo "== 1/5 synthetic cohort (40 subjects x 2 runs, Seitzman 300-ROI atlas, TR 0.72 s)"
-python -m data_prep synth --out "$DEMO_DIR/cohort" --subjects 40 --seed 0
+brainlm data synth --out "$DEMO_DIR/cohort" --subjects 40 --seed 0
 
 echo "== 2/5 shards (robust scaling fitted on training subjects, 200-step crops, WebDataset tars)"
-python -m data_prep build --inputs "$DEMO_DIR/cohort" --out "$DEMO_DIR/shards" --workers 2
+brainlm data build --inputs "$DEMO_DIR/cohort" --out "$DEMO_DIR/shards" --workers 2
 
 echo "== 3/5 pretraining: deepspeed --num_gpus 2 launcher/pretrain.py --deepspeed ds_config.json (CPU, gloo)"
 mkdir -p "$DEMO_DIR/runs"
@@ -36,7 +36,7 @@ cat <<SUMMARY
 
 == done in $(( $(date +%s) - start )) s
   cohort + ground truth  $DEMO_DIR/cohort  (truth.json)
-  shards + manifest      $DEMO_DIR/shards/manifest.json   (python -m data_prep inspect $DEMO_DIR/shards)
+  shards + manifest      $DEMO_DIR/shards/manifest.json   (brainlm data inspect $DEMO_DIR/shards)
   run folder             $DEMO_DIR/runs/debug  (checkpoints/, metrics.jsonl, reconstruction.png)
   exported model         $DEMO_DIR/runs/debug/model  = models:/brainlm-debug@current
   reconstruction         $DEMO_DIR/eval/reconstruct/metrics.json and *.png

@@ -431,8 +431,16 @@ def test_bad_inputs_get_clear_errors(cohort, tiny_shards, tmp_path):
         finetune(str(cohort["model"]), str(no_val), tmp_path, FinetuneConfig(target="age"))
 
 
-def test_cli_help_lists_every_command():
+def test_cli_help_lists_every_command(tiny_shards):
+    """One front door: the analyses, and the build, pretraining and sweeps through their own parsers."""
     proc = run_cli("-m", "brainlm.cli", "--help")
-    for command in ("reconstruct", "embed", "finetune", "networks", "perturb", "attention"):
+    for command in ("data", "pretrain", "tune", "reconstruct", "embed", "finetune", "networks", "perturb", "attention"):
         assert command in proc.stdout
     assert "Dropout before each head layer" in run_cli("-m", "brainlm.cli", "finetune", "--help").stdout
+    assert "usage: brainlm data build" in run_cli("-m", "brainlm.cli", "data", "build", "--help").stdout
+    assert "usage: brainlm tune finetune" in run_cli("-m", "brainlm.cli", "tune", "finetune", "--help").stdout
+    assert "--train.select" in run_cli("-m", "brainlm.cli", "pretrain", "--help").stdout
+    inspect = run_cli("-m", "brainlm.cli", "data", "inspect", str(tiny_shards))
+    assert inspect.returncode == 0 and "all 5 shard checksums match" in inspect.stdout, inspect.stderr[-2000:]
+    missing = run_cli("-m", "brainlm.cli", "data", "inspect", str(tiny_shards.parent / "nowhere"))
+    assert missing.returncode == 2 and missing.stderr.startswith("error:"), missing.stderr[-2000:]

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "deepspeed": ["brainlm/training/engine.py"],
     "mlflow": ["brainlm/tracking/"],
-    "ray": ["launcher/tune.py", "brainlm/tuning/"],
+    "ray": ["brainlm/tuning/"],
     "boto3": ["brainlm/data/store.py"],
     "botocore": ["brainlm/data/store.py"],
     "nibabel": ["brainlm/recordings/", "data_prep/", "brainlm/plots.py"],
@@ -131,6 +131,10 @@ FORBIDDEN = [
 ]
 
 
+# The one exception: the front door hands `brainlm data ...` to the build's own command line.
+EXCEPTIONS = {("brainlm.cli", "data_prep.cli")}
+
+
 @pytest.mark.parametrize(("importer", "imported", "why"), FORBIDDEN)
 def test_forbidden_imports(importer, imported, why):
     def under(module: str, prefix: str) -> bool:
@@ -141,7 +145,7 @@ def test_forbidden_imports(importer, imported, why):
         for m, deps in module_graph().items()
         if under(m, importer)
         for d in deps
-        if under(d, imported)
+        if under(d, imported) and (m, d) not in EXCEPTIONS
     )
     assert not offenders, f"{why}:\n" + "\n".join(offenders)
 

@@ -88,7 +88,7 @@ def env(tiny_shards, tmp_path_factory, s3_endpoint) -> dict:
 
 
 def sweep(env: dict, *args: str) -> int:
-    from launcher.tune import main
+    from brainlm.tuning.cli import main
 
     return main(list(args))
 
@@ -366,7 +366,9 @@ def test_bad_search_spaces_name_the_key(env, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: {loguniform: [1.0e-4, 1.0e-2]}\n")
     proc = run_cli(
-        "launcher/tune.py",
+        "-m",
+        "brainlm.cli",
+        "tune",
         "finetune",
         "--model",
         "m",

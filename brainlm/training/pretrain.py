@@ -165,6 +165,7 @@ class ValidationSet:
     coords_R3: torch.Tensor
     name: str = ""
     context: tuple[torch.Tensor, torch.Tensor] | None = None
+    held_out: bool = True  # False: the set has no validation subjects and these are training windows
 
     def context_of(self, rows: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if self.context is None else (self.context[0][rows].to(device), self.context[1][rows].to(device))
@@ -191,7 +192,7 @@ def validation_of(cfg: PretrainConfig, plan: Plan, shard_set: ShardSet, ctx: ds.
         cov_BRR, n_B = context_statistics(signal.numpy(), context_windows(recordings, starts, c.num_timepoints, None))
         context = (torch.from_numpy(cov_BRR[idx]).float(), torch.from_numpy(n_B[idx]))
     coords = torch.tensor(m.atlas.coords(), dtype=torch.float32)
-    return ValidationSet(signal[idx], masks, coords, shard_set.name, context)
+    return ValidationSet(signal[idx], masks, coords, shard_set.name, context, split == cfg.data.val_split)
 
 
 def build_tracker(
@@ -488,13 +489,15 @@ class Trainer:
                 self.log(done, loss)
             if (t.val_every and done % t.val_every == 0) or last:
                 per_set = [self.validate(v) for v in val]
-                r2 = result.val_r2[done] = float(np.mean(per_set))
+                # The run's figure: the mean over the sets with validation subjects (a set without them is scored on
+                # training windows: what was fitted); every set's when none has them.
+                scored = [v.held_out for v in val] if any(v.held_out for v in val) else [True] * len(val)
+                r2 = result.val_r2[done] = float(np.mean([x for x, k in zip(per_set, scored, strict=True) if k]))
                 if self.ctx.is_main:
-                    sets = (
-                        ""
-                        if len(val) == 1
-                        else " = mean of " + ", ".join(f"{v.name} {x:.4f}" for v, x in zip(val, per_set, strict=True))
-                    )
+                    named = [(f"{v.name} {x:.4f}", k) for v, x, k in zip(val, per_set, scored, strict=True)]
+                    sets = "" if len(val) == 1 else " = mean of " + ", ".join(n for n, k in named if k)
+                    if not all(scored):
+                        sets += "; training windows, not in it: " + ", ".join(n for n, k in named if not k)
                     line = f"step {done:>6}/{t.max_steps} | val masked R^2 {r2:.4f} (pooled, fixed masks){sets}"
                     print(line, flush=True)
                     record = {"val_masked_r2": r2}

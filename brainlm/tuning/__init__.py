@@ -1,4 +1,4 @@
-"""Ray Tune sweeps (``python launcher/tune.py finetune|perturb|scale``): the Ray side of brainlm.
+"""Ray Tune sweeps (``brainlm tune finetune|perturb|scale``, ``cli``): the Ray side of brainlm.
 
 - ``finetune_sweep``: ASHA over FinetuneConfig knobs; every trial runs ``train_one`` (what ``brainlm finetune``
   runs) on data loaded once by ``load_data`` on the driver and shared through Ray's object store; the best
@@ -6,7 +6,7 @@
 - ``perturb_sweep``: ASHA over PerturbConfig knobs; every trial runs ``optimise`` (what ``brainlm perturb``
   runs), scored by ``perturb_score``.
 - ``scale_sweep``: a grid of width x depth x mask ratio x compute budget; every trial runs
-  ``brainlm.training.pretrain.run`` (what ``launcher/pretrain.py`` runs) for budget / (FLOPs per sample x
+  ``brainlm.training.pretrain.run`` (what ``brainlm pretrain`` runs) for budget / (FLOPs per sample x
   global batch) steps; ends in a figure and tables of validation masked R^2 against compute and parameters.
 
 A scaling trial is one process (a world of one) on the resources it is given. To spread one trial over several
@@ -21,16 +21,42 @@ trials send results back, so parallel trials never contend for a sqlite store.
 
 Modules: ``space`` (search spaces), ``session`` (options and the Ray session), ``trials`` (the MLflow callback and
 value formatting), ``template`` (``SweepSpec``, ``run_sweep``, ``finish_sweep``: the one skeleton every sweep runs),
-``finetune``, ``perturb``, ``scale`` (one short spec each). ray is imported in this package and in launcher/tune.py
-only.
+``finetune``, ``perturb``, ``scale`` (one short spec each), ``cli`` (the command line). ray is imported in this
+package only, on first use of a name below.
 """
 
-from brainlm.tuning.finetune import finetune_sweep, finetune_trial
-from brainlm.tuning.perturb import perturb_score, perturb_sweep, perturb_trial
-from brainlm.tuning.scale import Shape, plan_shape, scale_sweep, scale_trial
-from brainlm.tuning.session import SweepOptions, ray_session
-from brainlm.tuning.space import FINETUNE_FIXED, PERTURB_FIXED, SPACES, Dist, apply_config, load_space
-from brainlm.tuning.trials import MLflowTrials
+import importlib
+from typing import Any
+
+# Each public name and the module holding it: imported on first use (PEP 562), so `brainlm tune --help` and the
+# command line's parsing run before ray is imported.
+_HOME = {
+    "finetune_sweep": "finetune",
+    "finetune_trial": "finetune",
+    "perturb_score": "perturb",
+    "perturb_sweep": "perturb",
+    "perturb_trial": "perturb",
+    "Shape": "scale",
+    "plan_shape": "scale",
+    "scale_sweep": "scale",
+    "scale_trial": "scale",
+    "SweepOptions": "session",
+    "ray_session": "session",
+    "FINETUNE_FIXED": "space",
+    "PERTURB_FIXED": "space",
+    "SPACES": "space",
+    "Dist": "space",
+    "apply_config": "space",
+    "load_space": "space",
+    "MLflowTrials": "trials",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'brainlm.tuning' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"brainlm.tuning.{_HOME[name]}"), name)
+
 
 __all__ = [
     "FINETUNE_FIXED",
