@@ -112,3 +112,40 @@ class Checkpointer:
         if cuda and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda)
         return meta
+
+
+class BestWeights:
+    """``train.select best``: the weights of the best validation step so far, in ``out_dir/best`` (model.safetensors,
+    then best.json: a kill leaves the previous best whole), and what a resume keeps of them."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.folder = Path(out_dir) / "best"
+        self.kept: tuple[int, float] | None = None  # (step, validation R^2)
+
+    def restore(self, step: int) -> None:
+        """Keep what was kept up to ``step`` (a killed run's later ones are validated again)."""
+        record = self.folder / "best.json"
+        kept = json.loads(record.read_text()) if record.exists() else None
+        self.kept = (int(kept["step"]), float(kept["r2"])) if kept and kept["step"] <= step else None
+
+    def improves(self, r2: float) -> bool:
+        return self.kept is None or r2 > self.kept[1]
+
+    def keep(self, state: dict[str, torch.Tensor] | None, step: int, r2: float) -> None:
+        """Rank 0 gives the full state (others None and only update their record)."""
+        if state is not None:
+            atomic.write_all(
+                [
+                    (self.folder / "model.safetensors", lambda tmp: save_file(state, tmp)),
+                    (self.folder / "best.json", lambda tmp: Path(tmp).write_text(json.dumps({"step": step, "r2": r2}))),
+                ]
+            )
+        self.kept = (step, r2)
+
+    def load(self) -> dict[str, torch.Tensor]:
+        return load_file(self.folder / "model.safetensors")
+
+    def record(self, max_steps: int) -> dict[str, Any]:
+        """What the export's extra.json says of the selection."""
+        step, r2 = self.kept
+        return {"rule": "best validation step", "step": step, "val_masked_r2": r2, "of_steps": max_steps}

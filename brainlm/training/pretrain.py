@@ -17,10 +17,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.distributed as dist
 
@@ -35,13 +33,11 @@ from brainlm.protocol import R2Sums, context_statistics, context_windows, protoc
 from brainlm.tracking.env import default_tracking_uri, git_sha
 from brainlm.tracking.runs import Tracker
 from brainlm.training import engine as ds
-from brainlm.training.checkpoint import Checkpointer
+from brainlm.training.checkpoint import BestWeights, Checkpointer
 from brainlm.training.ds_config import resolve_ds_config
 from brainlm.training.plan import Plan, ShardSet, preflight
 from brainlm.training.recipe import PretrainConfig, global_batch, lr_of, warmup_steps
 from brainlm.training.schedule import warmup_cosine
-
-BEST = "best"  # out_dir/best: the best validated weights so far (train.select best)
 
 
 @dataclass
@@ -272,7 +268,7 @@ class Trainer:
         self._window = {"start": time.time(), "samples": 0, "wait": 0.0}
         self.set_samples = [0] * len(plan.sets)  # samples each shard set gave since this process started
         self.prior_state = prior_state or {}  # the Gaussian prior's fp32 statistics, if the model has one
-        self.best: tuple[int, float] | None = None  # (step, val R^2) of the weights kept in out_dir/best
+        self.best = BestWeights(self.out_dir)  # train.select best: the best validated weights so far
 
     # -- one step ------------------------------------------------------------------------------------------
 
@@ -381,16 +377,8 @@ class Trainer:
         if self.ctx.is_main:
             print(f"resumed from {path} at step {meta['step']}", flush=True)
             self._forget_after(meta["step"])
-        self.best = self._kept_best(meta["step"])
+        self.best.restore(meta["step"])
         return meta["step"], meta.get("mlflow_run_id")
-
-    def _kept_best(self, step: int) -> tuple[int, float] | None:
-        """The best weights kept up to ``step`` (a killed run's later ones are validated again)."""
-        record = self.out_dir / BEST / "best.json"
-        if self.cfg.train.select != "best" or not record.exists():
-            return None
-        kept = json.loads(record.read_text())
-        return (int(kept["step"]), float(kept["r2"])) if kept["step"] <= step else None
 
     def _forget_after(self, step: int) -> None:
         """metrics.jsonl without the records of steps after ``step`` (the killed run logged them; this one logs
@@ -399,12 +387,12 @@ class Trainer:
 
     def export(self) -> Path:
         """The consolidated model folder (rank 0 writes it; every rank calls this)."""
-        best = self.cfg.train.select == "best" and self.best is not None
+        best = self.cfg.train.select == "best" and self.best.kept is not None
         state = ds.full_state_dict(self.engine) if not best else None  # every rank joins the gather, or none does
         target = self.out_dir / "model"
         if self.ctx.is_main:
             if best:
-                state = safetensors.torch.load_file(self.out_dir / BEST / "model.safetensors")
+                state = self.best.load()
             model = BrainLM(self.plan.model)
             model.load_state_dict({**state, **self.prior_state})
             m = self.plan.manifest
@@ -438,32 +426,17 @@ class Trainer:
                     "git_sha": git_sha(),
                 }
                 | ({"atlases": atlases} if len(atlases) > 1 else {})  # a mixture's atlases, each with its scaling
-                | ({"selected": self.best_record()} if best else {}),
+                | ({"selected": self.best.record(self.cfg.train.max_steps)} if best else {}),
             )
             print(f"exported {target} (model.safetensors, config.json, scaling.json, extra.json)", flush=True)
         dist.barrier()
         return target
 
     def keep_if_best(self, step: int, r2: float) -> None:
-        """With ``train.select best``: keep these weights in out_dir/best when their validation R^2 is the run's
-        highest so far (every rank calls this; the gather is a collective). Written atomically, the weights
-        before the record, so a kill leaves the previous best whole."""
-        if self.cfg.train.select != "best" or (self.best is not None and r2 <= self.best[1]):
-            return
-        state = ds.full_state_dict(self.engine)
-        if self.ctx.is_main:
-            folder = self.out_dir / BEST
-            atomic.write_all(
-                [
-                    (folder / "model.safetensors", lambda tmp: safetensors.torch.save_file(state, tmp)),
-                    (folder / "best.json", lambda tmp: Path(tmp).write_text(json.dumps({"step": step, "r2": r2}))),
-                ]
-            )
-        self.best = (step, r2)
-
-    def best_record(self) -> dict[str, Any]:
-        step, r2 = self.best
-        return {"rule": "best validation step", "step": step, "val_masked_r2": r2, "of_steps": self.cfg.train.max_steps}
+        """With ``train.select best``: keep these weights when their validation R^2 is the run's highest so far
+        (every rank calls this: the gather is a collective)."""
+        if self.cfg.train.select == "best" and self.best.improves(r2):
+            self.best.keep(ds.full_state_dict(self.engine), step, r2)
 
     def atlases(self) -> list[dict]:
         """Each atlas the run trained on, the primary first, with its scaling statistics (those of its first set):
