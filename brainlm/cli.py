@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import sys
 
-from brainlm.exceptions import PATH_ERRORS, BrainLMError
+from brainlm.exceptions import BrainLMError, exit_code
 from brainlm.schema import add_flags, add_version, from_flags
 
 
@@ -433,15 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     from brainlm import threads
 
     threads.apply(1, args.threads)
-    try:
-        args.func(args)
-    except BrainLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except PATH_ERRORS as err:  # a path that is not what the command expected: no traceback, the path named
-        print(f"error: {err.strerror or err}: {err.filename}; check the path given", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """Domain errors. Each message says what was expected, what was received, and what to do."""
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
 
 class BrainLMError(Exception):
     """Base class of every error brainlm raises on purpose."""
@@ -51,3 +56,18 @@ class NonFiniteLossError(BrainLMError):
 
 # OSErrors a command line reports as one error line naming the path (a path that is not what was expected).
 PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def exit_code(action: Callable[[], int | None]) -> int:
+    """Run a command line's action; its exit code (0 for None). Every command (``brainlm ...``, its ``data``,
+    ``pretrain`` and ``tune`` and their shims) ends through this: an error brainlm raised on purpose, or a path that is
+    not what was expected, is said in one line on stderr, no traceback, and exits 2 (130 for an interrupted sweep,
+    as Ctrl+C)."""
+    try:
+        return action() or 0
+    except BrainLMError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 130 if isinstance(err, SweepInterrupted) else 2
+    except PATH_ERRORS as err:
+        print(f"error: {err.strerror or err}: {err.filename}; check the path given", file=sys.stderr, flush=True)
+        return 2

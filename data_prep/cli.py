@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from brainlm.exceptions import PATH_ERRORS, BrainLMError
+from brainlm.exceptions import exit_code
 from brainlm.schema import add_flags, add_version, field_docs, from_flags
 from data_prep.build import BuildConfig
 from data_prep.synth import SynthConfig
@@ -115,14 +115,7 @@ def parser(prog: str = "brainlm data") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "brainlm data") -> int:
     args = parser(prog).parse_args(argv)
-    try:
-        return args.func(args)
-    except BrainLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except PATH_ERRORS as err:
-        print(f"error: {err.strerror or err}: {err.filename}; check the path given", file=sys.stderr)
-        return 2
+    return exit_code(lambda: args.func(args))
 
 
 if __name__ == "__main__":

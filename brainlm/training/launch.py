@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from brainlm.exceptions import BrainLMError
+from brainlm.exceptions import exit_code
 from brainlm.schema import add_version
 from brainlm.training.recipe import help_text, load_recipe
 
@@ -34,12 +33,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 0
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    try:
+
+    def pretrain() -> None:
         cfg = load_recipe(args.config, overrides)
         from brainlm.training.pretrain import run
 
         run(cfg, args.deepspeed)
-    except BrainLMError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+
+    return exit_code(pretrain)

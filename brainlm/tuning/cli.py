@@ -23,7 +23,7 @@ from pathlib import Path
 
 from brainlm.eval.finetune import FinetuneConfig
 from brainlm.eval.perturb import PerturbConfig
-from brainlm.exceptions import BrainLMError, ConfigError, SweepInterrupted
+from brainlm.exceptions import ConfigError, exit_code
 from brainlm.schema import add_flags, add_version, from_flags
 from brainlm.training.recipe import parse_overrides
 
@@ -175,44 +175,37 @@ def parser(prog: str = "brainlm tune") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "brainlm tune") -> int:
     args, rest = parser(prog).parse_known_args(argv)
+    return exit_code(lambda: _run(args, rest))
+
+
+def _run(args: argparse.Namespace, rest: list[str]) -> None:
     from brainlm import tuning  # ray: after parsing, so --help stays quick
 
-    try:
-        if rest and args.kind != "scale":
-            raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
-        opts = _options(args)
-        if args.kind == "finetune":
-            tuning.finetune_sweep(
-                args.model,
-                args.shards,
-                from_flags(FinetuneConfig, args),
-                args.space,
-                opts,
-                args.register_as,
-                args.alias,
-            )
-        elif args.kind == "perturb":
-            tuning.perturb_sweep(
-                args.model, args.shards, from_flags(PerturbConfig, args), args.space, opts, args.theta_budget
-            )
-        else:
-            tuning.scale_sweep(
-                args.shards,
-                _list(args.widths, int, "--widths"),
-                _list(args.depths, int, "--depths"),
-                _list(args.mask_ratios, float, "--mask-ratios"),
-                _list(args.budget, float, "--budget"),
-                opts,
-                args.recipe,
-                parse_overrides(rest),
-                args.deepspeed,
-                args.head_dim,
-                args.val_points,
-            )
-    except BrainLMError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 130 if isinstance(err, SweepInterrupted) else 2  # 130: as for Ctrl+C
-    return 0
+    if rest and args.kind != "scale":
+        raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
+    opts = _options(args)
+    if args.kind == "finetune":
+        tuning.finetune_sweep(
+            args.model, args.shards, from_flags(FinetuneConfig, args), args.space, opts, args.register_as, args.alias
+        )
+    elif args.kind == "perturb":
+        tuning.perturb_sweep(
+            args.model, args.shards, from_flags(PerturbConfig, args), args.space, opts, args.theta_budget
+        )
+    else:
+        tuning.scale_sweep(
+            args.shards,
+            _list(args.widths, int, "--widths"),
+            _list(args.depths, int, "--depths"),
+            _list(args.mask_ratios, float, "--mask-ratios"),
+            _list(args.budget, float, "--budget"),
+            opts,
+            args.recipe,
+            parse_overrides(rest),
+            args.deepspeed,
+            args.head_dim,
+            args.val_points,
+        )
 
 
 if __name__ == "__main__":
