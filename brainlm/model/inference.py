@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from brainlm.exceptions import DimensionError, InputError, TRMismatchError
+from brainlm.model.prior import same_atlas
 from brainlm.model.scaling import RobustScaler, non_finite
 from brainlm.scores import r2_score
 
@@ -118,8 +119,7 @@ def model_scaling(model: BrainLM, coords_R3: torch.Tensor) -> dict[str, Any]:
     """The saved scaling statistics of the atlas at ``coords_R3``: a model pretrained on a mixture of atlases keeps
     each atlas's (extra.json ``atlases``, from that atlas's first set); else the primary atlas's (scaling.json)."""
     for entry in (model.extra or {}).get("atlases", [])[1:]:
-        saved = torch.tensor(entry["atlas"]["coords_mm"], dtype=torch.float32)
-        if saved.shape == coords_R3.shape and torch.allclose(saved, coords_R3.float(), atol=1e-3):
+        if same_atlas(torch.tensor(entry["atlas"]["coords_mm"], dtype=torch.float32), coords_R3.float()):
             return entry["scaling"]
     return model.scaling
 

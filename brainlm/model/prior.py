@@ -153,6 +153,11 @@ def slot_names(slot: int) -> tuple[str, str, str]:
     return f"{tag}_mu_R", f"{tag}_cov_RR", f"{tag}_coords_R3"
 
 
+def same_atlas(a_R3: Tensor, b_R3: Tensor) -> bool:
+    """Whether two parcel-coordinate tables name the same atlas (same parcels, centres within 1e-3 mm)."""
+    return a_R3.shape == b_R3.shape and torch.allclose(a_R3.to(b_R3), b_R3, atol=1e-3)
+
+
 def is_prior_key(name: str) -> bool:
     """Whether a state-dict key is a prior statistic (fitted per atlas, never a trained weight)."""
     return PRIOR_KEY.match(name.rsplit(".", 1)[-1]) is not None
@@ -225,11 +230,7 @@ class PriorMethods:
             return None
         for slot in range(self.num_prior_slots):
             mu, cov, coords = (self._buffers[name] for name in slot_names(slot))
-            if (
-                cov.shape[0] == coords_R3.shape[0]
-                and bool(cov.diagonal().sum() > 0)
-                and torch.allclose(coords_R3.to(coords), coords, atol=1e-3)
-            ):
+            if same_atlas(coords_R3, coords) and bool(cov.diagonal().sum() > 0):
                 return mu, cov
         return None
 

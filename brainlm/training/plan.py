@@ -29,8 +29,7 @@ class ShardSet:
 @dataclass
 class Plan:
     """What a run is, known before any process group exists. ``sets``: the shard sets it trains on (one, or a
-    mixture); the first is the primary one (its atlas, TR and scaling are the export's, its training split fits
-    the decoder prior)."""
+    mixture); the first is the primary one (its atlas, TR and scaling are the export's defaults)."""
 
     sets: list[ShardSet]
     model: ModelConfig  # the recipe's model with the primary atlas's parcel count
@@ -47,6 +46,19 @@ class Plan:
     @property
     def num_parcels(self) -> int:
         return self.model.num_parcels
+
+    def by_atlas(self) -> list[list[ShardSet]]:
+        """The sets grouped by atlas, atlases in first-seen order (the primary's first): one decoder prior slot and
+        one scaling entry of the export each."""
+        groups: list[list[ShardSet]] = []
+        for s in self.sets:
+            for group in groups:
+                if group[0].manifest.atlas == s.manifest.atlas:
+                    group.append(s)
+                    break
+            else:
+                groups.append([s])
+        return groups
 
 
 def shard_list(value: str) -> list[str]:

@@ -102,17 +102,13 @@ def fit_prior(model: BrainLM, cfg: PretrainConfig, plan: Plan) -> dict[str, torc
     """Fit the decoder's Gaussian prior on the training split (every rank reads the same windows), one slot per atlas
     of the shard sets (slot 0 the primary set's; sets that share an atlas pool their windows); returns the fp32
     statistics, which the export writes (a bf16 engine casts the module's buffers to bf16)."""
-    atlases = []
-    for s in plan.sets:
-        if s.manifest.atlas not in atlases:
-            atlases.append(s.manifest.atlas)
-    for slot, atlas in enumerate(atlases):
+    for slot, group in enumerate(plan.by_atlas()):
         windows = [
             fixed_samples(s.manifest, s.root, cfg.data.train_split, prior.FIT_WINDOWS, plan.model.num_timepoints)[0]
-            for s in plan.sets
-            if s.manifest.atlas == atlas
+            for s in group
         ]
-        model.fit_prior(torch.cat(windows), torch.tensor(atlas.coords(), dtype=torch.float32), slot=slot)
+        coords = torch.tensor(group[0].manifest.atlas.coords(), dtype=torch.float32)
+        model.fit_prior(torch.cat(windows), coords, slot=slot)
     return model.prior_state()
 
 
@@ -441,12 +437,10 @@ class Trainer:
     def atlases(self) -> list[dict]:
         """Each atlas the run trained on, the primary first, with its scaling statistics (those of its first set):
         what `embed` / `reconstruct` of a recording on that atlas applies."""
-        out: list[dict] = []
-        for s in self.plan.sets:
-            atlas = dataclasses.asdict(s.manifest.atlas)
-            if all(a["atlas"] != atlas for a in out):
-                out.append({"atlas": atlas, "scaling": s.manifest.scaling, "tr": s.manifest.tr})
-        return out
+        return [
+            {"atlas": dataclasses.asdict(m.atlas), "scaling": m.scaling, "tr": m.tr}
+            for m in (group[0].manifest for group in self.plan.by_atlas())
+        ]
 
     # -- the loop ------------------------------------------------------------------------------------------
 
