@@ -93,6 +93,17 @@ def _list(text: str, kind: type, flag: str) -> list:
         raise ConfigError(f"{flag} expects comma-separated {kind.__name__}s (e.g. 32,64), got {text!r}") from None
 
 
+def _model_space_flags(p: argparse.ArgumentParser, kind: str, fields: str) -> None:
+    """The pretrained model, its shard set and the search space: what a finetune or perturb sweep starts from."""
+    p.add_argument("--model", required=True, help="pretrained model: a folder or models:/NAME@ALIAS")
+    p.add_argument("--shards", required=True, help="shard set (folder or s3://...) with manifest.json")
+    p.add_argument(
+        "--space",
+        default=str(CONFIGS / "tune" / f"{kind}.yaml"),
+        help=f"search space YAML (keys: {fields} fields; default configs/tune/{kind}.yaml)",
+    )
+
+
 def parser(prog: str = "brainlm tune") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_version(p)
@@ -105,13 +116,7 @@ def parser(prog: str = "brainlm tune") -> argparse.ArgumentParser:
         "validation loss. The flags below set everything the space does not vary. The best trial's "
         "model is registered as brainlm-finetuned-TARGET with alias champion.",
     )
-    f.add_argument("--model", required=True, help="pretrained model: a folder or models:/NAME@ALIAS")
-    f.add_argument("--shards", required=True, help="shard set (folder or s3://...) with manifest.json")
-    f.add_argument(
-        "--space",
-        default=str(CONFIGS / "tune" / "finetune.yaml"),
-        help="search space YAML (keys: FinetuneConfig fields; default configs/tune/finetune.yaml)",
-    )
+    _model_space_flags(f, "finetune", "FinetuneConfig")
     f.add_argument("--register-as", help="registered model name (default brainlm-finetuned-TARGET)")
     f.add_argument("--alias", default="champion", help="alias set on the best model (default champion)")
     add_flags(
@@ -128,13 +133,7 @@ def parser(prog: str = "brainlm tune") -> argparse.ArgumentParser:
         "mean|theta| - budget) / budget: the share of the source-to-target embedding distance closed, "
         "less the relative excess of the perturbation over --theta-budget. Higher is better.",
     )
-    b.add_argument("--model", required=True, help="pretrained model: a folder or models:/NAME@ALIAS")
-    b.add_argument("--shards", required=True, help="shard set (folder or s3://...) with manifest.json")
-    b.add_argument(
-        "--space",
-        default=str(CONFIGS / "tune" / "perturb.yaml"),
-        help="search space YAML (keys: PerturbConfig fields; default configs/tune/perturb.yaml)",
-    )
+    _model_space_flags(b, "perturb", "PerturbConfig")
     b.add_argument(
         "--theta-budget",
         type=float,
