@@ -24,6 +24,7 @@ _EXPORTS = {
     "embed_files": "brainlm.api",
     "Embeddings": "brainlm.api",
     "BrainLMEmbedder": "brainlm.api",
+    "Preprocessing": "brainlm.model.inference",
     "default_device": "brainlm.api",
     "random_weights": "brainlm.eval.common",
     "reconstruct": "brainlm.eval.reconstruct",

@@ -25,7 +25,7 @@ from sklearn.base import BaseEstimator, TransformerMixin  # scikit-learn comes w
 from brainlm.exceptions import InputError
 from brainlm.model import BrainLM, BrainLMForPrediction
 from brainlm.model import io as model_io
-from brainlm.model.inference import check_pooling, resolve_device
+from brainlm.model.inference import Preprocessing, check_pooling, resolve_device
 from brainlm.model.load import load_model
 
 
@@ -110,11 +110,13 @@ def embed_files(
     resample: bool = False,
     stride: int | None = None,
     progress: bool = True,
+    scaling: str = "model",
 ) -> Embeddings:
     """Embed recordings straight from files, no shard build: a BIDS/fMRIPrep folder or plain 4D NIfTI files
     (parcellated with ``atlas``, the label image or 4D maps of the model's atlas, through nilearn's masker), or
     parcel arrays (.npy/.mat/.tsv/.csv). Each recording's TR (sidecar, recordings.tsv, NIfTI header) is checked
-    against the model's. A recording that cannot be used is skipped with its reason, as in a build."""
+    against the model's; ``resample``, ``stride`` and ``scaling`` are `Preprocessing`'s. A recording that cannot be
+    used is skipped with its reason, as in a build."""
     from brainlm import progress as progress_bars
     from brainlm.recordings.atlas import AtlasSource, load_atlas
     from brainlm.recordings.parcellate import load_array, parcellate_nifti
@@ -136,7 +138,9 @@ def embed_files(
     if source is not None and trained and trained.get("coords_mm"):
         _check_same_atlas(np.asarray(source.atlas.coords_mm, float), np.asarray(trained["coords_mm"], float))
     check_pooling(pooling)
-    coords = None if trained else source.atlas.coords()
+    pre = Preprocessing(
+        resample=resample, stride=stride, scaling=scaling, coords=None if trained else source.atlas.coords()
+    )
     ids, rows, meta, skipped = [], [], [], []
     for spec in progress_bars.bar(specs, desc="embed", unit="rec", enabled=progress):
         try:
@@ -147,7 +151,7 @@ def embed_files(
                 tr = spec.tr or header_tr
             else:
                 signal_RT, tr = load_array(spec.path), spec.tr
-            rows.append(model.embed(signal_RT, tr=tr, pooling=pooling, resample=resample, stride=stride, coords=coords))
+            rows.append(model.embed(signal_RT, pooling=pooling, preprocessing=dataclasses.replace(pre, tr=tr)))
         except InputError as err:
             skipped.append({"recording": spec.id, "source": spec.path, "reason": str(err)})
             continue
@@ -222,11 +226,5 @@ class BrainLMEmbedder(TransformerMixin, BaseEstimator):
 
     def transform(self, X: Any) -> np.ndarray:
         recordings = list(X) if not isinstance(X, np.ndarray) or X.ndim == 3 else [X]
-        return np.stack(
-            [
-                self._model().embed(
-                    r, tr=self.tr, layout=self.layout, pooling=self.pooling, resample=self.resample, stride=self.stride
-                )
-                for r in recordings
-            ]
-        )
+        pre = Preprocessing(tr=self.tr, layout=self.layout, resample=self.resample, stride=self.stride)
+        return np.stack([self._model().embed(r, pooling=self.pooling, preprocessing=pre) for r in recordings])

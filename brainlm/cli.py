@@ -23,7 +23,19 @@ def _reconstruct(a: argparse.Namespace) -> None:
 
     strategies = tuple(m.strip() for m in a.masking.split(",") if m.strip()) if a.masking else MASKINGS
     sources = [s.strip() for s in a.source_shards.split(",") if s.strip()] if a.source_shards else None
-    reconstruct(a.model, a.shards, a.out, a.split, a.mask_ratio, strategies, a.limit, a.device, sources, a.context)
+    reconstruct(
+        a.model,
+        a.shards,
+        a.out,
+        a.split,
+        a.mask_ratio,
+        strategies,
+        a.limit,
+        a.device,
+        sources,
+        a.context,
+        a.refit_prior,
+    )
 
 
 def _benchmark(a: argparse.Namespace) -> None:
@@ -248,6 +260,12 @@ def parser() -> argparse.ArgumentParser:
         default="all",
         help="other windows of its own recording each test window's +ctx baselines (and a context model) see: "
         "0, K (the K nearest, never overlapping the window) or all (default)",
+    )
+    r.add_argument(
+        "--refit-prior",
+        action="store_true",
+        help="fit the decoder's prior on these shards' train split even when the model holds one for their atlas "
+        "(a new cohort on an atlas seen in pretraining; on an unseen atlas it is always refitted)",
     )
     r.set_defaults(func=_reconstruct)
 

@@ -101,6 +101,18 @@ def test_embed_applies_the_training_scaling_and_refuses_another_tr(trained):
     assert rec.mask_WRT.mean() == pytest.approx(0.5) and np.isfinite(rec.r2)
     with pytest.raises(Exception, match="no axis of 30 parcels"):
         model.embed(raw_RT[:20].T)
+    # One Preprocessing value is the same as its fields given as keywords; a wrong option says which ones exist.
+    pre = brainlm.Preprocessing(tr=0.72, layout="RT", stride=W // 2)
+    np.testing.assert_array_equal(
+        model.embed(raw_RT, preprocessing=pre), model.embed(raw_RT, tr=0.72, layout="RT", stride=W // 2)
+    )
+    assert not np.allclose(model.embed(raw_RT, preprocessing=pre), manual.mean(axis=0))  # the stride was applied
+    with pytest.raises(InputError, match="unknown option.*strid.*options are tr, layout, stride"):
+        model.embed(raw_RT, strid=5)
+    with pytest.raises(InputError, match="not both"):
+        model.embed(raw_RT, preprocessing=pre, tr=0.72)
+    with pytest.raises(InputError, match="layout must be one of auto, TR, RT; got 'tr'"):
+        brainlm.Preprocessing(layout="tr")
 
 
 def test_the_embedder_works_in_a_scikit_learn_pipeline(trained):

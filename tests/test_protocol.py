@@ -208,6 +208,23 @@ def test_transfer_baselines_are_fitted_on_the_source_when_the_models_prior_was(t
     assert r2["ridge@source"] != pytest.approx(r2["ridge"], abs=1e-6)  # the two fits differ: not one column twice
 
 
+def test_refit_prior_fits_the_atlas_own_slot_on_the_target_training_split(two_sets, tmp_path):
+    """A new cohort on an atlas seen in pretraining: --refit-prior replaces that atlas's prior statistics by the
+    target's own (its training split), in the same slot; without it the pretraining sets' statistics are used."""
+    from brainlm.eval.common import load_context, split_windows
+    from brainlm.model import prior
+
+    model = _model_on(two_sets["source"], tmp_path / "model")
+    kept = load_context(str(model), str(two_sets["target"]))
+    refit = load_context(str(model), str(two_sets["target"]), refit=True)
+    assert kept.prior_fitted_on is None and "refitted" in refit.prior_fitted_on
+    windows, _ = split_windows(refit, "train", prior.FIT_WINDOWS)
+    _, cov = prior.fit(windows)
+    assert torch.allclose(refit.model.prior_for(refit.coords_R3)[1], cov.to(torch.float32), atol=1e-6)
+    assert not torch.allclose(kept.model.prior_for(kept.coords_R3)[1], cov.to(torch.float32), atol=1e-3)
+    assert refit.model.num_prior_slots == kept.model.num_prior_slots  # the atlas's own slot, not a new one
+
+
 def test_a_model_trained_on_the_evaluated_shards_gets_no_source_columns_and_another_atlas_is_carried_over(
     two_sets, tmp_path
 ):

@@ -50,9 +50,13 @@ class Context:
         return autocast(self.device)
 
 
-def load_context(model_uri: str | Path | BrainLM, shards: str, device: str | torch.device | None = None) -> Context:
+def load_context(
+    model_uri: str | Path | BrainLM, shards: str, device: str | torch.device | None = None, refit: bool = False
+) -> Context:
     """The model (on ``device``: default CUDA when available) and the shard set it is evaluated on. A model folder
-    needs no MLflow; a ``models:/`` or ``runs:/`` URI is fetched from the registry (the [train] extra)."""
+    needs no MLflow; a ``models:/`` or ``runs:/`` URI is fetched from the registry (the [train] extra). The decoder's
+    prior is refitted on the shards' training split when the model holds none for their atlas, or with ``refit``
+    (a new cohort on an atlas the model has seen: its own statistics rather than the pretraining sets')."""
     if isinstance(model_uri, MODELS):  # a model already loaded in a notebook: a copy, which the refit may change
         model, model_dir, model_uri = copy.deepcopy(model_uri), None, "the model given"
     elif isinstance(model_uri, (str, Path)):
@@ -96,7 +100,9 @@ def load_context(model_uri: str | Path | BrainLM, shards: str, device: str | tor
         )
     coords = torch.tensor(manifest.atlas.coords(), dtype=torch.float32)
     ctx = Context(model, manifest, root, coords, model_dir)
-    if model.decoder_prior_embed is not None and not model.prior_fits(coords):
+    if refit and model.decoder_prior_embed is None:
+        raise InputError(f"refit the prior: {model_uri} has no decoder prior (`model.decoder_prior` is none)")
+    if model.decoder_prior_embed is not None and (refit or not model.prior_fits(coords)):
         refit_prior(ctx)
     return ctx.to(device)
 
@@ -111,7 +117,8 @@ def refit_prior(ctx: Context, split: str = "train") -> None:
         print(f"note: no {split!r} windows to fit the decoder's prior on: it uses each window's own covariance")
         return
     windows, meta = split_windows(ctx, split, prior.FIT_WINDOWS)
-    ctx.model.fit_prior(windows, ctx.coords_R3)
+    slot = ctx.model.prior_slot(ctx.coords_R3)  # the atlas's own slot when the model has one, else the primary
+    ctx.model.fit_prior(windows, ctx.coords_R3, 0 if slot is None else slot)
     subjects = len({m["subject"] for m in meta})
     ctx.prior_fitted_on = f"the {split} split of {ctx.root} ({len(windows)} windows, {subjects} subjects), refitted"
     print(f"note: the decoder's Gaussian prior is refitted on {len(windows)} {split!r} windows of these shards")

@@ -361,9 +361,11 @@ def reconstruct(
     device: str | None = None,
     source_shards: list[str] | None = None,
     context: str | int | None = "all",
+    refit_prior: bool = False,
 ) -> dict[str, Any]:
     """Run the protocol; writes metrics.json and figures into ``out``; returns the metrics. ``context``: the other
-    windows of its recording each window's +ctx baselines see (0, K nearest, or all)."""
+    windows of its recording each window's +ctx baselines see (0, K nearest, or all); ``refit_prior``: fit the
+    decoder's prior on these shards' training split even when the model holds one for their atlas."""
     from brainlm import plots
 
     unknown = [m for m in strategies if m not in MASKINGS]
@@ -371,7 +373,7 @@ def reconstruct(
         raise InputError(
             f"masking strategies must be among {', '.join(MASKINGS)}; got {', '.join(strategies) or 'none'}"
         )
-    ctx = load_context(model, shards, device)
+    ctx = load_context(model, shards, device, refit=refit_prior)
     own = tuple(m for m in strategies if m in ctx.model.maskings)
     if not own:
         raise InputError(

@@ -66,8 +66,6 @@ def _as_list(recording: Any) -> tuple[list[np.ndarray], bool]:
 
 def _orient(a: np.ndarray, R: int, layout: str, index: int) -> np.ndarray:
     """[parcels, time] from either layout."""
-    if layout not in LAYOUTS:
-        raise InputError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
     if layout == "auto":
         if a.shape[0] == R and a.shape[1] == R:
             raise DimensionError(
@@ -97,6 +95,58 @@ def resample_to(signal_RT: np.ndarray, tr: float, target_tr: float) -> np.ndarra
 
     ratio = Fraction(tr / target_tr).limit_denominator(1000)  # new samples per old sample = up / down
     return resample_poly(signal_RT, ratio.numerator, ratio.denominator, axis=1)
+
+
+SCALINGS = ("model", "fit", "none")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How recordings become the model's windows: one value for `prepare`, `embed`, `reconstruct`, the scikit-learn
+    embedder, `brainlm.api.embed_files` and the pyfunc (each also takes its fields as keywords: ``tr=0.72``).
+
+    tr: the recordings' TR in seconds (None: taken to be the model's, unchecked, with a warning).
+    layout: ``auto`` (from the parcel count), ``TR`` ([time, parcels], nilearn's) or ``RT``.
+    stride: the step between windows (None: the window, non-overlapping).
+    coords: parcel centres [R, 3] in MNI mm (None: the model's atlas).
+    resample: resample another TR to the model's (anti-aliased polyphase filter); else another TR is an error.
+    scaling: ``model`` (the training statistics saved with the model; fitted on the recordings given, with a
+        warning, for a model without them, as an imported release), ``fit`` (on the recordings given) or ``none``
+        (already scaled)."""
+
+    tr: float | None = None
+    layout: str = "auto"
+    stride: int | None = None
+    coords: Any = None
+    resample: bool = False
+    scaling: str = "model"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise InputError(f"layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
+        if self.scaling not in SCALINGS:
+            raise InputError(f"scaling must be one of {', '.join(SCALINGS)}; got {self.scaling!r}")
+        if self.stride is not None and int(self.stride) < 1:
+            raise InputError(f"stride must be at least 1, got {self.stride}")
+        if self.tr is not None and not float(self.tr) > 0:
+            raise InputError(f"tr must be a positive number of seconds, got {self.tr!r}")
+
+    @classmethod
+    def of(cls, preprocessing: Preprocessing | None = None, **options: Any) -> Preprocessing:
+        """``preprocessing`` as given, or built from its fields given as keywords (not both)."""
+        fields = tuple(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise InputError(
+                f"unknown option(s) {', '.join(unknown)}; the preprocessing options are {', '.join(fields)}"
+            )
+        if preprocessing is None:
+            return cls(**options)
+        if not isinstance(preprocessing, cls):
+            raise InputError(f"preprocessing: expected a Preprocessing, got {type(preprocessing).__name__}")
+        if options:
+            raise InputError(f"give preprocessing= or its options ({', '.join(sorted(options))}) as keywords, not both")
+        return preprocessing
 
 
 @dataclass
@@ -137,21 +187,13 @@ def model_coords(model: BrainLM, coords: Any = None) -> torch.Tensor:
 
 
 def prepare(
-    model: BrainLM,
-    recording: Any,
-    tr: float | None = None,
-    layout: str = "auto",
-    stride: int | None = None,
-    coords: Any = None,
-    resample: bool = False,
-    scaling: str = "model",
+    model: BrainLM, recording: Any, preprocessing: Preprocessing | None = None, **options: Any
 ) -> tuple[Prepared, bool]:
     """Orient, check, resample, scale and window recordings as the model was trained; (prepared, was_single).
-
-    ``scaling``: ``model`` (the training statistics saved with the model; when it has none, as an imported release,
-    the statistics are fitted on the recordings given, with a warning), ``fit`` (fitted on the recordings given) or
-    ``none`` (the recordings are already scaled)."""
-    coords_R3 = model_coords(model, coords)
+    ``preprocessing`` (or its fields as keywords): `Preprocessing`."""
+    pre = Preprocessing.of(preprocessing, **options)
+    tr, layout, resample, scaling = pre.tr, pre.layout, pre.resample, pre.scaling
+    coords_R3 = model_coords(model, pre.coords)
     R = coords_R3.shape[0]
     if model.parcel_embed is not None and model.config.num_parcels != R:
         raise DimensionError(
@@ -176,8 +218,6 @@ def prepare(
             )
         signals = [resample_to(s, tr, trained_tr) for s in signals]
         notes.append(f"resampled from TR {tr:g} s to {trained_tr:g} s")
-    if scaling not in ("model", "fit", "none"):
-        raise InputError(f"scaling must be model, fit or none; got {scaling!r}")
     if scaling == "model" and model.scaling is None:
         warnings.warn(
             "the model has no saved scaling statistics (an imported release): fitting the robust scaling on the "
@@ -199,9 +239,7 @@ def prepare(
     if scaling != "none":
         signals = [scaler.transform(s) for s in signals]
     W = model.config.num_timepoints
-    step = stride or W
-    if step < 1:
-        raise InputError(f"stride must be at least 1, got {stride}")
+    step = int(pre.stride or W)
     windows, starts = [], []
     for i, s in enumerate(signals):
         if s.shape[1] < W:
@@ -293,19 +331,16 @@ def fisher_z(r: np.ndarray) -> np.ndarray:
 def embed(
     model: BrainLM,
     recording: Any,
-    tr: float | None = None,
-    layout: str = "auto",
     pooling: str = "cls",
-    stride: int | None = None,
     average: bool = True,
-    coords: Any = None,
-    resample: bool = False,
-    scaling: str = "model",
     batch_size: int = 32,
+    preprocessing: Preprocessing | None = None,
+    **options: Any,
 ) -> np.ndarray | list[np.ndarray]:
     """Embeddings of one recording ([D], or [W, D] with ``average=False``) or of a batch ([B, D], or a list of
-    [W, D]); ``latent_fc`` gives R (R - 1) / 2 values instead of D."""
-    prep, single = prepare(model, recording, tr, layout, stride, coords, resample, scaling)
+    [W, D]); ``latent_fc`` gives R (R - 1) / 2 values instead of D. ``preprocessing``, or its fields as keywords
+    (``tr=0.72, resample=True``): `Preprocessing`."""
+    prep, single = prepare(model, recording, preprocessing, **options)
     per = [window_features(model, w, prep.coords_R3, pooling, batch_size) for w in prep.windows]
     z = fisher_z if pooling == "latent_fc" else (lambda v: v)  # correlations are averaged, then z-transformed
     if average:
@@ -329,25 +364,21 @@ class Reconstruction:
 def reconstruct(
     model: BrainLM,
     recording: Any,
-    tr: float | None = None,
-    layout: str = "auto",
     mask_ratio: float | None = None,
     masking: str | None = None,
     mask: Any = None,
     seed: int = 0,
-    stride: int | None = None,
-    coords: Any = None,
-    resample: bool = False,
-    scaling: str = "model",
     context: int | str | None = "all",
+    preprocessing: Preprocessing | None = None,
+    **options: Any,
 ) -> Reconstruction | list[Reconstruction]:
     """Mask each window (seeded: ``seed``, ``mask_ratio``, ``masking``; or ``mask``, a token mask [L] or [W, L],
     parcel-major) and reconstruct it. A model whose prior reads recording context (``model.prior_context``) is given
     each window's ``context``: the other non-overlapping windows of the same recording ("all", or the K nearest; 0
-    for none); any other model sees each window alone."""
+    for none); any other model sees each window alone. ``preprocessing``, or its fields as keywords: `Preprocessing`."""
     from brainlm.model.context import context_statistics, context_windows
 
-    prep, single = prepare(model, recording, tr, layout, stride, coords, resample, scaling)
+    prep, single = prepare(model, recording, preprocessing, **options)
     model.eval()
     device = _device(model)
     c = model.config

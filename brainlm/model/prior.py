@@ -224,15 +224,23 @@ class PriorMethods:
                     self._buffers[name] = torch.zeros(saved.shape, device=device, dtype=dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def prior_for(self, coords_R3: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(mu_R, cov_RR) of the slot fitted on the atlas at `coords_R3`, or None when no slot was."""
+    def prior_slot(self, coords_R3: Tensor) -> int | None:
+        """The index of the slot fitted on the atlas at `coords_R3`, or None when no slot was."""
         if self.decoder_prior_embed is None:
             return None
         for slot in range(self.num_prior_slots):
-            mu, cov, coords = (self._buffers[name] for name in slot_names(slot))
+            _, cov, coords = (self._buffers[name] for name in slot_names(slot))
             if same_atlas(coords_R3, coords) and bool(cov.diagonal().sum() > 0):
-                return mu, cov
+                return slot
         return None
+
+    def prior_for(self, coords_R3: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(mu_R, cov_RR) of the slot fitted on the atlas at `coords_R3`, or None when no slot was."""
+        slot = self.prior_slot(coords_R3)
+        if slot is None:
+            return None
+        mu, cov, _ = (self._buffers[name] for name in slot_names(slot))
+        return mu, cov
 
     def prior_fits(self, coords_R3: Tensor) -> bool:
         """Whether a prior slot was fitted on the atlas at `coords_R3`."""
