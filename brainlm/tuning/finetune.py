@@ -19,18 +19,15 @@ from brainlm.tracking.env import git_sha
 from brainlm.tuning.session import SweepOptions, trial_device
 from brainlm.tuning.space import FINETUNE_FIXED, apply_config, check_flags_vs_space, load_space
 from brainlm.tuning.template import (
-    SweepSpec,
     asha,
+    config_spec,
     default_name,
-    error_notes,
-    finish_sweep,
+    finish_ranked,
     number,
-    out_dir,
     register_best,
     run_sweep,
     slug,
     trial_table,
-    trials_figure,
 )
 from brainlm.tuning.trials import Headline, fmt_config
 
@@ -96,32 +93,27 @@ def finetune_sweep(
     if (ctx.model.extra or {}).get("manifest_sha256"):  # the data the backbone was pretrained on
         pre["pretrained_manifest_sha256"] = ctx.model.extra["manifest_sha256"]
     manifest_sha = ctx.manifest.plan_sha256
-    spec = SweepSpec(
-        kind="finetune",
+    spec = config_spec(
+        "finetune",
+        model,
+        shards,
+        base,
+        space,
+        opts,
         trial=finetune_trial,
         trial_args={"data": data, "threads": int(max(1, opts.cpus_per_trial)), "device": trial_device(opts)},
-        space={k: d.to_tune() for k, d in space.items()},
         headline=Headline("val_loss", "min", "epoch", (f"test_{keys[0]}", "best_epoch")),
         intro=f"finetune sweep {opts.name}: {base.target} ({base.task}, {base.transform}), {opts.samples} sample(s) "
         f"of {space_path}, up to {base.epochs} epochs per trial, ASHA on val_loss "
         f"({'-accuracy' if classification else 'MSE in the transformed space'}); "
         f"{sum(len(d.windows_NRW) for d in data.splits.values())} windows shared by every trial",
-        parent_params={
-            "model": model,
-            "shards": str(shards),
-            "fixed": dataclasses.asdict(base),
-            "space": {k: str(d) for k, d in space.items()},
-            "samples": opts.samples,
-            "cpus_per_trial": opts.cpus_per_trial,
-            "gpus_per_trial": opts.gpus_per_trial,
-        },
+        parent_params={"cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial},
         parent_tags={"target": base.target, "manifest_sha256": manifest_sha, **pre},
-        fixed={"model": model, "shards": str(shards), **dataclasses.asdict(base)},
         scheduler=asha("epoch", base.epochs, 1, opts),
     )
     outcome = run_sweep(spec, opts)
-    rows, best = outcome.rows, outcome.best
-    registered = None
+    best = outcome.best
+    registered, notes = None, []
     if best is not None:
         tags = {
             **pre,
@@ -137,63 +129,29 @@ def finetune_sweep(
             **{f"test_{k}": best.metrics.get(f"test_{k}") for k in keys},
         }
         registered = register_best(outcome, register_as, alias, tags)
-    params = list(space)
+        was = f", was version {registered['previous']}" if registered["previous"] else ""
+        notes.append(
+            f"best trial {best.trial_id}: registered {registered['uri']} (version {registered['version']}{was})"
+        )
     metric_cols = ["epoch", "val_loss", *(f"test_{k}" for k in keys)]
-    table_rows = []
-    for row, r in zip(trial_table(rows, params, metric_cols), rows, strict=True):
+    table_rows = trial_table(outcome.rows, list(space), metric_cols)
+    for row, r in zip(table_rows, outcome.rows, strict=True):
         # a stopped trial's last report is its last epoch; its best epoch is in its history
         seen = [h["val_loss"] for h in r.history if number(h.get("val_loss")) and "epoch" in h]
         if r.outcome == "finished":
             row["epoch"] = max((h["epoch"] for h in r.history if number(h.get("epoch"))), default="")
         if seen and r.outcome == "stopped":
             row["val_loss"] = min(seen)
-        row["best"] = "*" if best is not None and r.trial_id == best.trial_id else ""
-        table_rows.append(row)
-    counts = outcome.counts
-    title = (
-        f"finetune sweep {opts.name}: {base.target}, {counts['trials']} trials ({counts['finished']} finished, "
-        f"{counts['stopped']} stopped early by ASHA, {counts['error']} errored); val_loss: lower is better"
-    )
-    notes = error_notes(rows)
-    if registered:
-        notes.insert(
-            0,
-            f"best trial {best.trial_id}: registered {registered['uri']} (version {registered['version']}"
-            + (f", was version {registered['previous']}" if registered["previous"] else "")
-            + ")",
-        )
-    summary = {
-        "name": opts.name,
-        "kind": "finetune",
-        "target": base.target,
-        "counts": counts,
-        "best_trial": best.trial_id if best else None,
-        "best_config": best.config if best else None,
-        "best_metrics": {k: best.metrics.get(k) for k in ["val_loss", *(f"test_{k}" for k in keys)]} if best else None,
-        "registered": registered,
-        "parent_run_id": outcome.parent,
-        "lineage": pre,
-        "manifest_sha256": manifest_sha,
-    }
-    out = out_dir(opts)
-    finish_sweep(
+    summary = {"target": base.target, "registered": registered, "lineage": pre, "manifest_sha256": manifest_sha}
+    return finish_ranked(
         outcome,
         opts,
-        stem="summary",
-        title=title,
-        table_rows=table_rows,
-        columns=["trial", "outcome", *params, *metric_cols, "best"],
-        summary=summary,
-        notes=notes,
-        figures=[trials_figure(rows, "epoch", "val_loss", out / "trials.png", title, best)],
-        parent_metrics={f"best_{k}": v for k, v in (summary["best_metrics"] or {}).items() if number(v)},
-        parent_tags={
-            "best_trial": summary["best_trial"] or "none",
-            **({"registered_model": register_as, "registered_version": registered["version"]} if registered else {}),
-        },
-        failed=None
-        if best is not None
-        else f"no trial of sweep {opts.name} finished ({counts['error']} errored, {counts['stopped']} stopped); see "
-        f"the errors above and {out / 'summary.md'}",
+        base.target,
+        table_rows,
+        metric_cols,
+        summary,
+        notes,
+        parent_tags={"registered_model": register_as, "registered_version": registered["version"]}
+        if registered
+        else {},
     )
-    return summary

@@ -19,18 +19,16 @@ from brainlm.exceptions import ConfigError, NonFiniteLossError
 from brainlm.tuning.session import SweepOptions, trial_device
 from brainlm.tuning.space import PERTURB_FIXED, apply_config, check_flags_vs_space, load_space
 from brainlm.tuning.template import (
-    SweepSpec,
     asha,
+    config_spec,
     default_name,
-    error_notes,
-    finish_sweep,
+    finish_ranked,
     jsonable,
     out_dir,
     run_sweep,
     trial_table,
-    trials_figure,
 )
-from brainlm.tuning.trials import Headline, fmt_config, number
+from brainlm.tuning.trials import Headline, fmt_config
 
 # -- perturbation sweeps ------------------------------------------------------------------------------------
 
@@ -122,8 +120,13 @@ def perturb_sweep(
 
     source, target = windows(base.source), windows(base.target)
     max_steps = int(space["steps"].largest()) if "steps" in space else base.steps
-    spec = SweepSpec(
-        kind="perturb",
+    spec = config_spec(
+        "perturb",
+        model,
+        shards,
+        base,
+        space,
+        opts,
         trial=perturb_trial,
         trial_args={
             "ctx": ctx,
@@ -134,50 +137,24 @@ def perturb_sweep(
             "threads": int(max(1, opts.cpus_per_trial)),
             "device": trial_device(opts),
         },
-        space={k: d.to_tune() for k, d in space.items()},
         headline=Headline("score", "max", "step", ("reached", "mean_abs_theta")),
         intro=f"perturb sweep {opts.name}: {base.source} -> {base.target} ({len(source)} source, {len(target)} target "
         f"windows), {opts.samples} sample(s) of {space_path}; score = reached - max(0, mean|theta| - {budget:g}) / "
         f"{budget:g}, higher is better",
-        parent_params={
-            "model": model,
-            "shards": str(shards),
-            "fixed": dataclasses.asdict(base),
-            "space": {k: str(d) for k, d in space.items()},
-            "samples": opts.samples,
-            "theta_budget": budget,
-        },
+        parent_params={"theta_budget": budget},
         parent_tags={"manifest_sha256": ctx.manifest.plan_sha256, **pre},
-        fixed={"model": model, "shards": str(shards), **dataclasses.asdict(base)},
         scheduler=asha("step", max_steps, 40, opts),
     )
     outcome = run_sweep(spec, opts)
-    rows, best = outcome.rows, outcome.best
-    params = list(space)
+    best = outcome.best
     metric_cols = ["step", "score", "reached", "mean_abs_theta"]
-    table_rows = trial_table(rows, params, metric_cols)
-    for row, r in zip(table_rows, rows, strict=True):
+    table_rows = trial_table(outcome.rows, list(space), metric_cols)
+    for row, r in zip(table_rows, outcome.rows, strict=True):
         if r.outcome == "finished":
             row["step"] = int(apply_config(base, r.config).steps)
-        row["best"] = "*" if best is not None and r.trial_id == best.trial_id else ""
-    counts = outcome.counts
-    title = (
-        f"perturb sweep {opts.name}: {base.source} -> {base.target}, {counts['trials']} trials "
-        f"({counts['finished']} finished, {counts['stopped']} stopped early by ASHA, {counts['error']} errored); "
-        "score: higher is better"
-    )
-    notes = error_notes(rows)
     out = out_dir(opts)
-    files: list[Path] = [trials_figure(rows, "step", "score", out / "trials.png", title, best)]
-    summary: dict[str, Any] = {
-        "name": opts.name,
-        "kind": "perturb",
-        "counts": counts,
-        "theta_budget": budget,
-        "best_trial": best.trial_id if best else None,
-        "best_config": best.config if best else None,
-        "parent_run_id": outcome.parent,
-    }
+    summary: dict[str, Any] = {"theta_budget": budget}
+    files, notes = [], []
     if best is not None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(best.checkpoint.to_directory(tmp))
@@ -191,28 +168,11 @@ def perturb_sweep(
             f"--source {cfg.source} --target {cfg.target} --form {cfg.form} --pooling {cfg.pooling} "
             f"--l1 {cfg.l1:.6g} --lr {cfg.lr:.6g} --steps {cfg.steps}"
         )
-        summary["best_metrics"] = {k: best.metrics.get(k) for k in ("score", "reached", "mean_abs_theta")}
-        summary["top_parcels"] = detail.get("top_parcels")
-        summary["rerun"] = rerun
-        notes.insert(
-            0,
+        summary |= {"top_parcels": detail.get("top_parcels"), "rerun": rerun}
+        notes.append(
             f"best trial {best.trial_id}: top parcels {', '.join(detail.get('top_parcels', [])[:10])}; "
-            f"figures and the full report: {rerun}",
+            f"figures and the full report: {rerun}"
         )
-    finish_sweep(
-        outcome,
-        opts,
-        stem="summary",
-        title=title,
-        table_rows=table_rows,
-        columns=["trial", "outcome", *params, *metric_cols, "best"],
-        summary=summary,
-        notes=notes,
-        figures=files,
-        parent_metrics={f"best_{k}": v for k, v in (summary.get("best_metrics") or {}).items() if number(v)},
-        parent_tags={"best_trial": summary["best_trial"] or "none"},
-        failed=None
-        if best is not None
-        else f"no trial of sweep {opts.name} finished; see the errors above and {out / 'summary.md'}",
+    return finish_ranked(
+        outcome, opts, f"{base.source} -> {base.target}", table_rows, metric_cols, summary, notes, files
     )
-    return summary

@@ -6,6 +6,7 @@ table). ``finetune``, ``perturb`` and ``scale`` are short specs over it."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -367,3 +368,79 @@ def finish_sweep(
     if failed:
         raise BrainLMError(failed)
     return files
+
+
+# -- sweeps over a config's knobs (finetune, perturb): ranked by one metric, the best trial marked ---------------
+
+
+def config_spec(
+    kind: str, model: str, shards: str, base: Any, space: dict[str, Any], opts: SweepOptions, **spec: Any
+) -> SweepSpec:
+    """A SweepSpec over the knobs of ``space`` (Dists of ``base``'s fields): the model, shard set and fixed settings
+    every trial shares recorded in the parent run and each child; ``spec``: the kind's own fields (trial, headline,
+    ...), ``parent_params`` / ``parent_tags`` added to the shared ones."""
+    fixed = {"model": model, "shards": str(shards), **dataclasses.asdict(base)}
+    params = {**{k: v for k, v in fixed.items() if k in ("model", "shards")}, "fixed": dataclasses.asdict(base)}
+    params |= {"space": {k: str(d) for k, d in space.items()}, "samples": opts.samples}
+    return SweepSpec(
+        kind=kind,
+        space={k: d.to_tune() for k, d in space.items()},
+        parent_params=params | spec.pop("parent_params", {}),
+        fixed=fixed,
+        **spec,
+    )
+
+
+def finish_ranked(
+    outcome: SweepOutcome,
+    opts: SweepOptions,
+    subject: str,
+    table_rows: list[dict[str, Any]],
+    metric_cols: list[str],
+    summary: dict[str, Any],
+    notes: list[str] | None = None,
+    figures: list[Path] | None = None,
+    parent_tags: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Report a ranked sweep: the best trial marked in the table, the trials figure (the headline metric against its
+    time axis), the summary (``summary`` on top of the counts and the best trial's config and metrics), the best
+    metrics in the parent run; raises when no trial finished (after the report is written)."""
+    spec, rows, best, counts = outcome.spec, outcome.rows, outcome.best, outcome.counts
+    metric, better = spec.headline.metric, "lower" if spec.headline.mode == "min" else "higher"
+    for row in table_rows:
+        row["best"] = "*" if best is not None and row["trial"] == best.trial_id else ""
+    title = (
+        f"{spec.kind} sweep {opts.name}: {subject}, {counts['trials']} trials ({counts['finished']} finished, "
+        f"{counts['stopped']} stopped early by ASHA, {counts['error']} errored); {metric}: {better} is better"
+    )
+    out = out_dir(opts)
+    figure = trials_figure(rows, spec.headline.step_key, metric, out / "trials.png", title, best)
+    best_metrics = {k: best.metrics.get(k) for k in metric_cols if k != spec.headline.step_key} if best else None
+    summary = {
+        "name": opts.name,
+        "kind": spec.kind,
+        "counts": counts,
+        "best_trial": best.trial_id if best else None,
+        "best_config": best.config if best else None,
+        "best_metrics": best_metrics,
+        "parent_run_id": outcome.parent,
+        **summary,
+    }
+    finish_sweep(
+        outcome,
+        opts,
+        stem="summary",
+        title=title,
+        table_rows=table_rows,
+        columns=["trial", "outcome", *spec.space, *metric_cols, "best"],
+        summary=summary,
+        notes=[*(notes or []), *error_notes(rows)],
+        figures=[figure, *(figures or [])],
+        parent_metrics={f"best_{k}": v for k, v in (best_metrics or {}).items() if number(v)},
+        parent_tags={"best_trial": summary["best_trial"] or "none", **(parent_tags or {})},
+        failed=None
+        if best is not None
+        else f"no trial of sweep {opts.name} finished ({counts['error']} errored, {counts['stopped']} stopped); see "
+        f"the errors above and {out / 'summary.md'}",
+    )
+    return summary
