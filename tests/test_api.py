@@ -107,7 +107,7 @@ def test_embed_applies_the_training_scaling_and_refuses_another_tr(trained):
         model.embed(raw_RT, preprocessing=pre), model.embed(raw_RT, tr=0.72, layout="RT", stride=W // 2)
     )
     assert not np.allclose(model.embed(raw_RT, preprocessing=pre), manual.mean(axis=0))  # the stride was applied
-    with pytest.raises(InputError, match="unknown option.*strid.*options are tr, layout, stride"):
+    with pytest.raises(InputError, match=r"unknown option.*strid.*options are tr, layout, stride"):
         model.embed(raw_RT, strid=5)
     with pytest.raises(InputError, match="not both"):
         model.embed(raw_RT, preprocessing=pre, tr=0.72)
