@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from brainlm.exceptions import BrainLMError, exit_code
@@ -233,7 +234,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads",
         type=int,
-        help="CPU threads (default: the free cores; BRAINLM_THREADS or OMP_NUM_THREADS set it too); before the command",
+        help="CPU threads (default: the free cores; BRAINLM_THREADS or OMP_NUM_THREADS set it too); before the command "
+        "(for data, pretrain and tune it is passed on as BRAINLM_THREADS: pretraining's ranks read it)",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -427,8 +429,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _leading_threads(argv: list[str]) -> list[str]:
+    """``brainlm --threads N data|pretrain|tune ...``: the commands with parsers of their own read the thread count
+    from the environment (as their ranks and trials do), so a leading ``--threads`` is set there; the rest returned."""
+    head = argv[0] if argv else ""
+    if head.startswith("--threads="):
+        value, rest = head.partition("=")[2], argv[1:]
+    elif head == "--threads" and len(argv) > 1:
+        value, rest = argv[1], argv[2:]
+    else:
+        return argv
+    if rest[:1] not in (["data"], ["pretrain"], ["tune"]):
+        return argv  # the main parser reads it
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"brainlm: --threads expects a whole number of at least 1, got {value!r}")
+    from brainlm import threads
+
+    os.environ[threads.ENV] = value
+    return rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _leading_threads(sys.argv[1:] if argv is None else list(argv))
     # Commands with parsers of their own, run as they are: the shard build, pretraining (--config, --deepspeed and
     # dotted overrides) and the sweeps. `python -m data_prep`, launcher/pretrain.py and launcher/tune.py are the same.
     if argv[:1] == ["data"]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from brainlm import threads
 
 
@@ -26,3 +28,19 @@ def test_a_thread_count_given_wins(monkeypatch):
     monkeypatch.setenv("BRAINLM_THREADS", "2")
     assert threads.choose(1) == (2, "BRAINLM_THREADS")
     assert threads.choose(1, given=5) == (5, "--threads")
+
+
+def test_a_leading_threads_flag_reaches_the_commands_with_parsers_of_their_own(monkeypatch):
+    from brainlm import cli
+
+    monkeypatch.setenv("BRAINLM_THREADS", "1")  # recorded, so what the command sets is undone after the test
+    assert cli._leading_threads(["--threads", "3", "pretrain", "--config", "r.yaml"]) == [
+        "pretrain",
+        "--config",
+        "r.yaml",
+    ]
+    assert os.environ["BRAINLM_THREADS"] == "3" and threads.choose(1) == (3, "BRAINLM_THREADS")
+    assert cli._leading_threads(["--threads=1", "data", "build"]) == ["data", "build"] and threads.choose(1)[0] == 1
+    assert cli._leading_threads(["--threads", "2", "reconstruct"]) == ["--threads", "2", "reconstruct"]  # main parser's
+    with pytest.raises(SystemExit, match="whole number of at least 1, got 'x'"):
+        cli._leading_threads(["--threads", "x", "tune"])
