@@ -235,7 +235,7 @@ def parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         help="CPU threads (default: the free cores; BRAINLM_THREADS or OMP_NUM_THREADS set it too); before the command "
-        "(for data, pretrain and tune it is passed on as BRAINLM_THREADS: pretraining's ranks read it)",
+        "(for pretrain it is passed on as BRAINLM_THREADS, which its ranks read)",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -430,8 +430,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _leading_threads(argv: list[str]) -> list[str]:
-    """``brainlm --threads N data|pretrain|tune ...``: the commands with parsers of their own read the thread count
-    from the environment (as their ranks and trials do), so a leading ``--threads`` is set there; the rest returned."""
+    """``brainlm --threads N pretrain ...``: pretraining has a parser of its own and its ranks read the thread count
+    from the environment, so a leading ``--threads`` is set there; the rest returned. ``data`` and ``tune`` size
+    their work otherwise (``--workers``, ``--cpus-per-trial``): said, not ignored."""
     head = argv[0] if argv else ""
     if head.startswith("--threads="):
         value, rest = head.partition("=")[2], argv[1:]
@@ -439,7 +440,12 @@ def _leading_threads(argv: list[str]) -> list[str]:
         value, rest = argv[1], argv[2:]
     else:
         return argv
-    if rest[:1] not in (["data"], ["pretrain"], ["tune"]):
+    if rest[:1] in (["data"], ["tune"]):
+        own = (
+            "data build --workers N (processes)" if rest[0] == "data" else "tune ... --cpus-per-trial N (each trial's)"
+        )
+        raise SystemExit(f"brainlm: --threads does not apply to `{rest[0]}`; use brainlm {own}")
+    if rest[:1] != ["pretrain"]:
         return argv  # the main parser reads it
     if not value.isdigit() or int(value) < 1:
         raise SystemExit(f"brainlm: --threads expects a whole number of at least 1, got {value!r}")

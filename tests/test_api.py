@@ -107,8 +107,10 @@ def test_embed_applies_the_training_scaling_and_refuses_another_tr(trained):
         model.embed(raw_RT, preprocessing=pre), model.embed(raw_RT, tr=0.72, layout="RT", stride=W // 2)
     )
     assert not np.allclose(model.embed(raw_RT, preprocessing=pre), manual.mean(axis=0))  # the stride was applied
-    with pytest.raises(InputError, match=r"unknown option.*strid.*options are tr, layout, stride"):
+    with pytest.raises(TypeError, match=r"argument\(s\) strid: .*preprocessing options are tr, layout, stride"):
         model.embed(raw_RT, strid=5)
+    with pytest.raises(InputError, match="stride must be a whole number"):
+        model.embed(raw_RT, stride=2.5)
     with pytest.raises(InputError, match="not both"):
         model.embed(raw_RT, preprocessing=pre, tr=0.72)
     with pytest.raises(InputError, match="layout must be one of auto, TR, RT; got 'tr'"):

@@ -210,19 +210,28 @@ def test_transfer_baselines_are_fitted_on_the_source_when_the_models_prior_was(t
 
 def test_refit_prior_fits_the_atlas_own_slot_on_the_target_training_split(two_sets, tmp_path):
     """A new cohort on an atlas seen in pretraining: --refit-prior replaces that atlas's prior statistics by the
-    target's own (its training split), in the same slot; without it the pretraining sets' statistics are used."""
+    target's own (its training split), in that atlas's slot, leaving the other atlases' slots as they were; without it
+    the pretraining statistics are used."""
+    from brainlm.data.format import load_manifest
+    from brainlm.data.loader import fixed_samples
     from brainlm.eval.common import load_context, split_windows
-    from brainlm.model import prior
+    from brainlm.model import BrainLM, prior
 
-    model = _model_on(two_sets["source"], tmp_path / "model")
-    kept = load_context(str(model), str(two_sets["target"]))
-    refit = load_context(str(model), str(two_sets["target"]), refit=True)
+    # Pretrained on two atlases: slot 0 the other atlas's, slot 1 the source's (the target's atlas).
+    folder = _model_on(two_sets["other_atlas"], tmp_path / "model")
+    model = BrainLM.from_pretrained(folder)
+    manifest, root = load_manifest(str(two_sets["source"]))
+    model.fit_prior(fixed_samples(manifest, root, "train", 512, 40)[0], torch.tensor(manifest.atlas.coords()), slot=1)
+    model.save_pretrained(folder, scaling=model.scaling, extra=model.extra)
+    kept = load_context(str(folder), str(two_sets["target"]))
+    refit = load_context(str(folder), str(two_sets["target"]), refit=True)
+    assert kept.model.prior_slot(kept.coords_R3) == refit.model.prior_slot(refit.coords_R3) == 1
     assert kept.prior_fitted_on is None and "refitted" in refit.prior_fitted_on
     windows, _ = split_windows(refit, "train", prior.FIT_WINDOWS)
-    _, cov = prior.fit(windows)
-    assert torch.allclose(refit.model.prior_for(refit.coords_R3)[1], cov.to(torch.float32), atol=1e-6)
-    assert not torch.allclose(kept.model.prior_for(kept.coords_R3)[1], cov.to(torch.float32), atol=1e-3)
-    assert refit.model.num_prior_slots == kept.model.num_prior_slots  # the atlas's own slot, not a new one
+    cov = prior.fit(windows)[1].to(torch.float32)
+    assert torch.allclose(refit.model.prior_for(refit.coords_R3)[1], cov, atol=1e-6)
+    assert not torch.allclose(kept.model.prior_for(kept.coords_R3)[1], cov, atol=1e-3)
+    assert torch.equal(refit.model.prior_cov_RR, kept.model.prior_cov_RR)  # the other atlas's slot is untouched
 
 
 def test_a_model_trained_on_the_evaluated_shards_gets_no_source_columns_and_another_atlas_is_carried_over(

@@ -40,7 +40,9 @@ def test_a_leading_threads_flag_reaches_the_commands_with_parsers_of_their_own(m
         "r.yaml",
     ]
     assert os.environ["BRAINLM_THREADS"] == "3" and threads.choose(1) == (3, "BRAINLM_THREADS")
-    assert cli._leading_threads(["--threads=1", "data", "build"]) == ["data", "build"] and threads.choose(1)[0] == 1
+    assert cli._leading_threads(["--threads=1", "pretrain"]) == ["pretrain"] and threads.choose(1)[0] == 1
+    with pytest.raises(SystemExit, match="does not apply to `data`; use brainlm data build --workers"):
+        cli._leading_threads(["--threads", "2", "data", "build"])
     assert cli._leading_threads(["--threads", "2", "reconstruct"]) == ["--threads", "2", "reconstruct"]  # main parser's
     with pytest.raises(SystemExit, match="whole number of at least 1, got 'x'"):
-        cli._leading_threads(["--threads", "x", "tune"])
+        cli._leading_threads(["--threads", "x", "pretrain"])

@@ -103,6 +103,11 @@ def load_context(
     if refit and model.decoder_prior_embed is None:
         raise InputError(f"refit the prior: {model_uri} has no decoder prior (`model.decoder_prior` is none)")
     if model.decoder_prior_embed is not None and (refit or not model.prior_fits(coords)):
+        if refit and manifest.num_samples("train") == 0:
+            raise InputError(
+                f"refit the prior: the shards {shards} have no 'train' windows to fit it on; drop --refit-prior "
+                "(the model's own prior for this atlas is used) or build the shards with training subjects"
+            )
         refit_prior(ctx)
     return ctx.to(device)
 

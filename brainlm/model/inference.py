@@ -100,10 +100,11 @@ def resample_to(signal_RT: np.ndarray, tr: float, target_tr: float) -> np.ndarra
 SCALINGS = ("model", "fit", "none")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Preprocessing:
-    """How recordings become the model's windows: one value for `prepare`, `embed`, `reconstruct`, the scikit-learn
-    embedder, `brainlm.api.embed_files` and the pyfunc (each also takes its fields as keywords: ``tr=0.72``).
+    """How recordings become the model's windows: one value for `prepare`, `embed` and `reconstruct`, which also take
+    its fields as keywords (``tr=0.72``); the scikit-learn embedder, `brainlm.api.embed_files` and the pyfunc build one
+    from the options they expose.
 
     tr: the recordings' TR in seconds (None: taken to be the model's, unchecked, with a warning).
     layout: ``auto`` (from the parcel count), ``TR`` ([time, parcels], nilearn's) or ``RT``.
@@ -126,19 +127,22 @@ class Preprocessing:
             raise InputError(f"layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
         if self.scaling not in SCALINGS:
             raise InputError(f"scaling must be one of {', '.join(SCALINGS)}; got {self.scaling!r}")
-        if self.stride is not None and int(self.stride) < 1:
-            raise InputError(f"stride must be at least 1, got {self.stride}")
-        if self.tr is not None and not float(self.tr) > 0:
-            raise InputError(f"tr must be a positive number of seconds, got {self.tr!r}")
+        whole = isinstance(self.stride, (int, np.integer)) and not isinstance(self.stride, bool)
+        if self.stride is not None and not (whole and self.stride >= 1):
+            raise InputError(f"stride must be a whole number of timepoints, at least 1; got {self.stride!r}")
+        number = isinstance(self.tr, (int, float, np.number)) and not isinstance(self.tr, bool)
+        if self.tr is not None and not (number and self.tr > 0):
+            raise InputError(f"tr must be a positive number of seconds; got {self.tr!r}")
 
     @classmethod
     def of(cls, preprocessing: Preprocessing | None = None, **options: Any) -> Preprocessing:
         """``preprocessing`` as given, or built from its fields given as keywords (not both)."""
         fields = tuple(cls.__dataclass_fields__)
         unknown = sorted(set(options) - set(fields))
-        if unknown:
-            raise InputError(
-                f"unknown option(s) {', '.join(unknown)}; the preprocessing options are {', '.join(fields)}"
+        if unknown:  # a mistyped argument: a TypeError, as Python gives one, naming what is accepted here
+            raise TypeError(
+                f"unexpected keyword argument(s) {', '.join(unknown)}: besides the function's own arguments, the "
+                f"preprocessing options are {', '.join(fields)}"
             )
         if preprocessing is None:
             return cls(**options)
@@ -206,7 +210,7 @@ def prepare(
     if tr is None and trained_tr is not None:
         warnings.warn(
             f"no TR given: the recording is taken to be at the model's TR of {trained_tr:g} s unchecked; pass tr= "
-            "(--tr on the command line) to have it checked, and resampled with resample=True",
+            "to have it checked, and resampled with resample=True",
             stacklevel=3,
         )
     if tr is not None and trained_tr is not None and abs(tr - trained_tr) > TR_TOLERANCE:
@@ -230,7 +234,7 @@ def prepare(
         if scaler.center.shape[0] != R:
             raise DimensionError(
                 f"the model's scaling statistics cover {scaler.center.shape[0]} parcels; the recordings have {R} "
-                "(an atlas the model was not trained on): pass scaling='fit' (--scaling fit) to fit them on the "
+                "(an atlas the model was not trained on): pass scaling='fit' to fit them on the "
                 "recordings given"
             )
     elif scaling == "fit":
