@@ -15,6 +15,7 @@ import os
 import sys
 
 from brainlm.exceptions import BrainLMError, exit_code
+from brainlm.registry_cli import add_registry
 from brainlm.schema import add_flags, add_version, from_flags
 
 
@@ -134,81 +135,6 @@ def _import_brainlm(a: argparse.Namespace) -> None:
         print(f"  - {note}")
     if not a.atlas_table:
         print("  - No atlas given: pass coordinates yourself, or re-run with --atlas-table (e.g. A424's).")
-
-
-def _registry_store() -> None:
-    from brainlm.tracking.env import tracking_store
-
-    print(f"MLflow store: {tracking_store()}", file=sys.stderr, flush=True)
-
-
-def _registry_list(a: argparse.Namespace) -> None:
-    from brainlm.eval.common import table
-    from brainlm.tracking.registry import list_models, list_versions
-
-    _registry_store()
-    if a.name:
-        rows = [
-            r
-            | {
-                "aliases": ", ".join(r["aliases"]),
-                "run_id": r["run_id"][:12],
-                "manifest_sha256": r["manifest_sha256"][:12],
-            }
-            for r in list_versions(a.name)
-        ]
-        columns = ["version", "aliases", "created", "run_id", "manifest_sha256", "from"]
-        print(table(rows, columns, f"{a.name}: versions"))
-        return
-    rows = [r | {"aliases": ", ".join(f"{k} -> {v}" for k, v in r["aliases"].items())} for r in list_models()]
-    if not rows:
-        print("no registered models")
-        return
-    print(table(rows, ["name", "versions", "newest", "aliases", "updated"], "registered models"))
-
-
-def _registry_show(a: argparse.Namespace) -> None:
-    import json
-
-    from brainlm.tracking.registry import describe
-
-    _registry_store()
-    info = describe(a.name, a.version, a.alias)
-    if a.json:
-        print(json.dumps(info, indent=1, default=str))
-        return
-    print(
-        f"{info['name']} version {info['version']}  aliases: {', '.join(info['aliases']) or '-'}  "
-        f"created {info['created']}"
-    )
-    print(
-        f"  run {info['run_id']} ({info.get('run_name', '?')})"
-        + (f" in sweep {info['sweep'].get('run_name', '')} ({info['sweep']['run_id']})" if info.get("sweep") else "")
-    )
-    print(f"  uri models:/{info['name']}/{info['version']}  source {info['source']}")
-    for title in ("tags", "metrics", "params"):
-        if info[title]:
-            print(f"{title}{' (lineage)' if title == 'tags' else ''}:")
-            width = max(len(k) for k in info[title])
-            for k, v in info[title].items():
-                print(f"  {k.ljust(width)}  {f'{v:.6g}' if isinstance(v, float) else v}")
-
-
-def _registry_promote(a: argparse.Namespace) -> None:
-    from brainlm.tracking.registry import promote
-
-    _registry_store()
-    before = promote(a.name, a.version, a.alias)
-    was = f"(was version {before})" if before is not None else "(a new alias)"
-    print(f"{a.name}@{a.alias} -> version {a.version} {was}; use it as models:/{a.name}@{a.alias}")
-
-
-def _registry_download(a: argparse.Namespace) -> None:
-    from brainlm.tracking.registry import download
-
-    _registry_store()
-    out = download(a.uri, a.out)
-    print(f"{a.uri} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
 
 def _io(p: argparse.ArgumentParser, shards_required: bool = True, device: bool = True) -> None:
@@ -400,32 +326,7 @@ def parser() -> argparse.ArgumentParser:
     )
     i.set_defaults(func=_import_brainlm)
 
-    g = sub.add_parser(
-        "registry",
-        help="registered models: list, show, promote (move an alias), download",
-        description="The MLflow model registry (the store is MLFLOW_TRACKING_URI). Every command "
-        "that takes --model accepts models:/NAME@ALIAS and models:/NAME/VERSION.",
-    )
-    gs = g.add_subparsers(dest="action", required=True)
-    gl = gs.add_parser("list", help="registered models with their versions and aliases (or one model's versions)")
-    gl.add_argument("name", nargs="?", help="list this model's versions")
-    gl.set_defaults(func=_registry_list)
-    gw = gs.add_parser("show", help="one version: aliases, lineage tags, its run's params and metrics")
-    gw.add_argument("name", help="registered model name")
-    pick = gw.add_mutually_exclusive_group()
-    pick.add_argument("--version", help="version number or latest (default: the newest)")
-    pick.add_argument("--alias", help="alias, e.g. champion")
-    gw.add_argument("--json", action="store_true", help="print JSON")
-    gw.set_defaults(func=_registry_show)
-    gp = gs.add_parser("promote", help="point an alias at a version (e.g. champion -> 3)")
-    gp.add_argument("name", help="registered model name")
-    gp.add_argument("version", help="version number")
-    gp.add_argument("alias", help="alias to move or create (not latest: MLflow reserves it)")
-    gp.set_defaults(func=_registry_promote)
-    gd = gs.add_parser("download", help="fetch a model version into a folder")
-    gd.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    gd.add_argument("--out", required=True, help="folder for model.safetensors, config.json, ...")
-    gd.set_defaults(func=_registry_download)
+    add_registry(sub)
     return p
 
 
