@@ -26,18 +26,9 @@ def _reconstruct(a: argparse.Namespace) -> None:
     strategies = tuple(m.strip() for m in a.masking.split(",") if m.strip()) if a.masking else MASKINGS
     sources = [s.strip() for s in a.source_shards.split(",") if s.strip()] if a.source_shards else None
     reconstruct(
-        a.model,
-        a.shards,
-        a.out,
-        a.split,
-        a.mask_ratio,
-        strategies,
-        a.limit,
-        a.device,
-        sources,
-        a.context,
-        a.refit_prior,
-    )
+        a.model, a.shards, a.out, a.split, a.mask_ratio, strategies, a.limit, a.device, sources, a.context,
+        refit_prior=a.refit_prior,
+    )  # fmt: skip
 
 
 def _benchmark(a: argparse.Namespace) -> None:

@@ -103,22 +103,22 @@ def load_context(
     if refit and model.decoder_prior_embed is None:
         raise InputError(f"refit the prior: {model_uri} has no decoder prior (`model.decoder_prior` is none)")
     if model.decoder_prior_embed is not None and (refit or not model.prior_fits(coords)):
-        if refit and manifest.num_samples("train") == 0:
-            raise InputError(
-                f"refit the prior: the shards {shards} have no 'train' windows to fit it on; drop --refit-prior "
-                "(the model's own prior for this atlas is used) or build the shards with training subjects"
-            )
-        refit_prior(ctx)
+        refit_prior(ctx, asked=refit)
     return ctx.to(device)
 
 
-def refit_prior(ctx: Context, split: str = "train") -> None:
+def refit_prior(ctx: Context, split: str = "train", asked: bool = False) -> None:
     """Fit the decoder's Gaussian prior on the shards' own training windows: its statistics belong to an atlas,
     and on another one they are refitted in closed form from the windows the linear baselines are fitted on
-    (without any, the prior falls back to each window's own covariance)."""
+    (without any, the prior falls back to each window's own covariance; ``asked``, as by --refit-prior: an error)."""
     from brainlm.model import prior
 
     if ctx.manifest.num_samples(split) == 0:
+        if asked:
+            raise InputError(
+                f"refit the prior: the shards {ctx.root} have no {split!r} windows to fit it on; drop --refit-prior "
+                "(the model's own prior for this atlas is used) or build the shards with training subjects"
+            )
         print(f"note: no {split!r} windows to fit the decoder's prior on: it uses each window's own covariance")
         return
     windows, meta = split_windows(ctx, split, prior.FIT_WINDOWS)

@@ -243,7 +243,7 @@ def prepare(
     if scaling != "none":
         signals = [scaler.transform(s) for s in signals]
     W = model.config.num_timepoints
-    step = int(pre.stride or W)
+    step = pre.stride or W  # checked a whole number >= 1 by Preprocessing
     windows, starts = [], []
     for i, s in enumerate(signals):
         if s.shape[1] < W:

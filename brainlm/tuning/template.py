@@ -378,15 +378,14 @@ def config_spec(
 ) -> SweepSpec:
     """A SweepSpec over the knobs of ``space`` (Dists of ``base``'s fields): the model, shard set and fixed settings
     every trial shares recorded in the parent run and each child; ``spec``: the kind's own fields (trial, headline,
-    ...), ``parent_params`` / ``parent_tags`` added to the shared ones."""
-    fixed = {"model": model, "shards": str(shards), **dataclasses.asdict(base)}
-    params = {**{k: v for k, v in fixed.items() if k in ("model", "shards")}, "fixed": dataclasses.asdict(base)}
-    params |= {"space": {k: str(d) for k, d in space.items()}, "samples": opts.samples}
+    ...), its ``parent_params`` added to the shared ones."""
+    shared, settings = {"model": model, "shards": str(shards)}, dataclasses.asdict(base)
+    params = shared | {"fixed": settings, "space": {k: str(d) for k, d in space.items()}, "samples": opts.samples}
     return SweepSpec(
         kind=kind,
         space={k: d.to_tune() for k, d in space.items()},
         parent_params=params | spec.pop("parent_params", {}),
-        fixed=fixed,
+        fixed=shared | settings,
         **spec,
     )
 
