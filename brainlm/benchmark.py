@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shlex
 import subprocess
 import sys
@@ -36,6 +37,8 @@ import numpy as np
 from brainlm import atomic
 from brainlm.exceptions import InputError
 from brainlm.protocol import Fold, WindowSums, best, compare, context_label, parse_context, subject_folds
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -199,10 +202,9 @@ def benchmark(cfg: BenchmarkConfig, overrides: list[str] | None = None) -> dict[
         folder = out / f"fold-{fold.index}"
         folder.mkdir(parents=True, exist_ok=True)
         t = {"build_s": build_fold(cfg, fold, folder)}
-        print(
+        log.info(
             f"fold {fold.index + 1}/{len(folds)}: test {', '.join(fold.test)} | val {', '.join(fold.val) or '-'} | "
-            f"train {len(fold.train)} subjects",
-            flush=True,
+            f"train {len(fold.train)} subjects"
         )
         if cfg.stage == "build":
             continue
@@ -212,7 +214,7 @@ def benchmark(cfg: BenchmarkConfig, overrides: list[str] | None = None) -> dict[
             continue
         t["eval_s"] = eval_fold(cfg, folder, cfg.model or str(folder / "run" / "model"))
         timings[fold.index] = t
-        print(f"  fold {fold.index + 1} done: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()), flush=True)
+        log.info(f"  fold {fold.index + 1} done: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()))
     if cfg.stage not in ("all", "report"):
         return None
     summary = report(out, folds, cfg)
@@ -220,7 +222,7 @@ def benchmark(cfg: BenchmarkConfig, overrides: list[str] | None = None) -> dict[
     atomic.write_text(out / "summary.json", json.dumps(summary, indent=1))
     text = summary_markdown(summary)
     atomic.write_text(out / "summary.md", text)
-    print(text)
+    log.info(text)
     return summary
 
 

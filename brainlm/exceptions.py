@@ -62,7 +62,10 @@ def exit_code(action: Callable[[], int | None]) -> int:
     """Run a command line's action; its exit code (0 for None). Every command (``brainlm ...``, its ``data``,
     ``pretrain`` and ``tune`` and their shims) ends through this: an error brainlm raised on purpose, or a path that is
     not what was expected, is said in one line on stderr, no traceback, and exits 2 (130 for an interrupted sweep,
-    as Ctrl+C)."""
+    as Ctrl+C). The library's messages are shown on the terminal first (``brainlm.logs.to_terminal``)."""
+    from brainlm.logs import to_terminal
+
+    to_terminal()
     try:
         return action() or 0
     except BrainLMError as err:

@@ -25,9 +25,9 @@ import hashlib
 import importlib.util
 import io
 import json
+import logging
 import math
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -49,6 +49,8 @@ from brainlm.recordings.sources import RecordingSpec, discover, find_participant
 from brainlm.recordings.tables import read_tsv
 from data_prep.shards import _load_parcellated, _sample_meta, _sidecar, intact, remove_dead_uploads, write_shards
 from data_prep.workers import Workers, progress_bar
+
+log = logging.getLogger(__name__)
 
 STAGES = ("all", "parcellate", "plan", "shards", "manifest")
 PLAN = "_state/plan.json"
@@ -273,7 +275,7 @@ def parcellate(cfg: BuildConfig, specs: list[RecordingSpec], atlas: AtlasSource,
         progress.close()
     reused = len(specs) - len(jobs)
     if reused:
-        print(f"parcellate: reused {reused} recording(s) parcellated by an earlier run", file=sys.stderr)
+        log.info(f"parcellate: reused {reused} recording(s) parcellated by an earlier run")
     return [records[s.id] for s in specs]
 
 
@@ -321,10 +323,9 @@ def assign_splits(subjects: list[str], cfg: BuildConfig) -> dict[str, str]:
             )
         unknown = sorted(set(explicit) - set(subjects))
         if unknown:
-            print(
-                f"warning: --splits {cfg.splits} lists {len(unknown)} subject(s) with no usable recording: "
-                f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}",
-                file=sys.stderr,
+            log.warning(
+                f"--splits {cfg.splits} lists {len(unknown)} subject(s) with no usable recording: "
+                f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}"
             )
         return {s: explicit[s] for s in subjects}
     order = sorted(subjects, key=lambda s: hashlib.sha256(f"{cfg.seed}:{s}".encode()).hexdigest())
@@ -553,10 +554,9 @@ def _build(cfg: BuildConfig, store, part: tuple[int, int] | None) -> Manifest | 
     phenotypes = read_participants(Path(cfg.participants) if cfg.participants else find_participants(inputs))
     if cfg.splits:
         read_split_file(cfg.splits)  # a bad splits file is said before anything is parcellated
-    print(
+    log.info(
         f"build: {len(specs)} {kind} recording(s), atlas {atlas.atlas.name} "
-        f"({atlas.atlas.num_parcels} parcels) -> {store.url}",
-        file=sys.stderr,
+        f"({atlas.atlas.num_parcels} parcels) -> {store.url}"
     )
 
     workers = Workers(cfg.workers)
@@ -578,10 +578,7 @@ def _build(cfg: BuildConfig, store, part: tuple[int, int] | None) -> Manifest | 
             plan = json.loads(store.read_bytes(PLAN))
         if cfg.stage in ("all", "shards"):
             counts = write_shards(cfg, plan, workers)
-            print(
-                f"shards: wrote {counts['written']}, skipped {counts['skipped']} already current (checksum match)",
-                file=sys.stderr,
-            )
+            log.info(f"shards: wrote {counts['written']}, skipped {counts['skipped']} already current (checksum match)")
             if cfg.stage == "shards":
                 return None
         return write_manifest(cfg, plan, atlas)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 
 from brainlm.exceptions import exit_code
@@ -47,9 +48,25 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from data_prep.inspect import inspect
+    """The manifest's summary and shards (or them as JSON), then their checksums verified: 1 if any fails."""
+    from brainlm.data.format import load_manifest
+    from data_prep.inspect import shard_lines, summary, verify
 
-    return inspect(args.dest, verify_checksums=not args.no_verify, as_json=args.json)
+    manifest, root = load_manifest(args.dest)
+    if args.json:
+        shards = [{k: s[k] for k in ("url", "split", "samples", "bytes", "sha256")} for s in manifest.shards]
+        print(json.dumps({"splits": manifest.splits, "shards": shards, "skipped": manifest.skipped}, indent=1))
+    else:
+        print(summary(manifest, root))
+        print("\n".join(["  shards", *shard_lines(manifest)]))
+    if args.no_verify:
+        return 0
+    problems = verify(manifest, root)
+    if problems:
+        print(f"{len(problems)} shard(s) failed verification:", *problems, sep="\n  ")
+        return 1
+    print(f"  verified     all {len(manifest.shards)} shard checksums match")
+    return 0
 
 
 def _push(args: argparse.Namespace) -> int:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
-from brainlm.data.format import Manifest, load_manifest
+from brainlm.data.format import Manifest
 from brainlm.data.store import open_store, sha256_stream
 from brainlm.progress import bar
 
@@ -58,21 +57,3 @@ def shard_lines(manifest: Manifest) -> list[str]:
         f"  {s['url']}  {s['samples']:>6} samples  {s['bytes']:>12} bytes  sha256 {s['sha256']}"
         for s in manifest.shards
     ]
-
-
-def inspect(dest: str, verify_checksums: bool = True, as_json: bool = False) -> int:
-    manifest, root = load_manifest(dest)
-    if as_json:
-        shards = [{k: s[k] for k in ("url", "split", "samples", "bytes", "sha256")} for s in manifest.shards]
-        print(json.dumps({"splits": manifest.splits, "shards": shards, "skipped": manifest.skipped}, indent=1))
-    else:
-        print(summary(manifest, root))
-        print("\n".join(["  shards", *shard_lines(manifest)]))
-    if not verify_checksums:
-        return 0
-    problems = verify(manifest, root)
-    if problems:
-        print(f"{len(problems)} shard(s) failed verification:", *problems, sep="\n  ")
-        return 1
-    print(f"  verified     all {len(manifest.shards)} shard checksums match")
-    return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -357,17 +358,18 @@ def test_synthetic_cohort_has_its_ground_truth(tmp_path):
 # -- resume after a kill, S3, round trips ---------------------------------------------------------------------
 
 
-def test_a_changed_intermediate_is_parcellated_again_not_trusted(array_cohort, tmp_path, capsys):
+def test_a_changed_intermediate_is_parcellated_again_not_trusted(array_cohort, tmp_path, caplog):
     out = tmp_path / "o"
     first = small_build(array_cohort, out)
     rec = first.recordings[0]["id"]
     npy = out / "parcellated" / f"{rec}.npy"
     original = npy.read_bytes()
     np.save(npy, np.zeros((7, 53), np.float32))  # a valid array, but not what was parcellated
-    capsys.readouterr()
-    again = small_build(array_cohort, out)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="data_prep"):
+        again = small_build(array_cohort, out)
     assert npy.read_bytes() == original and again.shards == first.shards
-    assert f"reused {len(first.recordings) + len(first.skipped) - 1} recording(s)" in capsys.readouterr().err
+    assert f"reused {len(first.recordings) + len(first.skipped) - 1} recording(s)" in caplog.text
     # Changed between the plan and the shards: the shards stage refuses it, naming the file.
     np.save(npy, np.zeros((7, 53), np.float32))
     for tar in (out / "shards").rglob("*.tar"):
@@ -443,7 +445,7 @@ def test_killed_build_leaves_nothing_half_written_and_resumes(tmp_path):
 
     resumed = run_cli(*args[:-1])
     assert resumed.returncode == 0, resumed.stderr
-    skipped = int(resumed.stderr.split("skipped ")[1].split()[0])
+    skipped = int(resumed.stdout.split("skipped ")[1].split()[0])
     assert skipped >= committed >= 1  # every shard committed before the kill is reused, not rewritten
     assert run_cli("-m", "data_prep", "inspect", str(out)).returncode == 0
 
@@ -504,7 +506,7 @@ def test_s3_build_inspect_resume_and_stream(array_cohort, s3_bucket):
         "0.8",
         "--quiet",
     )
-    assert again.returncode == 0 and f"wrote 0, skipped {len(m.shards)}" in again.stderr
+    assert again.returncode == 0 and f"wrote 0, skipped {len(m.shards)}" in again.stdout
 
 
 def test_manifest_round_trip_and_validation(array_cohort, tmp_path):

@@ -63,6 +63,7 @@ LAYERS = [
         "brainlm.exceptions",
         "brainlm.atomic",
         "brainlm.lock",
+        "brainlm.logs",
         "brainlm.masking",
         "brainlm.progress",
         "brainlm.schema",
@@ -172,3 +173,28 @@ def test_no_import_circle():
     for m in sorted(edges):
         if m not in state and (circle := visit(m)):
             pytest.fail("import circle: " + " -> ".join(circle))
+
+
+# The command lines: what they print is the command's output. Everything else says things through logging.
+PRINTS = {
+    "brainlm/cli.py",
+    "brainlm/registry_cli.py",
+    "brainlm/exceptions.py",  # exit_code: every command's one error line
+    "brainlm/training/launch.py",
+    "brainlm/tuning/cli.py",
+    "data_prep/cli.py",
+}
+
+
+def test_only_the_command_lines_print():
+    offenders = []
+    for path in sorted([*ROOT.glob("brainlm/**/*.py"), *ROOT.glob("data_prep/**/*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        calls = [
+            n.lineno
+            for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
+        ]
+        if calls and rel not in PRINTS:
+            offenders.append(f"{rel}:{calls}")
+    assert not offenders, f"print() in library code (log through logging.getLogger(__name__)): {offenders}"

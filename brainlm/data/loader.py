@@ -20,7 +20,7 @@ Consequences:
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -34,6 +34,8 @@ from brainlm.data.format import Manifest, decode_signal, sample_digest, shard_ur
 from brainlm.data.store import register_webdataset_s3, unanswered
 from brainlm.exceptions import BrainLMError, ShardError
 from brainlm.masking import seeded_masks
+
+log = logging.getLogger(__name__)
 
 
 def sample_seed(seed: int, slot: int, position: int) -> int:
@@ -77,11 +79,7 @@ def read_shard(
         _skipped[url] = _skipped.get(url, 0) + 1
         count = _skipped[url]
         if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th ... time: a log that says it, not one that floods
-            print(
-                f"warning: {message} (skipped {count} sample(s) of it so far; said again at {2 * count})",
-                file=sys.stderr,
-                flush=True,
-            )
+            log.warning(f"{message} (skipped {count} sample(s) of it so far; said again at {2 * count})")
 
     pipeline = wds.DataPipeline(wds.SimpleShardList([url]), url_opener, partial(tar_members, limit=size), group_by_keys)
     k = 0

@@ -6,6 +6,7 @@ heads; per group: the mean over its windows. Reported beside each group's mean s
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from brainlm.eval.common import autocast, load_context, recordings, table, write
 from brainlm.eval.perturb import top_report
 from brainlm.exceptions import InputError
 from brainlm.model import grid
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -95,5 +98,5 @@ def attention(
             np.abs(diff), atlas.coords(), out / "attention_difference.png", f"|CLS attention {names[1]} - {names[0]}|"
         )
     write_metrics(out, metrics)
-    print(table(rows, ["group", "windows", "top networks"], f"CLS attention by {group_by} ({split} split)"))
+    log.info(table(rows, ["group", "windows", "top networks"], f"CLS attention by {group_by} ({split} split)"))
     return metrics

@@ -85,7 +85,7 @@ def lagged_products(xc_BRT: np.ndarray, lags: int, rows: int = 64) -> np.ndarray
     inverse transform gives every lag at once (zero-padded to T + lags, so nothing wraps around). At 300 parcels,
     100 lags and 192 windows this takes ~3 s where a product per lag took ~50 s; equal to 1e-14 relative
     (tests/test_baselines.py). ``rows`` parcels at a time bound the memory to ~rows x R x the FFT length."""
-    B, R, T = xc_BRT.shape
+    _, R, T = xc_BRT.shape
     n = 1 << int(np.ceil(np.log2(T + lags)))
     F_KRB = np.fft.rfft(xc_BRT, n=n, axis=2).transpose(2, 1, 0).copy()
     out = np.empty((lags, R, R))

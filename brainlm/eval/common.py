@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,11 @@ from brainlm.data.format import Manifest, load_manifest
 from brainlm.data.loader import fixed_samples
 from brainlm.exceptions import DimensionError, InputError
 from brainlm.model import BrainLM
-from brainlm.model.load import MODELS, load_model
 from brainlm.model.inference import TR_TOLERANCE, autocast, fisher_z, model_tr, resolve_device, window_features
 from brainlm.model.io import REGISTRY_SCHEMES, model_folder
+from brainlm.model.load import MODELS, load_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,19 +87,17 @@ def load_context(
         )
     if trained.get("labels") and trained["labels"] != manifest.atlas.labels:
         # The model places parcels by their MNI coordinates, so another atlas is another set of positions.
-        print(
+        log.info(
             f"note: {model_uri} was trained on the atlas {trained.get('name')!r} ({R_model} parcels); the shards use "
-            f"{manifest.atlas.name!r} ({R_data} parcels): parcels are placed by their coordinates (transfer)",
-            flush=True,
+            f"{manifest.atlas.name!r} ({R_data} parcels): parcels are placed by their coordinates (transfer)"
         )
     trained_tr = model_tr(model)
     if trained_tr is not None and manifest.tr is not None and abs(float(manifest.tr) - trained_tr) > TR_TOLERANCE:
         # Evaluating on another TR is a transfer experiment, not an error; it is said, as another atlas is.
-        print(
+        log.info(
             f"note: {model_uri} was trained at TR {trained_tr:g} s; the shards {shards} are at TR {manifest.tr:g} s: "
             "each patch spans another duration (transfer); rebuild the shards with --tr "
-            f"{trained_tr:g} --resample to evaluate at the model's TR",
-            flush=True,
+            f"{trained_tr:g} --resample to evaluate at the model's TR"
         )
     coords = torch.tensor(manifest.atlas.coords(), dtype=torch.float32)
     ctx = Context(model, manifest, root, coords, model_dir)
@@ -119,14 +120,14 @@ def refit_prior(ctx: Context, split: str = "train", asked: bool = False) -> None
                 f"refit the prior: the shards {ctx.root} have no {split!r} windows to fit it on; drop --refit-prior "
                 "(the model's own prior for this atlas is used) or build the shards with training subjects"
             )
-        print(f"note: no {split!r} windows to fit the decoder's prior on: it uses each window's own covariance")
+        log.info(f"note: no {split!r} windows to fit the decoder's prior on: it uses each window's own covariance")
         return
     windows, meta = split_windows(ctx, split, prior.FIT_WINDOWS)
     slot = ctx.model.prior_slot(ctx.coords_R3)  # the atlas's own slot when the model has one, else the primary
     ctx.model.fit_prior(windows, ctx.coords_R3, 0 if slot is None else slot)
     subjects = len({m["subject"] for m in meta})
     ctx.prior_fitted_on = f"the {split} split of {ctx.root} ({len(windows)} windows, {subjects} subjects), refitted"
-    print(f"note: the decoder's Gaussian prior is refitted on {len(windows)} {split!r} windows of these shards")
+    log.info(f"note: the decoder's Gaussian prior is refitted on {len(windows)} {split!r} windows of these shards")
 
 
 def split_windows(ctx: Context, split: str, limit: int | None = None) -> tuple[torch.Tensor, list[dict]]:

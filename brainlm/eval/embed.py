@@ -5,6 +5,7 @@ pretraining adds."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import pandas as pd
 
 from brainlm.eval.common import embed_windows, load_context, recordings, write_metrics
 from brainlm.eval.common import random_weights as untrained
+
+log = logging.getLogger(__name__)
 
 
 def embed(
@@ -63,7 +66,7 @@ def embed(
         "weights": "random (the control)" if random_weights else "pretrained",
     }
     write_metrics(out, metrics)
-    print(
+    log.info(
         ("random-weights control: " if random_weights else "")
         + f"embedded {len(rows)} recordings ({metrics['windows']} windows of {metrics['window']} timepoints), "
         f"D={metrics['dim']} -> {out / 'embeddings.npz'} (+ embeddings.tsv)"

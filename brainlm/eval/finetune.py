@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,8 @@ from brainlm.model import BrainLM
 from brainlm.model.heads import BrainLMForPrediction, Transform
 from brainlm.protocol import UnitScores, best, compare
 from brainlm.scores import r2_score
+
+log = logging.getLogger(__name__)
 
 TRANSFORMS = ("zscore", "minmax", "logminmax", "none")
 
@@ -381,7 +384,7 @@ def _seeds(data: FinetuneData, name: str) -> tuple[list[dict[str, Any]], np.ndar
         units.append(unit_scores(pred, test_y, classification))
         if best is None or min(val_losses) < best[0]:
             best = (min(val_losses), net)
-        print(f"{name}: seed {seed + 1}/{data.cfg.seeds} done (best epoch {runs[-1]['best_epoch']})", flush=True)
+        log.info(f"{name}: seed {seed + 1}/{data.cfg.seeds} done (best epoch {runs[-1]['best_epoch']})")
     return runs, np.mean(units, axis=0), best[1]
 
 
@@ -435,7 +438,7 @@ def finetune(model: str, shards: str, out: str | Path, cfg: FinetuneConfig) -> d
     }
     write_metrics(out, metrics)
     rows = [{"method": m, **{k: f"{v[k]:.4f} +- {v[k + '_std']:.4f}" for k in keys}} for m, v in summary.items()]
-    print(
+    log.info(
         table(
             rows,
             ["method", *keys],
@@ -444,5 +447,5 @@ def finetune(model: str, shards: str, out: str | Path, cfg: FinetuneConfig) -> d
             f"{'higher' if classification else 'lower'} is better",
         )
     )
-    print(comparison_table(list(comparisons.values()), primary))
+    log.info(comparison_table(list(comparisons.values()), primary))
     return metrics

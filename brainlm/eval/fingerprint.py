@@ -22,6 +22,7 @@ over recordings and subjects (``brainlm.protocol.intervals``); a winner only whe
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from brainlm.eval.common import comparison_table, load_context, random_weights, 
 from brainlm.exceptions import InputError
 from brainlm.model.inference import fisher_z, window_features
 from brainlm.protocol import UnitScores, compare
+
+log = logging.getLogger(__name__)
 
 MODEL_REPRESENTATIONS = ("cls", "mean", "latent_fc")
 
@@ -164,8 +167,8 @@ def fingerprint(
     )
     if label:
         title += f"; {label} decoded by logistic regression, {metrics['decoding']['folds']}-fold by subject"
-    print(table(rows, columns, title))
-    print(comparison_table(comparisons, "fingerprinting accuracy"))
+    log.info(table(rows, columns, title))
+    log.info(comparison_table(comparisons, "fingerprinting accuracy"))
     if label:
-        print(comparison_table(dec_cmp, f"{label} balanced accuracy"))
+        log.info(comparison_table(dec_cmp, f"{label} balanced accuracy"))
     return metrics

@@ -28,6 +28,7 @@ protocol asks of every feature; within one recording they would be a connectivit
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ from brainlm.eval.common import (
 from brainlm.exceptions import InputError
 from brainlm.model import grid
 from brainlm.protocol import UnitScores, compare
+
+log = logging.getLogger(__name__)
 
 UNLABELLED = {"unassigned", "none", "", "nan"}
 MODEL_FEATURES = ("attention", "tokens")
@@ -216,7 +219,7 @@ def networks(
         for m, r in results.items()
     ]
     rows.append({"features": "chance", "accuracy": chance})
-    print(
+    log.info(
         table(
             rows,
             ["features", "accuracy", *[short[n] for n in order]],
@@ -226,5 +229,5 @@ def networks(
             "weights)",
         )
     )
-    print(comparison_table(list(comparisons.values()), "accuracy"))
+    log.info(comparison_table(list(comparisons.values()), "accuracy"))
     return metrics

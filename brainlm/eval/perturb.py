@@ -20,6 +20,7 @@ in signal variance between target and source windows, ranked the same way.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ import torch
 from brainlm.eval.common import Context, load_context, parse_where, recordings, table, write_metrics
 from brainlm.exceptions import ConfigError
 from brainlm.model import grid
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -174,7 +177,7 @@ def perturb(model: str, shards: str, out: str | Path, cfg: PerturbConfig) -> dic
         "baseline_variance": base_top,
     }
     write_metrics(out, metrics)
-    print(
+    log.info(
         f"perturbation {cfg.source} -> {cfg.target} ({cfg.form}, l1 {cfg.l1}): the embedding moved "
         f"{reach['reached']:.1%} of the way to the target; {len(source)} source, {len(target)} target windows"
     )
@@ -188,7 +191,7 @@ def perturb(model: str, shards: str, out: str | Path, cfg: PerturbConfig) -> dic
             }
             for n in sorted(model_top["top_share"], key=lambda n: -model_top["top_share"][n])
         ]
-        print(
+        log.info(
             table(
                 rows,
                 ["network", "model top share", "baseline top share", "base rate"],

@@ -22,6 +22,7 @@ says what each side was fitted on and keeps every window's sums, so folds and re
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,8 @@ from brainlm.data.loader import fixed_samples
 from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, map_windows
 from brainlm.eval.common import Context, comparison_table, load_context, split_windows, table, write_metrics
 from brainlm.exceptions import BrainLMError, InputError
-from brainlm.model import prior
 from brainlm.masking import MASKINGS
+from brainlm.model import prior
 from brainlm.model.io import trained_on
 from brainlm.protocol import (
     WindowSums,
@@ -52,6 +53,8 @@ from brainlm.protocol import (
     r2_parts,
     time_mask,
 )
+
+log = logging.getLogger(__name__)
 
 SIMPLE = ("zero", "mean", "interp")
 LINEAR_NAMES = ("ridge", "spatiotemporal", "adaptive")
@@ -381,7 +384,7 @@ def reconstruct(
         )
     if own != tuple(strategies):
         skipped = [m for m in strategies if m not in own]
-        print(f"note: the model has no {', '.join(skipped)} masking (it masks by {', '.join(own)}): skipped")
+        log.info(f"note: the model has no {', '.join(skipped)} masking (it masks by {', '.join(own)}): skipped")
     strategies = own
     cfg = ctx.model.config
     ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
@@ -393,7 +396,7 @@ def reconstruct(
     test_context = windows_context(meta, cfg.num_timepoints, k)
     fit_sets, notes = fit_baselines(ctx, mask_ratio=ratio, source_shards=source_shards, context=k)
     for note in notes:
-        print(f"note: {note}", flush=True)
+        log.info(f"note: {note}")
     baseline_names = [c for s in fit_sets for c in s.columns()]
     fitted_on = {"model": model_fitted_on(ctx), **{s.name: s.fitted_on for s in fit_sets}}
     metrics: dict[str, Any] = {
@@ -467,8 +470,8 @@ def reconstruct(
         f"values, unclipped; mask ratio {ratio}; context {metrics['context']}: "
         f"{metrics['context_windows']:.1f} other windows of the recording per window on average, for the +ctx rows)"
     )
-    print(r2_table(metrics, strategies, title))
-    print(comparison_table(verdicts, "pooled R^2", "windows", [f"{m}: " for m in strategies]))
+    log.info(r2_table(metrics, strategies, title))
+    log.info(comparison_table(verdicts, "pooled R^2", "windows", [f"{m}: " for m in strategies]))
     return metrics
 
 

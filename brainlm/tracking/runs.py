@@ -3,12 +3,14 @@ broken store) is reported once and tracking is switched off for the rest of the 
 
 from __future__ import annotations
 
-import sys
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
 from brainlm.tracking.env import artifact_root, flatten, mlflow_defaults
+
+log = logging.getLogger(__name__)
 
 
 def _reachable(uri: str) -> str | None:
@@ -39,7 +41,7 @@ class Tracker:
 
     def _off(self, why: str) -> None:
         if self.enabled:
-            print(f"warning: {why}; tracking is off for this run, training goes on", file=sys.stderr, flush=True)
+            log.warning(f"{why}; tracking is off for this run, training goes on")
         self.enabled = False
 
     def _call(self, what: str, fn, *args, **kwargs):

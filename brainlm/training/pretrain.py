@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,8 @@ from brainlm.training.ds_config import resolve_ds_config
 from brainlm.training.plan import Plan, ShardSet, preflight
 from brainlm.training.recipe import PretrainConfig, global_batch, lr_of, warmup_steps
 from brainlm.training.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -321,12 +323,11 @@ class Trainer:
         if self.peak:
             metrics["mfu"] = sps * self.flops / (self.peak * 1e12 * self.ctx.world_size)
             mfu = f" | mfu {metrics['mfu']:6.1%}"
-        print(
+        log.info(
             f"step {done:>6}/{self.cfg.train.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm "
             f"{metrics.get('grad_norm', float('nan')):.3f} | {sps:7.1f} samples/s | "
             f"{sps * tokens / 1e3:8.1f}k tokens/s{mfu} | data {metrics['data_wait']:5.1%} | "
-            f"mem {metrics['memory_gib']:.2f} GiB",
-            flush=True,
+            f"mem {metrics['memory_gib']:.2f} GiB"
         )
         self._record(done, metrics)
         self._window = {"start": time.time(), "samples": 0, "wait": 0.0}
@@ -371,7 +372,7 @@ class Trainer:
             return 0, None
         meta = self.ckpt.load(self.engine, path, self.plan.model.to_dict())
         if self.ctx.is_main:
-            print(f"resumed from {path} at step {meta['step']}", flush=True)
+            log.info(f"resumed from {path} at step {meta['step']}")
             self._forget_after(meta["step"])
         self.best.restore(meta["step"])
         return meta["step"], meta.get("mlflow_run_id")
@@ -424,7 +425,7 @@ class Trainer:
                 | ({"atlases": atlases} if len(atlases) > 1 else {})  # a mixture's atlases, each with its scaling
                 | ({"selected": self.best.record(self.cfg.train.max_steps)} if best else {}),
             )
-            print(f"exported {target} (model.safetensors, config.json, scaling.json, extra.json)", flush=True)
+            log.info(f"exported {target} (model.safetensors, config.json, scaling.json, extra.json)")
         dist.barrier()
         return target
 
@@ -466,7 +467,7 @@ class Trainer:
                     if not all(scored):
                         sets += "; training windows, not in it: " + ", ".join(n for n, k in named if not k)
                     line = f"step {done:>6}/{t.max_steps} | val masked R^2 {r2:.4f} (pooled, fixed masks){sets}"
-                    print(line, flush=True)
+                    log.info(line)
                     record = {"val_masked_r2": r2}
                     if len(val) > 1:
                         record |= {f"val_masked_r2_{v.name}": x for v, x in zip(val, per_set, strict=True)}
@@ -489,7 +490,7 @@ def run(cfg: PretrainConfig, ds_config: dict | str | Path = "ds_config.json") ->
     except BaseException as err:
         # No collective on the way out: the other ranks may be waiting in one that this rank will never join. Say
         # what happened here and now; the launcher stops the other ranks when this one exits.
-        print(f"rank {ctx.rank}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        log.error(f"rank {ctx.rank}: {type(err).__name__}: {err}")
         raise
     finally:
         lock.release()
@@ -519,10 +520,9 @@ def _run(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> RunResult:
     if start_step >= cfg.train.max_steps and (out_dir / "model" / "config.json").exists():
         result = RunResult(out_dir=out_dir, steps=start_step, model_dir=out_dir / "model", run_id=run_id)
         if ctx.is_main:
-            print(
+            log.info(
                 f"{out_dir} is already complete ({start_step} steps, model in {out_dir / 'model'}); "
-                "raise train.max_steps to train on",
-                flush=True,
+                "raise train.max_steps to train on"
             )
             if run_id:  # a run killed after its export: finish what it left (registration, the run's status)
                 trainer.tracker = build_tracker(cfg, plan, ctx, ds_resolved, run_id)
@@ -536,27 +536,25 @@ def _run(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> RunResult:
         trainer.tracker.set_tags({"brainlm.resumed_at_steps": str(start_step)})
     if ctx.is_main and len(plan.sets) > 1:
         total = sum(s.weight for s in plan.sets)
-        print(
+        log.info(
             "mixture: "
             + ", ".join(
                 f"{s.name} ({s.manifest.atlas.name}, {s.manifest.atlas.num_parcels} parcels, "
                 f"{s.manifest.num_samples(cfg.data.train_split)} crops, weight {s.weight / total:.2f})"
                 for s in plan.sets
             )
-            + "; one shard set per micro-batch",
-            flush=True,
+            + "; one shard set per micro-batch"
         )
         if model.decoder_prior_embed is not None and model.num_prior_slots > 1:
             n = model.num_prior_slots
-            print(f"decoder prior: one per atlas ({n}), each fitted on its sets' train split", flush=True)
+            log.info(f"decoder prior: one per atlas ({n}), each fitted on its sets' train split")
     if ctx.is_main:
         w, gb = ctx.world_size, trainer.global_batch
-        print(
+        log.info(
             f"pretrain: {model.num_params() / 1e6:.2f}M params ({cfg.preset}), {plan.num_parcels} parcels x "
             f"{plan.model.num_timepoints} timepoints, {w} rank(s), global batch {gb} ({cfg.train.micro_batch_size} x "
             f"{cfg.train.grad_accum} x {w}), lr {lr_of(cfg, w):.2e}, {trainer.steps_per_epoch} steps/epoch, ZeRO "
-            f"{ds.zero_stage(engine)}, {dtype}, device {ctx.device}",
-            flush=True,
+            f"{ds.zero_stage(engine)}, {dtype}, device {ctx.device}"
         )
 
     result = RunResult(out_dir=out_dir, steps=start_step)
@@ -593,11 +591,9 @@ def finish_tracking(cfg: PretrainConfig, plan: Plan, trainer: Trainer, result: R
                 {"manifest_sha256": plan.manifest.plan_sha256, "git_sha": git_sha(), "preset": cfg.preset},
             )
             if result.registered_version is None:
-                print(
-                    f"warning: the model was not registered as {cfg.tracking.register_as} (MLflow tracking is "
-                    f"off or failed, see above); use the folder {result.model_dir} as --model",
-                    file=sys.stderr,
-                    flush=True,
+                log.warning(
+                    f"the model was not registered as {cfg.tracking.register_as} (MLflow tracking is "
+                    f"off or failed, see above); use the folder {result.model_dir} as --model"
                 )
             else:
                 tracker.set_tags({REGISTERED_TAG: str(result.registered_version)})
@@ -614,4 +610,4 @@ def _log_reconstruction_figure(model_dir: Path, val: ValidationSet, out_dir: Pat
         )
         tracker.log_artifact(path, "figures")
     except Exception as err:  # a figure must never fail a finished run
-        print(f"warning: reconstruction figure failed ({type(err).__name__}: {err})", file=sys.stderr)
+        log.warning(f"reconstruction figure failed ({type(err).__name__}: {err})")

@@ -9,14 +9,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from ray import tune
 
 from brainlm.eval.common import load_context
 from brainlm.eval.finetune import FinetuneConfig, FinetuneData, load_data, save_finetuned, train_one
 from brainlm.exceptions import NonFiniteLossError
 from brainlm.tracking.env import git_sha
-from brainlm.tuning.session import SweepOptions, trial_device
+from brainlm.tuning.session import SweepOptions, in_trial, trial_device
 from brainlm.tuning.space import FINETUNE_FIXED, apply_config, check_flags_vs_space, load_space
 from brainlm.tuning.template import (
     asha,
@@ -37,7 +36,7 @@ from brainlm.tuning.trials import Headline, fmt_config
 def finetune_trial(config: dict[str, Any], data: FinetuneData, threads: int, device: str = "cpu") -> None:
     """One trial: ``train_one`` with the trial's FinetuneConfig on ``device`` (the GPU Ray gave it, or the CPU);
     reports after every epoch (for ASHA), then once more with the model at its best epoch as the checkpoint."""
-    torch.set_num_threads(max(1, threads))
+    in_trial(threads)
     cfg = apply_config(data.cfg, config)
     data.ctx.to(device)
     data = dataclasses.replace(data, cfg=cfg)

@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from ray import tune
 
 from brainlm.eval.common import load_context, parse_where, recordings
 from brainlm.eval.perturb import PerturbConfig, magnitude, optimise, top_report
 from brainlm.exceptions import ConfigError, NonFiniteLossError
-from brainlm.tuning.session import SweepOptions, trial_device
+from brainlm.tuning.session import SweepOptions, in_trial, trial_device
 from brainlm.tuning.space import PERTURB_FIXED, apply_config, check_flags_vs_space, load_space
 from brainlm.tuning.template import (
     asha,
@@ -55,7 +54,7 @@ def perturb_trial(
 ) -> None:
     """One trial: ``optimise`` with the trial's PerturbConfig; reports every 20 steps (for ASHA), then the
     final score with theta and the per-parcel report as the checkpoint."""
-    torch.set_num_threads(max(1, threads))
+    in_trial(threads)
     cfg = apply_config(base, config)
     ctx.to(device)
 

@@ -20,7 +20,7 @@ from brainlm.eval.common import table
 from brainlm.exceptions import ConfigError
 from brainlm.model import BrainLM
 from brainlm.training.recipe import build_recipe, global_batch
-from brainlm.tuning.session import SweepOptions
+from brainlm.tuning.session import SweepOptions, in_trial
 from brainlm.tuning.space import ROOT
 from brainlm.tuning.template import SweepSpec, default_name, error_notes, finish_sweep, out_dir, run_sweep
 from brainlm.tuning.trials import Headline, number
@@ -128,6 +128,7 @@ def scale_trial(
     validation curve (step, FLOPs spent, masked R^2) and the final numbers."""
     from brainlm.training.pretrain import run
 
+    in_trial(threads)
     recipe = build_recipe(raw_recipe, overrides)
     shape = plan_shape(
         recipe,

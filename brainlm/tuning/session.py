@@ -3,8 +3,8 @@ or a cluster)."""
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +14,9 @@ import ray
 import torch
 
 from brainlm.exceptions import ConfigError
+from brainlm.logs import to_terminal
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,11 +52,9 @@ class SweepOptions:
                 f"--resume needs --name NAME: the sweep to continue (its folder under --storage {self.storage})"
             )
         if self.address and "://" not in self.storage:
-            print(
-                f"warning: --storage {self.storage} is a local path but the sweep runs on a cluster "
-                f"({self.address}); use shared storage (s3://...) so every node can write its results",
-                file=sys.stderr,
-                flush=True,
+            log.warning(
+                f"--storage {self.storage} is a local path but the sweep runs on a cluster "
+                f"({self.address}); use shared storage (s3://...) so every node can write its results"
             )
 
 
@@ -88,7 +89,7 @@ def ray_session(opts: SweepOptions) -> Iterator[None]:
     address = opts.address or os.environ.get("RAY_ADDRESS")  # Ray's own variable, e.g. inside `ray job submit`
     if not ray.is_initialized():
         if address:
-            print(f"joining the Ray cluster at {address}", flush=True)
+            log.info(f"joining the Ray cluster at {address}")
             # Through Ray Client (ray://) Tune's driver loop, and so MLflowTrials' lines, run on the head node.
             ray.init(address=address, log_to_driver=address.startswith("ray://"))
         else:
@@ -122,7 +123,7 @@ def check_resources(opts: SweepOptions) -> None:
         f"{cpus:g} CPU(s) and {gpus:g} GPU(s)"
     )
     if opts.address or os.environ.get("RAY_ADDRESS"):  # an autoscaling cluster may still grow
-        print(f"warning: {msg}; trials wait until the cluster grows", file=sys.stderr, flush=True)
+        log.warning(f"{msg}; trials wait until the cluster grows")
     else:
         raise ConfigError(f"{msg}; lower --cpus-per-trial / --gpus-per-trial or raise --num-cpus")
 
@@ -130,3 +131,10 @@ def check_resources(opts: SweepOptions) -> None:
 def trial_device(opts: SweepOptions) -> str:
     """Where a trial computes: the GPU Ray reserves for it (--gpus-per-trial > 0), else the CPU."""
     return "cuda" if opts.gpus_per_trial > 0 else "cpu"
+
+
+def in_trial(threads: int) -> None:
+    """A trial's set-up in its own process (a Ray worker): its CPU threads, and the library's messages on the
+    worker's output, which Ray forwards to the driver's terminal as the sweep's command would show them."""
+    torch.set_num_threads(max(1, threads))
+    to_terminal()

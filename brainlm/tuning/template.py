@@ -9,9 +9,9 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,8 @@ from brainlm.exceptions import BrainLMError, ConfigError, SweepInterrupted
 from brainlm.tracking.env import git_sha
 from brainlm.tuning.session import SweepOptions, ray_session, storage_filesystem, storage_path
 from brainlm.tuning.trials import Headline, MLflowTrials, fmt, fmt_config, number, short_error
+
+log = logging.getLogger(__name__)
 
 
 def asha(time_attr: str, max_t: int, default_grace: int, opts: SweepOptions) -> ASHAScheduler:
@@ -63,10 +65,9 @@ def fit(
                 f"--resume: no sweep {opts.name!r} under {storage} (no experiment state at {path}); "
                 "check --storage and --name"
             )
-        print(
+        log.info(
             f"resuming {path}: unfinished trials go on"
-            + ("; errored trials start again" if opts.retry_errored else "; errored trials stay errored"),
-            flush=True,
+            + ("; errored trials start again" if opts.retry_errored else "; errored trials stay errored")
         )
         tuner = tune.Tuner.restore(
             path,
@@ -245,11 +246,8 @@ def finish_parent(
             runs.log_artifact(parent, p, "summary")
         runs.end(parent, "FINISHED" if counts["finished"] else "FAILED")
     except Exception as err:  # the results are on disk either way
-        print(
-            f"warning: MLflow could not record the sweep's summary ({type(err).__name__}: {err}); it is in "
-            f"{files[0].parent}",
-            file=sys.stderr,
-            flush=True,
+        log.warning(
+            f"MLflow could not record the sweep's summary ({type(err).__name__}: {err}); it is in {files[0].parent}"
         )
 
 
@@ -292,8 +290,8 @@ def run_sweep(spec: SweepSpec, opts: SweepOptions) -> SweepOutcome:
     from brainlm.tracking.sweeps import SweepRuns
 
     runs = SweepRuns(opts.experiment)
-    print(f"MLflow store: {tracking_store()}; experiment {opts.experiment}", flush=True)
-    print(spec.intro, flush=True)
+    log.info(f"MLflow store: {tracking_store()}; experiment {opts.experiment}")
+    log.info(spec.intro)
     with ray_session(opts):
         parent = runs.open_parent(
             opts.name,
@@ -360,11 +358,13 @@ def finish_sweep(
     out = out_dir(opts)
     files = [*write_summary(out, stem, title, table_rows, columns, summary, notes), *figures]
     finish_parent(outcome.runs, outcome.parent, outcome.rows, files, parent_metrics, parent_tags)
-    print("\n" + frame(table_rows, columns).to_string(index=False))
-    print(title)
+    log.info("\n" + frame(table_rows, columns).to_string(index=False))
+    log.info(title)
     for note in notes:
-        print(note)
-    print(f"summary: {files[0]} (and .tsv, .json); MLflow parent run {outcome.parent} in experiment {opts.experiment}")
+        log.info(note)
+    log.info(
+        f"summary: {files[0]} (and .tsv, .json); MLflow parent run {outcome.parent} in experiment {opts.experiment}"
+    )
     if failed:
         raise BrainLMError(failed)
     return files

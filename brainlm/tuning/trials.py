@@ -5,9 +5,9 @@ reports."""
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import re
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
+
+logger = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 30.0
 SKIP_METRICS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", "finished"}
@@ -84,7 +86,7 @@ class MLflowTrials(tune.Callback):
             best = f" | best {h.metric} {fmt(top.last_result[h.metric])} ({top.trial_id})"
         counts = ", ".join(f"{n} {state}" for state, n in states.items() if n)
         elapsed = datetime.timedelta(seconds=round(time.time() - self._started))
-        print(f"[sweep] {len(trials)} trials: {counts}{best} | {elapsed}", flush=True)
+        logger.info(f"[sweep] {len(trials)} trials: {counts}{best} | {elapsed}")
 
     def _safe(self, what: str, fn, *args) -> None:
         if self._off:
@@ -93,15 +95,12 @@ class MLflowTrials(tune.Callback):
             fn(*args)
         except Exception as err:  # tracking never stops a sweep
             self._off = True
-            print(
-                f"warning: MLflow {what} failed ({type(err).__name__}: {err}); the sweep goes on without "
-                "per-trial tracking",
-                file=sys.stderr,
-                flush=True,
+            logger.warning(
+                f"MLflow {what} failed ({type(err).__name__}: {err}); the sweep goes on without per-trial tracking"
             )
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        print(f"[trial {trial.trial_id}] started: {fmt_config(trial.config)}", flush=True)
+        logger.info(f"[trial {trial.trial_id}] started: {fmt_config(trial.config)}")
         self._safe("child run", lambda: self.runs.child(trial.trial_id, self._params(trial)))
 
     def _params(self, trial) -> dict[str, Any]:
@@ -131,7 +130,7 @@ class MLflowTrials(tune.Callback):
         else:
             outcome = "stopped"
             line = f"stopped by ASHA at {h.step_key} {last.get(h.step_key)} ({h.metric} {fmt(last.get(h.metric))})"
-        print(f"[trial {trial.trial_id}] {outcome}: {line}", flush=True)
+        logger.info(f"[trial {trial.trial_id}] {outcome}: {line}")
 
         def log() -> None:
             run_id = self.runs.child(trial.trial_id, self._params(trial))
@@ -149,7 +148,7 @@ class MLflowTrials(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         local = Path(trial.error_file) if trial.error_file else None  # written before this call; storage later
         error = short_error(local.read_text() if local and local.exists() else trial.get_error() or "unknown error")
-        print(f"[trial {trial.trial_id}] ERROR: {error}", flush=True)
+        logger.warning(f"[trial {trial.trial_id}] failed: {error}")
 
         def log() -> None:
             run_id = self.runs.child(trial.trial_id, self._params(trial))
