@@ -3,15 +3,17 @@
 On a CPU, threads beyond the cores that are free do not add speed: they wait at every barrier for a preempted
 peer. On this project's 2-core machine with one other busy process, debug training ran 1.19x faster with 1 thread
 than with 2, the analyses alike (docs/benchmarks.md, section 7). So: ranks x threads <= the cores this process may
-run on, less the cores other processes keep busy (the 1-minute load average when the process starts). The load
-average remembers the last minute: a command started right after another heavy one is given fewer threads than a
-quiet machine allows (1.64x slower there in the same benchmark). ``--threads`` / ``BRAINLM_THREADS`` /
-``OMP_NUM_THREADS`` (in that order) override the choice.
+run on, less the cores other processes keep busy now: the busy share of those cores over a quarter of a second when
+the process starts (Linux ``/proc/stat``, less this process's own use; elsewhere the 1-minute load average, which
+remembers the last minute and so gave a command started right after another heavy one fewer threads than the quiet
+machine allowed: 1.64x slower in the same benchmark). ``--threads`` / ``BRAINLM_THREADS`` / ``OMP_NUM_THREADS`` (in
+that order) override the choice.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -25,6 +27,42 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+SAMPLE_S = 0.25  # how long the machine's present load is sampled
+
+
+def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
+    """(busy, total) jiffies of ``cpus`` since boot from /proc/stat; None where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    busy = total = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+            total += sum(ticks)
+            busy += sum(ticks) - ticks[3] - ticks[4]
+    return (busy, total) if total else None
+
+
+def busy_cores(sample_s: float = SAMPLE_S) -> float:
+    """How many of this process's cores other processes keep busy now: their busy share over ``sample_s`` seconds
+    (less this process's own CPU time), or the 1-minute load average where /proc/stat is not there."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    before, own = _cpu_times(cpus), time.process_time()
+    if before is None:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    start = time.perf_counter()
+    time.sleep(sample_s)
+    after, wall = _cpu_times(cpus), time.perf_counter() - start
+    if after is None or after[1] <= before[1]:
+        return 0.0
+    share = (after[0] - before[0]) / (after[1] - before[1])
+    return max(0.0, share * len(cpus) - (time.process_time() - own) / wall)
+
+
 def choose(ranks_here: int = 1, given: int | None = None) -> tuple[int, str]:
     """(threads per process, why): ``given``, the environment, else the free cores shared by this machine's ranks."""
     if given:
@@ -33,7 +71,7 @@ def choose(ranks_here: int = 1, given: int | None = None) -> tuple[int, str]:
         if os.environ.get(var, "").strip():
             return max(1, int(os.environ[var])), var
     cores = usable_cores()
-    busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
+    busy = int(busy_cores() + 0.5)
     free = cores - min(busy, cores - 1)
     return max(1, free // max(1, ranks_here)), f"{cores} core(s), {min(busy, cores - 1)} busy, {ranks_here} rank(s)"
 
