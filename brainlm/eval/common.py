@@ -238,7 +238,7 @@ def write_metrics(out: str | Path, metrics: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metrics.json"
     # Strict JSON: a NaN (a parcel with no masked value, a score with no variance) is written as null.
-    path.write_text(json.dumps(_finite(metrics), indent=1, default=_jsonable, allow_nan=False))
+    path.write_text(json.dumps(_finite(metrics), indent=1, default=jsonable, allow_nan=False))
     return path
 
 
@@ -254,12 +254,14 @@ def _finite(v: Any) -> Any:
     return v
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """``json.dumps``'s ``default`` for results files: numpy numbers and arrays as Python's, anything else as its
+    text (a run's results are never lost at their last step to a value JSON cannot hold)."""
     if isinstance(v, (np.floating, np.integer)):
         return v.item()
     if isinstance(v, np.ndarray):
         return v.tolist()
-    raise TypeError(type(v))
+    return str(v)
 
 
 def comparison_table(comparisons: list, metric: str, units: str = "recordings", labels: list[str] | None = None) -> str:

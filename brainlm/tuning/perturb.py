@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from ray import tune
 
-from brainlm.eval.common import load_context, parse_where, recordings
+from brainlm.eval.common import jsonable, load_context, parse_where, recordings
 from brainlm.eval.perturb import PerturbConfig, magnitude, optimise, top_report
 from brainlm.exceptions import ConfigError, NonFiniteLossError
 from brainlm.tuning.session import SweepOptions, in_trial, trial_device
@@ -22,7 +22,6 @@ from brainlm.tuning.template import (
     config_spec,
     default_name,
     finish_ranked,
-    jsonable,
     out_dir,
     run_sweep,
     trial_table,

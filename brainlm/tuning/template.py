@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from brainlm.eval.common import jsonable
 from brainlm.exceptions import BrainLMError, ConfigError, SweepInterrupted
 from brainlm.tracking.env import git_sha
 from brainlm.tuning.session import SweepOptions, ray_session, storage_filesystem, storage_path
@@ -211,14 +211,6 @@ def trials_figure(rows: list[TrialRow], x: str, y: str, path: Path, title: str, 
     histories = {r.trial_id: [(h[x], h[y]) for h in r.history if number(h.get(x)) and number(h.get(y))] for r in rows}
     outcomes = {r.trial_id: r.outcome for r in rows}
     return plots.trials_figure(histories, outcomes, path, x, y, title, best.trial_id if best else None)
-
-
-def jsonable(v: Any) -> Any:
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return str(v)
 
 
 def trial_table(rows: list[TrialRow], params: list[str], metrics: list[str]) -> list[dict[str, Any]]:
