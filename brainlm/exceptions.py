@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from brainlm.logs import to_terminal
+
 
 class BrainLMError(Exception):
     """Base class of every error brainlm raises on purpose."""
@@ -63,8 +65,6 @@ def exit_code(action: Callable[[], int | None]) -> int:
     ``pretrain`` and ``tune`` and their shims) ends through this: an error brainlm raised on purpose, or a path that is
     not what was expected, is said in one line on stderr, no traceback, and exits 2 (130 for an interrupted sweep,
     as Ctrl+C). The library's messages are shown on the terminal first (``brainlm.logs.to_terminal``)."""
-    from brainlm.logs import to_terminal
-
     to_terminal()
     try:
         return action() or 0

@@ -23,8 +23,13 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def _cpus() -> set[int]:
+    """The CPUs this process may run on."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return len(_cpus())
 
 
 SAMPLE_S = 0.25  # how long the machine's present load is sampled
@@ -50,7 +55,7 @@ def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
 def busy_cores(sample_s: float = SAMPLE_S) -> float:
     """How many of this process's cores other processes keep busy now: their busy share over ``sample_s`` seconds
     (less this process's own CPU time), or the 1-minute load average where /proc/stat is not there."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cpus = _cpus()
     before, own = _cpu_times(cpus), time.process_time()
     if before is None:
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -71,6 +76,8 @@ def choose(ranks_here: int = 1, given: int | None = None) -> tuple[int, str]:
         if os.environ.get(var, "").strip():
             return max(1, int(os.environ[var])), var
     cores = usable_cores()
+    if cores <= max(1, ranks_here):  # one thread each whatever the load: nothing to sample
+        return 1, f"{cores} core(s), {ranks_here} rank(s)"
     busy = int(busy_cores() + 0.5)
     free = cores - min(busy, cores - 1)
     return max(1, free // max(1, ranks_here)), f"{cores} core(s), {min(busy, cores - 1)} busy, {ranks_here} rank(s)"

@@ -24,6 +24,12 @@ def test_threads_follow_the_free_cores_and_the_ranks(monkeypatch):
     monkeypatch.setattr(threads, "busy_cores", lambda: 40.0)  # a saturated machine: one thread, not zero
     assert threads.choose(1)[0] == 1
 
+    def unsampled() -> float:
+        raise AssertionError("the load was sampled where the answer cannot depend on it")
+
+    monkeypatch.setattr(threads, "busy_cores", unsampled)  # as many ranks as cores: one thread each, no wait
+    assert threads.choose(8) == (1, "8 core(s), 8 rank(s)") and threads.choose(16)[0] == 1
+
 
 def test_busy_cores_are_measured_now_not_over_the_last_minute():
     """A busy loop started a moment ago shows at once (the 1-minute load average would still be near 0)."""
