@@ -11,6 +11,8 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from brainlm.model.inference import tr_of
+
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
@@ -29,8 +31,11 @@ def reconstruction_figure(
     parcels: int = 4,
     mask_BL: torch.Tensor | None = None,
     seed: int = 0,
+    tr: float | None = None,
 ) -> Path:
-    """True vs reconstructed time courses of a few parcels of one window; masked values shaded."""
+    """True vs reconstructed time courses of a few parcels of one window (at ``tr``, for a TR-aware model); masked
+    values shaded."""
+
     model.eval()
     R = signal_BRT.shape[1]
     if mask_BL is None:
@@ -38,7 +43,7 @@ def reconstruction_figure(
     device = next(model.parameters()).device
     signal_BRT, mask_BL = signal_BRT[:1].float().cpu(), mask_BL[:1].cpu()
     with torch.no_grad():
-        out = model(signal_BRT.to(device), coords_R3.float().to(device), mask_BL=mask_BL.to(device))
+        out = model(signal_BRT.to(device), coords_R3.float().to(device), mask_BL=mask_BL.to(device), **tr_of(model, tr))
     pred_RT = model.unpatchify(out.pred_BLP.float(), R)[0].cpu()
     mask_RT = model.value_mask(mask_BL, R)[0]
     rows = np.linspace(0, R - 1, parcels).round().astype(int)

@@ -103,9 +103,9 @@ def run_cli(*args: str, env: dict | None = None, timeout: int | None = None) -> 
     )
 
 
-def build_tiny(root: Path, parcels: int, seed: int):
+def build_tiny(root: Path, parcels: int, seed: int, tr: float = 0.8):
     """A small array cohort (10 subjects x 2 runs of 90 timepoints) under ``root``/cohort, built into ``root``/shards
-    at TR 0.8 s: crops of 40 timepoints (stride 10), shards of 34 crops. Returns the manifest."""
+    at TR ``tr`` (0.8 s): crops of 40 timepoints (stride 10), shards of 34 crops. Returns the manifest."""
     from data_prep.build import BuildConfig, build
 
     src = root / "cohort"
@@ -123,7 +123,7 @@ def build_tiny(root: Path, parcels: int, seed: int):
         BuildConfig(
             inputs=str(src),
             out=str(root / "shards"),
-            tr=0.8,
+            tr=tr,
             crop=40,
             stride=10,
             samples_per_shard=34,

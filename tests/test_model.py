@@ -452,11 +452,42 @@ def test_activation_checkpointing_leaves_outputs_and_gradients_unchanged(batch, 
         ({"norm_target": "yes"}, r"`model.norm_target` must be true or false, got 'yes'"),
         ({"mask_ratio": "0.5"}, r"`model.mask_ratio` must be a number"),
         ({"intermediate_size": -1}, r"`model.intermediate_size` must be a positive integer, got -1"),
+        ({"time_unit_s": -0.72}, r"`model.time_unit_s` must be 0 \(one TR\) or a TR in seconds"),
     ],
 )
 def test_config_errors_name_the_field(overrides, match):
     with pytest.raises(ConfigError, match=match):
         tiny(**overrides)
+
+
+def test_a_tr_aware_model_reads_the_tr_and_a_plain_one_ignores_it(batch):
+    """model.time_unit_s: a patch's temporal position is its start time in patches of time_unit_s, plus a learned
+    per-width offset scaled by log(TR / time_unit_s). At its own unit (or with no TR) it is the plain model with the
+    same weights; another TR moves every token; a plain model takes no notice of a TR."""
+    signal_BRT, coords_R3 = batch
+    mask_BL = build().masks_from_seeds(list(range(B)), R, 0.5, "random")
+    plain = build(seed=3).eval()
+    aware = build(seed=3, time_unit_s=0.72).eval()
+    aware.load_state_dict(plain.state_dict(), strict=False)  # the same weights; the TR offsets start at 0
+    assert {n for n, _ in aware.named_parameters()} - {n for n, _ in plain.named_parameters()} == {
+        "tr_embed",
+        "decoder_tr_embed",
+    }
+    with torch.no_grad():
+        aware.tr_embed.normal_(), aware.decoder_tr_embed.normal_()
+        ref = plain(signal_BRT, coords_R3, mask_BL=mask_BL).pred_BLP
+        assert torch.equal(plain(signal_BRT, coords_R3, mask_BL=mask_BL, tr=2.0).pred_BLP, ref)
+        for tr in (None, 0.72):
+            torch.testing.assert_close(aware(signal_BRT, coords_R3, mask_BL=mask_BL, tr=tr).pred_BLP, ref)
+            torch.testing.assert_close(
+                aware.encode(signal_BRT, coords_R3, tr=tr)[0], plain.encode(signal_BRT, coords_R3)[0]
+            )
+        slow = aware(signal_BRT, coords_R3, mask_BL=mask_BL, tr=2.0).pred_BLP
+        assert (slow - ref).abs().max() > 1e-3
+        aware.tr_embed.zero_(), aware.decoder_tr_embed.zero_()  # positions alone: time, not patch index
+        assert (aware(signal_BRT, coords_R3, mask_BL=mask_BL, tr=2.0).pred_BLP - ref).abs().max() > 1e-3
+    with pytest.raises(InputError, match="tr must be a positive number of seconds"):
+        aware(signal_BRT, coords_R3, tr=0.0)
 
 
 def test_config_dict_round_trip_and_unknown_keys():

@@ -19,7 +19,7 @@ import torch
 from brainlm.exceptions import ConfigError
 from brainlm.training.ds_config import resolve_ds_config
 from brainlm.training.recipe import build_recipe, load_recipe, parse_overrides
-from tests.conftest import ROOT, free_port, run_cli
+from tests.conftest import ROOT, build_tiny, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -564,3 +564,39 @@ def test_mixture_weights_are_checked_before_any_work(tiny_shards, tiny_shards_5)
     with pytest.raises(ConfigError, match="ties the model to one atlas"):
         cfg = build_recipe({"data": {"shards": both}, "model": {**window, "learned_parcel_embedding": True}})
         preflight(cfg, ROOT / "ds_config.json")
+
+
+def test_a_tr_aware_model_trains_on_two_trs_and_takes_each_as_it_is(tiny_shards, tmp_path):
+    """Shard sets at TR 0.8 s and 2 s: refused for a plain model (resample them, or make it TR-aware); with
+    model.time_unit_s one run trains on both, the export keeps both TRs, and a recording at either is taken as it is
+    (the model reads its TR), at another TR refused, or resampled to the nearest trained one."""
+    import brainlm
+    from brainlm.data.format import load_manifest
+    from brainlm.exceptions import ShardError, TRMismatchError
+    from brainlm.model.inference import model_trs, prepare
+    from brainlm.training.plan import preflight
+
+    (tmp_path / "slow").mkdir()
+    build_tiny(tmp_path / "slow", 5, seed=6, tr=2.0)
+    slow = tmp_path / "slow" / "shards"
+    both = f"{tiny_shards},{slow}"
+    with pytest.raises(ShardError, match=r"different TRs .*--resample\), or make the model TR-aware"):
+        preflight(build_recipe({"data": {"shards": both}, "model": {"num_timepoints": 40}}), ROOT / "ds_config.json")
+    out = tmp_path / "aware"
+    args = ["--data.shards", both, "--model.time_unit_s", "0.8", "--train.micro_batch_size", "4"]
+    proc = run(deepspeed_cmd([*args, "--train.max_steps", "6", "--train.out_dir", str(out)], ranks=1))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = brainlm.load(out / "model")
+    assert model_trs(model) == [0.8, 2.0] and model.config.time_unit_s == 0.8
+    manifest, _ = load_manifest(str(slow))
+    coords = torch.tensor(manifest.atlas.coords(), dtype=torch.float32)
+    raw = np.random.default_rng(0).standard_normal((5, 80))
+    at = {tr: model.reconstruct(raw, tr=tr, coords=coords, scaling="none", mask_ratio=0.5) for tr in (0.8, 2.0)}
+    np.testing.assert_array_equal(at[0.8].signal_WRT, at[2.0].signal_WRT)  # not resampled: the same windows
+    assert np.abs(at[0.8].prediction_WRT - at[2.0].prediction_WRT).max() > 1e-4  # read at each TR
+    with pytest.raises(TRMismatchError, match=r"TR is 1.2 s but the model was trained at TR 0.8 s or 2 s"):
+        prepare(model, raw, tr=1.2, coords=coords, scaling="none")
+    prepared, _ = prepare(model, raw, tr=1.2, coords=coords, scaling="none", resample=True)
+    assert prepared.tr == 0.8 and prepared.notes == ["resampled from TR 1.2 s to 0.8 s"]
+    metrics = brainlm.reconstruct(str(out / "model"), str(slow), tmp_path / "eval", strategies=("random",), limit=8)
+    assert np.isfinite(metrics["pooled_r2"]["random"]["model"])

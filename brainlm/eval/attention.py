@@ -17,12 +17,15 @@ from brainlm.eval.common import autocast, load_context, recordings, table, write
 from brainlm.eval.perturb import top_report
 from brainlm.exceptions import InputError
 from brainlm.model import grid
+from brainlm.model.inference import tr_of
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def parcel_attention(model, windows_BRW: np.ndarray, coords_R3: torch.Tensor, batch: int = 32) -> np.ndarray:
+def parcel_attention(
+    model, windows_BRW: np.ndarray, coords_R3: torch.Tensor, batch: int = 32, tr: float | None = None
+) -> np.ndarray:
     """[B, R]: last-layer, head-mean CLS attention on each parcel's tokens."""
     model.eval()
     R = windows_BRW.shape[1]
@@ -30,7 +33,7 @@ def parcel_attention(model, windows_BRW: np.ndarray, coords_R3: torch.Tensor, ba
     for i in range(0, len(windows_BRW), batch):
         x = torch.from_numpy(windows_BRW[i : i + batch]).to(coords_R3.device)
         with autocast(coords_R3.device):
-            a_BHL = model.cls_attention(x, coords_R3)[:, -1].float().cpu()
+            a_BHL = model.cls_attention(x, coords_R3, **tr_of(model, tr))[:, -1].float().cpu()
         out.append(grid.parcel_attention(model, a_BHL.mean(dim=1), R))
     return torch.cat(out).numpy()
 
@@ -64,7 +67,7 @@ def attention(
     rows = []
     for name, parts in sorted(groups.items()):
         windows = np.concatenate(parts)[:max_windows]
-        attn = parcel_attention(ctx.model, windows, ctx.coords_R3).mean(axis=0)
+        attn = parcel_attention(ctx.model, windows, ctx.coords_R3, tr=ctx.manifest.tr).mean(axis=0)
         variance = windows.var(axis=2).mean(axis=0)
         top = top_report(attn, atlas.networks, atlas.labels, 0.1)
         metrics["groups"][name] = {

@@ -17,7 +17,16 @@ from brainlm.data.format import Manifest, load_manifest
 from brainlm.data.loader import fixed_samples
 from brainlm.exceptions import DimensionError, InputError
 from brainlm.model import BrainLM
-from brainlm.model.inference import TR_TOLERANCE, autocast, fisher_z, model_tr, resolve_device, window_features
+from brainlm.model.inference import (
+    TR_TOLERANCE,
+    autocast,
+    fisher_z,
+    model_tr,
+    model_trs,
+    resolve_device,
+    tr_of,
+    window_features,
+)
 from brainlm.model.io import REGISTRY_SCHEMES, model_folder
 from brainlm.model.load import MODELS, load_model
 
@@ -51,6 +60,11 @@ class Context:
     def autocast(self):
         """bf16 autocast on a GPU; nothing on the CPU (fp32)."""
         return autocast(self.device)
+
+    @property
+    def tr(self) -> dict[str, float]:
+        """The shards' TR as the model's keyword, for a TR-aware model (``model.time_unit_s``); else nothing."""
+        return tr_of(self.model, self.manifest.tr)
 
 
 def load_context(
@@ -91,13 +105,14 @@ def load_context(
             f"note: {model_uri} was trained on the atlas {trained.get('name')!r} ({R_model} parcels); the shards use "
             f"{manifest.atlas.name!r} ({R_data} parcels): parcels are placed by their coordinates (transfer)"
         )
-    trained_tr = model_tr(model)
-    if trained_tr is not None and manifest.tr is not None and abs(float(manifest.tr) - trained_tr) > TR_TOLERANCE:
+    trained = model_trs(model)
+    if trained and manifest.tr is not None and min(abs(float(manifest.tr) - t) for t in trained) > TR_TOLERANCE:
         # Evaluating on another TR is a transfer experiment, not an error; it is said, as another atlas is.
+        said = " or ".join(f"{t:g} s" for t in trained)
         log.info(
-            f"note: {model_uri} was trained at TR {trained_tr:g} s; the shards {shards} are at TR {manifest.tr:g} s: "
+            f"note: {model_uri} was trained at TR {said}; the shards {shards} are at TR {manifest.tr:g} s: "
             "each patch spans another duration (transfer); rebuild the shards with --tr "
-            f"{trained_tr:g} --resample to evaluate at the model's TR"
+            f"{model_tr(model) or trained[0]:g} --resample to evaluate at the model's TR"
         )
     coords = torch.tensor(manifest.atlas.coords(), dtype=torch.float32)
     ctx = Context(model, manifest, root, coords, model_dir)
@@ -204,18 +219,22 @@ def parse_where(expr: str | None) -> dict[str, str] | None:
     return out
 
 
-def embed_windows(model: BrainLM, windows_NRW: np.ndarray, coords_R3: torch.Tensor, batch: int = 32):
+def embed_windows(
+    model: BrainLM, windows_NRW: np.ndarray, coords_R3: torch.Tensor, batch: int = 32, tr: float | None = None
+):
     """CLS and mean-token embeddings of each window: ([N, D], [N, D])."""
     return (
-        window_features(model, windows_NRW, coords_R3, "cls", batch),
-        window_features(model, windows_NRW, coords_R3, "mean", batch),
+        window_features(model, windows_NRW, coords_R3, "cls", batch, tr),
+        window_features(model, windows_NRW, coords_R3, "mean", batch, tr),
     )
 
 
-def latent_connectivity(model: BrainLM, windows_NRW: np.ndarray, coords_R3: torch.Tensor, batch: int = 32):
+def latent_connectivity(
+    model: BrainLM, windows_NRW: np.ndarray, coords_R3: torch.Tensor, batch: int = 32, tr: float | None = None
+):
     """The model's connectivity of a recording: its windows' latent connectivity averaged, then Fisher z
     (``brainlm.model.inference.window_features``)."""
-    return fisher_z(window_features(model, windows_NRW, coords_R3, "latent_fc", batch).mean(axis=0))
+    return fisher_z(window_features(model, windows_NRW, coords_R3, "latent_fc", batch, tr).mean(axis=0))
 
 
 def random_weights(model: BrainLM, seed: int = 20_240_424) -> BrainLM:

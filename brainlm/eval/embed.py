@@ -34,7 +34,7 @@ def embed(
         if not ctx.manifest.num_samples(split):
             continue
         for rec in recordings(ctx, split):
-            cls, mean = embed_windows(ctx.model, rec.windows_NRW, ctx.coords_R3)
+            cls, mean = embed_windows(ctx.model, rec.windows_NRW, ctx.coords_R3, tr=ctx.manifest.tr)
             cls_all.append(cls.mean(axis=0))
             mean_all.append(mean.mean(axis=0))
             phenotypes = rec.meta.get("phenotypes", {})

@@ -206,7 +206,7 @@ def load_data(ctx: Context, cfg: FinetuneConfig) -> FinetuneData:
 
 
 def _predict(
-    model: nn.Module, data: SplitData, coords: torch.Tensor, classification: bool, batch: int = 64
+    model: nn.Module, data: SplitData, coords: torch.Tensor, classification: bool, tr: float | None, batch: int = 64
 ) -> np.ndarray:
     """Per recording: mean window prediction (or mean class probabilities)."""
     model.eval()
@@ -214,7 +214,7 @@ def _predict(
     with torch.no_grad():
         for i in range(0, len(data.windows_NRW), batch):
             with autocast(coords.device):
-                o = model(torch.from_numpy(data.windows_NRW[i : i + batch]).to(coords.device), coords).float()
+                o = model(torch.from_numpy(data.windows_NRW[i : i + batch]).to(coords.device), coords, tr).float()
             outs.append((torch.softmax(o, dim=-1) if classification else o[:, 0]).cpu())
     per_window = torch.cat(outs).numpy()
     return np.stack([per_window[data.owner == i].mean(axis=0) for i in range(len(data.recordings))])
@@ -270,12 +270,12 @@ def train_one(
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             with ctx.autocast():
-                out = model(ctx.tensor(train.windows_NRW[idx]), ctx.coords_R3).float()
+                out = model(ctx.tensor(train.windows_NRW[idx]), ctx.coords_R3, ctx.manifest.tr).float()
             loss = loss_fn(out if classification else out[:, 0], target[torch.as_tensor(idx, device=ctx.device)])
             opt.zero_grad()
             loss.backward()
             opt.step()
-        val_pred = _predict(model, val, ctx.coords_R3, classification)
+        val_pred = _predict(model, val, ctx.coords_R3, classification, ctx.manifest.tr)
         val_scores = scores(val_pred, val.y, classification)
         val_loss = -val_scores["accuracy"] if classification else val_scores["mse"]
         history.append({"epoch": epoch, "val_loss": val_loss, **{f"val_{k}": v for k, v in val_scores.items()}})
@@ -289,7 +289,7 @@ def train_one(
         )
     model.load_state_dict(best_state)
     test = data.splits["test"]
-    pred = _predict(model, test, ctx.coords_R3, classification)
+    pred = _predict(model, test, ctx.coords_R3, classification, ctx.manifest.tr)
     return model, scores(pred, test.y, classification), history, pred
 
 
@@ -326,11 +326,14 @@ def baselines(data: FinetuneData, control: BrainLM | None = None) -> dict[str, n
     ctx, classification = data.ctx, data.cfg.task == "classification"
     train, test = data.splits["train"], data.splits["test"]
     models = {"": ctx.model, **({"_random": control} if control is not None else {})}
+    tr = ctx.manifest.tr
     features = {"svr_raw": lambda r: r.windows_NRW[0].ravel(), "fc_ridge": fc_features}
     for suffix, m in models.items():
-        features[f"probe{suffix}"] = lambda r, m=m: embed_windows(m, r.windows_NRW, ctx.coords_R3)[0].mean(axis=0)
+        features[f"probe{suffix}"] = lambda r, m=m: embed_windows(m, r.windows_NRW, ctx.coords_R3, tr=tr)[0].mean(0)
         if m.parcel_tokens:  # a ViT-MAE release's tokens span several parcels: no latent connectivity
-            features[f"probe_latent_fc{suffix}"] = lambda r, m=m: latent_connectivity(m, r.windows_NRW, ctx.coords_R3)
+            features[f"probe_latent_fc{suffix}"] = lambda r, m=m: latent_connectivity(
+                m, r.windows_NRW, ctx.coords_R3, tr=tr
+            )
     out = {}
     if classification:
         counts = np.bincount(train.y, minlength=len(data.classes))

@@ -49,9 +49,10 @@ def model_representations(model) -> tuple[str, ...]:
     return MODEL_REPRESENTATIONS if model.parcel_tokens else tuple(p for p in MODEL_REPRESENTATIONS if p != "latent_fc")
 
 
-def representations(model, windows_NRW: np.ndarray, coords) -> dict[str, np.ndarray]:
+def representations(model, windows_NRW: np.ndarray, coords, tr: float | None = None) -> dict[str, np.ndarray]:
     """One vector per representation for one recording (its windows pooled)."""
-    out = {p: window_features(model, windows_NRW, coords, p).mean(axis=0) for p in model_representations(model)}
+    features = (window_features(model, windows_NRW, coords, p, tr=tr) for p in model_representations(model))
+    out = {p: f.mean(axis=0) for p, f in zip(model_representations(model), features, strict=True)}
     if "latent_fc" in out:
         out["latent_fc"] = fisher_z(out["latent_fc"])
     return out
@@ -113,8 +114,10 @@ def fingerprint(
     reps = model_representations(ctx.model)
     feats: dict[str, list[np.ndarray]] = {}
     for r in recs:
-        row = representations(ctx.model, r.windows_NRW, ctx.coords_R3)
-        row |= {f"{k}_random": v for k, v in representations(control, r.windows_NRW, ctx.coords_R3).items()}
+        row = representations(ctx.model, r.windows_NRW, ctx.coords_R3, ctx.manifest.tr)
+        row |= {
+            f"{k}_random": v for k, v in representations(control, r.windows_NRW, ctx.coords_R3, ctx.manifest.tr).items()
+        }
         row["fc"] = fc_features(r.windows_NRW)
         for k, v in row.items():
             feats.setdefault(k, []).append(v)

@@ -46,6 +46,7 @@ from brainlm.eval.common import (
 )
 from brainlm.exceptions import InputError
 from brainlm.model import grid
+from brainlm.model.inference import tr_of
 from brainlm.protocol import UnitScores, compare
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,14 @@ def knn_across_recordings(
 
 
 @torch.no_grad()
-def recording_features(model, windows_NRW: np.ndarray, coords_R3: torch.Tensor, parcels: np.ndarray, batch: int = 32):
+def recording_features(
+    model,
+    windows_NRW: np.ndarray,
+    coords_R3: torch.Tensor,
+    parcels: np.ndarray,
+    batch: int = 32,
+    tr: float | None = None,
+):
     """Every feature of one recording for the kept parcels: {name: [P, F]}."""
     model.eval()
     R = windows_NRW.shape[1]
@@ -96,7 +104,7 @@ def recording_features(model, windows_NRW: np.ndarray, coords_R3: torch.Tensor, 
     for i in range(0, len(windows_NRW), batch):
         x = torch.from_numpy(windows_NRW[i : i + batch]).to(coords_R3.device)
         with autocast(coords_R3.device):
-            a_BYHL, t_BLD = model.cls_attention(x, coords_R3, return_tokens=True)
+            a_BYHL, t_BLD = model.cls_attention(x, coords_R3, return_tokens=True, **tr_of(model, tr))
         a_BYHL, t_BLD = a_BYHL.float().cpu(), t_BLD.float().cpu()
         B, Y, H, L = a_BYHL.shape
         attn.append(grid.parcel_attention(model, a_BYHL.reshape(B, Y * H, L), R))  # [B, Y*H, R]
@@ -154,8 +162,8 @@ def networks(
     control = random_weights(ctx.model)
     per_rec = []
     for r in recs:
-        features = recording_features(ctx.model, r.windows_NRW, ctx.coords_R3, parcels)
-        untrained = recording_features(control, r.windows_NRW, ctx.coords_R3, parcels)
+        features = recording_features(ctx.model, r.windows_NRW, ctx.coords_R3, parcels, tr=ctx.manifest.tr)
+        untrained = recording_features(control, r.windows_NRW, ctx.coords_R3, parcels, tr=ctx.manifest.tr)
         per_rec.append(features | {f"{m}_random": untrained[m] for m in MODEL_FEATURES})
     coords = atlas.coords()[parcels]
     feats = {name: np.stack([f[name] for f in per_rec]) for name in FEATURES if name != "coords"}

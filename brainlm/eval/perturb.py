@@ -91,7 +91,7 @@ def optimise(
     x = ctx.tensor(source)
 
     def embedding(signal_BRT: torch.Tensor) -> torch.Tensor:
-        cls_BD, tokens_BLD = model.encode(signal_BRT, ctx.coords_R3)
+        cls_BD, tokens_BLD = model.encode(signal_BRT, ctx.coords_R3, **ctx.tr)
         if cfg.pooling == "parcels":  # [R, D]: each parcel's tokens averaged over its patches and the windows
             return grid.parcel_tokens(model, tokens_BLD, R).mean(dim=0)
         return (cls_BD if cfg.pooling == "cls" else tokens_BLD.mean(dim=1)).mean(dim=0)

@@ -81,7 +81,8 @@ def model_predict(
         rows = slice(i, i + batch)
         part = None if stats is None else (stats[0][rows].to(ctx.device), stats[1][rows].to(ctx.device))
         with ctx.autocast():
-            res = model(x_BRT[rows].to(ctx.device), ctx.coords_R3, mask_BL=mask_BL[rows].to(ctx.device), context=part)
+            x = x_BRT[rows].to(ctx.device)
+            res = model(x, ctx.coords_R3, mask_BL=mask_BL[rows].to(ctx.device), context=part, **ctx.tr)
         out.append(model.unpatchify(res.pred_BLP.float(), R).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
@@ -452,7 +453,12 @@ def reconstruct(
         verdicts.append(main)
         if masking == strategies[0]:
             plots.reconstruction_figure(
-                ctx.model, x[:1], ctx.coords_R3, Path(out) / "reconstruction.png", mask_BL=mask_BL[:1]
+                ctx.model,
+                x[:1],
+                ctx.coords_R3,
+                Path(out) / "reconstruction.png",
+                mask_BL=mask_BL[:1],
+                tr=ctx.manifest.tr,
             )
     if per_parcel_random:
         plots.distribution_figure(

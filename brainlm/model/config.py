@@ -97,6 +97,13 @@ class ModelConfig:
     (k + n), before the window's own shrinkage; 0: the prior ignores context. In training the context is the rest of
     the sample's crop; in the analyses, the other windows of the recording (``brainlm reconstruct --context``)."""
 
+    time_unit_s: float = 0.0
+    """0: temporal positions count patches, as MAE's count image patches: a model is trained at one TR and a
+    recording at another is resampled to it. > 0 (seconds, e.g. the TR of the main training set): the model is
+    TR-aware: a patch's temporal position is its start time in units of `time_unit_s * patch_size` seconds, every
+    token carries a learned offset scaled by log(TR / time_unit_s), and every forward takes the window's `tr`; one
+    model then trains on shard sets at several TRs without resampling them."""
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # f.type is a string: annotations are postponed above
             value = getattr(self, f.name)
@@ -143,6 +150,8 @@ class ModelConfig:
                 "`model.decoder_prior: gaussian` predicts a correction to values, and `model.norm_target` makes the "
                 "targets per-patch normalised: turn one of them off"
             )
+        if self.time_unit_s < 0:
+            raise ConfigError(f"`model.time_unit_s` must be 0 (one TR) or a TR in seconds; got {self.time_unit_s!r}")
         if self.value_conv_kernel and self.value_conv_kernel % 2 == 0:
             raise ConfigError(
                 f"`model.value_conv_kernel` must be 0 or odd (a centred kernel), got {self.value_conv_kernel}"

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from brainlm.exceptions import ConfigError, InputError
 from brainlm.model import io
+from brainlm.model.inference import tr_of
 from brainlm.model.load import load_model
 from brainlm.model.mae import BrainLM
 
@@ -91,10 +92,11 @@ class BrainLMForPrediction(nn.Module):
             self.backbone.eval()
         return self
 
-    def forward(self, signal_BRT: Tensor, coords_R3: Tensor) -> Tensor:
-        """Predictions [B, O] from signals [B, R, T] and parcel coordinates [R, 3] in MNI mm."""
+    def forward(self, signal_BRT: Tensor, coords_R3: Tensor, tr: float | None = None) -> Tensor:
+        """Predictions [B, O] from signals [B, R, T] and parcel coordinates [R, 3] in MNI mm (``tr``: the windows' TR,
+        read by a TR-aware backbone)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            cls_BD, tokens_BLD = self.backbone.encode(signal_BRT, coords_R3)
+            cls_BD, tokens_BLD = self.backbone.encode(signal_BRT, coords_R3, **tr_of(self.backbone, tr))
         pooled_BD = cls_BD if self.pooling == "cls" else tokens_BLD.mean(dim=1)
         return self.head(pooled_BD)
 

@@ -17,6 +17,7 @@ Shapes: B recordings, R parcels, T timepoints, W windows per recording, D width.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
@@ -110,7 +111,8 @@ class Preprocessing:
     layout: ``auto`` (from the parcel count), ``TR`` ([time, parcels], nilearn's) or ``RT``.
     stride: the step between windows (None: the window, non-overlapping).
     coords: parcel centres [R, 3] in MNI mm (None: the model's atlas).
-    resample: resample another TR to the model's (anti-aliased polyphase filter); else another TR is an error.
+    resample: resample another TR to the model's (anti-aliased polyphase filter; a TR-aware model's nearest); else
+        another TR is an error (a TR-aware model, ``model.time_unit_s``, takes each TR it was trained at as it is).
     scaling: ``model`` (the training statistics saved with the model; fitted on the recordings given, with a
         warning, for a model without them, as an imported release), ``fit`` (on the recordings given) or ``none``
         (already scaled)."""
@@ -162,11 +164,31 @@ class Prepared:
     starts: list[list[int]]  # per recording, the first timepoint of each window
     coords_R3: torch.Tensor
     notes: list[str]
+    tr: float | None = None  # the windows' TR (after any resampling); None: not known
 
 
 def model_tr(model: BrainLM) -> float | None:
     tr = (model.extra or {}).get("tr")
     return float(tr) if tr is not None else None
+
+
+def tr_aware(model: Any) -> bool:
+    """Whether the model reads each window's TR (``model.time_unit_s`` > 0): then it was trained at several TRs."""
+    return bool(getattr(model.config, "time_unit_s", 0))
+
+
+def model_trs(model: BrainLM) -> list[float]:
+    """The TRs a model was trained at: each of a TR-aware model's shard sets' (extra.json ``trained_on``), else its
+    one TR (none for a model without a record of it)."""
+    trs = [float(t["tr"]) for t in (model.extra or {}).get("trained_on", []) if t.get("tr")] if tr_aware(model) else []
+    one = model_tr(model)
+    trs = trs or ([one] if one is not None else [])
+    return sorted({round(t, 6) for t in trs})
+
+
+def tr_of(model: Any, tr: float | None) -> dict[str, float]:
+    """``tr`` as the model's keyword where the model is TR-aware (and tr given), else nothing."""
+    return {"tr": float(tr)} if tr is not None and tr_aware(model) else {}
 
 
 def model_scaling(model: BrainLM, coords_R3: torch.Tensor) -> dict[str, Any]:
@@ -206,22 +228,26 @@ def prepare(
     arrays, single = _as_list(recording)
     signals = [_orient(a, R, layout, i) for i, a in enumerate(arrays)]
     notes: list[str] = []
-    trained_tr = model_tr(model)
-    if tr is None and trained_tr is not None:
+    trained = model_trs(model)
+    window_tr = tr
+    if tr is None and trained:
+        window_tr = model_tr(model)
         warnings.warn(
-            f"no TR given: the recording is taken to be at the model's TR of {trained_tr:g} s unchecked; pass tr= "
+            f"no TR given: the recording is taken to be at the model's TR of {window_tr:g} s unchecked; pass tr= "
             "to have it checked, and resampled with resample=True",
             stacklevel=3,
         )
-    if tr is not None and trained_tr is not None and abs(tr - trained_tr) > TR_TOLERANCE:
+    if tr is not None and trained and min(abs(tr - t) for t in trained) > TR_TOLERANCE:
+        said = " or ".join(f"{t:g} s" for t in trained)
         if not resample:
             raise TRMismatchError(
-                f"the recording's TR is {tr:g} s but the model was trained at TR {trained_tr:g} s; resample it "
+                f"the recording's TR is {tr:g} s but the model was trained at TR {said}; resample it "
                 f"(resample=True in Python, --resample on the command line: an anti-aliased polyphase filter) or use a "
                 f"model trained at {tr:g} s"
             )
-        signals = [resample_to(s, tr, trained_tr) for s in signals]
-        notes.append(f"resampled from TR {tr:g} s to {trained_tr:g} s")
+        window_tr = min(trained, key=lambda t: abs(math.log(t / tr)))  # a TR-aware model's nearest
+        signals = [resample_to(s, tr, window_tr) for s in signals]
+        notes.append(f"resampled from TR {tr:g} s to {window_tr:g} s")
     if scaling == "model" and model.scaling is None:
         warnings.warn(
             "the model has no saved scaling statistics (an imported release): fitting the robust scaling on the "
@@ -253,7 +279,7 @@ def prepare(
         begin = list(range(0, s.shape[1] - W + 1, step))
         starts.append(begin)
         windows.append(np.stack([s[:, b : b + W] for b in begin]).astype(np.float32))
-    prepared = Prepared([s.astype(np.float32) for s in signals], windows, starts, coords_R3, notes)
+    prepared = Prepared([s.astype(np.float32) for s in signals], windows, starts, coords_R3, notes, window_tr)
     return prepared, single
 
 
@@ -293,7 +319,12 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 @torch.no_grad()
 def window_features(
-    model: BrainLM, windows_NRW: np.ndarray, coords_R3: torch.Tensor, pooling: str = "cls", batch_size: int = 32
+    model: BrainLM,
+    windows_NRW: np.ndarray,
+    coords_R3: torch.Tensor,
+    pooling: str = "cls",
+    batch_size: int = 32,
+    tr: float | None = None,
 ) -> np.ndarray:
     """Per window: the CLS embedding, the mean token, or the latent connectivity (``latent_fc``: the correlation
     between parcels of their encoder-token sequences, upper triangle, as correlations: ``fisher_z`` them after any
@@ -314,7 +345,7 @@ def window_features(
     for i in range(0, len(windows_NRW), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(windows_NRW[i : i + batch_size])).to(device)
         with autocast(device):
-            cls_BD, tokens_BLD = model.encode(x, coords)
+            cls_BD, tokens_BLD = model.encode(x, coords, **tr_of(model, tr))
         if pooling == "cls":
             out.append(cls_BD.float().cpu().numpy())
         elif pooling == "mean":
@@ -345,7 +376,7 @@ def embed(
     [W, D]); ``latent_fc`` gives R (R - 1) / 2 values instead of D. ``preprocessing``, or its fields as keywords
     (``tr=0.72, resample=True``): `Preprocessing`."""
     prep, single = prepare(model, recording, preprocessing, **options)
-    per = [window_features(model, w, prep.coords_R3, pooling, batch_size) for w in prep.windows]
+    per = [window_features(model, w, prep.coords_R3, pooling, batch_size, prep.tr) for w in prep.windows]
     z = fisher_z if pooling == "latent_fc" else (lambda v: v)  # correlations are averaged, then z-transformed
     if average:
         stacked = np.stack([z(p.mean(axis=0)) for p in per])
@@ -409,7 +440,8 @@ def reconstruct(
             cov_BRR, n_B = context_statistics(windows, context_windows([0] * W, list(starts), c.num_timepoints, k))
             stats = (torch.from_numpy(cov_BRR).to(device), torch.from_numpy(n_B).to(device))
         with autocast(device):
-            res = model(x, prep.coords_R3.to(device), mask_BL=mask_BL.to(device), context=stats)
+            coords = prep.coords_R3.to(device)
+            res = model(x, coords, mask_BL=mask_BL.to(device), context=stats, **tr_of(model, prep.tr))
         pred = model.unpatchify(res.pred_BLP.float(), R).cpu().numpy()
         tmask = model.value_mask(mask_BL, R)
         out.append(Reconstruction(windows, pred, tmask, starts, r2_score(pred[tmask], windows[tmask])))

@@ -15,6 +15,7 @@ released BrainLM weights need and thin entry points to inference (brainlm/model/
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, NamedTuple
 
@@ -65,6 +66,8 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
         self.spatial_embed = _spatial_encoder(c.spatial_encoding, D)
         self.parcel_embed = nn.Parameter(torch.zeros(c.num_parcels, D)) if c.learned_parcel_embedding else None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        # TR-aware (`model.time_unit_s` > 0): a learned direction per width, scaled by log(TR / time_unit_s).
+        self.tr_embed = nn.Parameter(torch.zeros(D)) if c.time_unit_s else None
         block_args = dict(
             backend=c.attention_backend,
             dropout=c.dropout,
@@ -80,6 +83,7 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, E))
         self.decoder_spatial_embed = _spatial_encoder(c.spatial_encoding, E)
         self.decoder_parcel_embed = nn.Parameter(torch.zeros(c.num_parcels, E)) if c.learned_parcel_embedding else None
+        self.decoder_tr_embed = nn.Parameter(torch.zeros(E)) if c.time_unit_s else None
         if c.decoder_attention == "factorized":
             fact_args = dict(backend=c.attention_backend, dropout=c.dropout, eps=c.layer_norm_eps)
             blocks = (
@@ -157,21 +161,44 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
         return B, R, T
 
     def _pos_embed(
-        self, coords_R3: Tensor, num_patches: int, spatial: nn.Module, parcel_RD: Tensor | None, dim: int
+        self,
+        coords_R3: Tensor,
+        num_patches: int,
+        spatial: nn.Module,
+        parcel_RD: Tensor | None,
+        dim: int,
+        tr: float | None = None,
+        tr_D: Tensor | None = None,
     ) -> Tensor:
-        """Spatial embedding of each parcel + sinusoid of each patch index: pos_LD, parcel-major."""
+        """Spatial embedding of each parcel + sinusoid of each patch's position: pos_LD, parcel-major. The position
+        is the patch index, or for a TR-aware model its start time in patches of `time_unit_s` (plus `tr_D` scaled
+        by log(tr / time_unit_s))."""
         dtype = self.patch_embed.weight.dtype
         spatial_RD = spatial(coords_R3.to(dtype) / COORD_SCALE_MM)
         if parcel_RD is not None:
             spatial_RD = spatial_RD + parcel_RD
-        positions_N = torch.arange(num_patches, device=coords_R3.device)
-        temporal_ND = sincos_1d(positions_N, dim, layout=self.config.temporal_layout).to(dtype)
+        positions_N = torch.arange(num_patches, device=coords_R3.device, dtype=torch.float64)
+        scale = self._tr_scale(tr)
+        temporal_ND = sincos_1d(positions_N * scale, dim, layout=self.config.temporal_layout).to(dtype)
+        if tr_D is not None:
+            temporal_ND = temporal_ND + math.log(scale) * tr_D
         return (spatial_RD[:, None, :] + temporal_ND[None, :, :]).flatten(0, 1)
 
-    def _embed(self, signal_BRT: Tensor, coords_R3: Tensor) -> Tensor:
+    def _tr_scale(self, tr: float | None) -> float:
+        """TR / time_unit_s for a TR-aware model (1 when no TR is given); 1 otherwise."""
+        unit = self.config.time_unit_s
+        if not unit or tr is None:
+            return 1.0
+        if not tr > 0:
+            raise InputError(f"tr must be a positive number of seconds; got {tr!r}")
+        return float(tr) / unit
+
+    def _embed(self, signal_BRT: Tensor, coords_R3: Tensor, tr: float | None = None) -> Tensor:
         """Patch + position embeddings of every token: tokens_BLD."""
         N = signal_BRT.shape[2] // self.config.patch_size
-        pos_LD = self._pos_embed(coords_R3, N, self.spatial_embed, self.parcel_embed, self.config.hidden_size)
+        pos_LD = self._pos_embed(
+            coords_R3, N, self.spatial_embed, self.parcel_embed, self.config.hidden_size, tr, self.tr_embed
+        )
         return self.patch_embed(self.patchify(signal_BRT)) + pos_LD
 
     # ------------------------------------------------------------------ the token grid (brainlm/model/grid.py)
@@ -252,12 +279,13 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
         *,
         mask_BL: Tensor | None = None,
         generator: torch.Generator | None = None,
+        tr: float | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Embed, mask, encode CLS + visible tokens: (latent_B1KD, mask_BL, ids_restore_BL).
 
         `mask_BL`, when given, decides the mask (then `mask_ratio` and `generator` are unused)."""
         B, R, _ = self._check_inputs(signal_BRT, coords_R3)
-        tokens_BLD = self._embed(signal_BRT, coords_R3)
+        tokens_BLD = self._embed(signal_BRT, coords_R3, tr)
         if mask_BL is None:
             ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
             kept_BKD, mask_BL, ids_restore_BL = self.random_masking(tokens_BLD, ratio, R, generator=generator)
@@ -277,6 +305,7 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
         coords_R3: Tensor,
         prior_BLP: Tensor | None = None,
         mask_BL: Tensor | None = None,
+        tr: float | None = None,
     ) -> Tensor:
         """Mask tokens in, unshuffle, add decoder positions, decode all tokens: pred_BLP.
 
@@ -290,7 +319,9 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
         if prior_BLP is not None:
             x_BLE = x_BLE + mask_BL[:, :, None].to(x_BLE.dtype) * self.decoder_prior_embed(prior_BLP.to(x_BLE.dtype))
         N = L // coords_R3.shape[0]
-        x_BLE = x_BLE + self._pos_embed(coords_R3, N, self.decoder_spatial_embed, self.decoder_parcel_embed, E)
+        x_BLE = x_BLE + self._pos_embed(
+            coords_R3, N, self.decoder_spatial_embed, self.decoder_parcel_embed, E, tr, self.decoder_tr_embed
+        )
         x_B1LE = torch.cat([x_B1KE[:, :1], x_BLE], dim=1)
 
         R = coords_R3.shape[0]
@@ -319,34 +350,42 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
         mask_BL: Tensor | None = None,
         generator: torch.Generator | None = None,
         context: tuple[Tensor, Tensor] | None = None,
+        tr: float | None = None,
     ) -> MAEOutput:
         """Masked reconstruction of `signal_BRT` ([B, R, T]) given parcel coordinates in MNI mm ([R, 3]); `context`
-        (context_cov_BRR, context_n_B): each window's recording context, for a prior that reads it."""
+        (context_cov_BRR, context_n_B): each window's recording context, for a prior that reads it; `tr`: the
+        window's TR in seconds, read by a TR-aware model (`model.time_unit_s`)."""
         latent_B1KD, mask_BL, ids_restore_BL = self.forward_encoder(
-            signal_BRT, coords_R3, mask_ratio, mask_BL=mask_BL, generator=generator
+            signal_BRT, coords_R3, mask_ratio, mask_BL=mask_BL, generator=generator, tr=tr
         )
         prior_BLP = None
         if self.decoder_prior_embed is not None:
             prior_BLP = self.prior_patches(signal_BRT, coords_R3, mask_BL, context)
-        pred_BLP = self.forward_decoder(latent_B1KD, ids_restore_BL, coords_R3, prior_BLP, mask_BL)
+        pred_BLP = self.forward_decoder(latent_B1KD, ids_restore_BL, coords_R3, prior_BLP, mask_BL, tr)
         return MAEOutput(self.forward_loss(signal_BRT, pred_BLP, mask_BL), pred_BLP, mask_BL)
 
     # ------------------------------------------------------------------ inference
 
-    def encode(self, signal_BRT: Tensor, coords_R3: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, signal_BRT: Tensor, coords_R3: Tensor, tr: float | None = None) -> tuple[Tensor, Tensor]:
         """Embeddings of every token, no masking, tokens in identity order: (cls_BD, tokens_BLD).
 
         Deterministic in eval mode. It follows the module's mode: in train mode dropout (if
         `model.dropout` > 0) applies, as fine-tuning wants; call `.eval()` for fixed embeddings."""
         B, _, _ = self._check_inputs(signal_BRT, coords_R3)
-        x_B1LD = torch.cat([self.cls_token.expand(B, -1, -1), self._embed(signal_BRT, coords_R3)], dim=1)
+        x_B1LD = torch.cat([self.cls_token.expand(B, -1, -1), self._embed(signal_BRT, coords_R3, tr)], dim=1)
         for block in self.blocks:
             x_B1LD = block(x_B1LD)
         x_B1LD = self.norm(x_B1LD)
         return x_B1LD[:, 0], x_B1LD[:, 1:]
 
     def cls_attention(
-        self, signal_BRT: Tensor, coords_R3: Tensor, *, include_cls: bool = False, return_tokens: bool = False
+        self,
+        signal_BRT: Tensor,
+        coords_R3: Tensor,
+        *,
+        include_cls: bool = False,
+        return_tokens: bool = False,
+        tr: float | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """CLS attention of every encoder layer and head over the L tokens, unmasked: attn_BYHL.
 
@@ -356,7 +395,7 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
         returns the full [B, Y, H, 1 + L] rows, which sum to 1. `return_tokens=True` also returns the
         tokens `encode` would (tokens_BLD) from the same pass: (attn, tokens_BLD)."""
         B, _, _ = self._check_inputs(signal_BRT, coords_R3)
-        x_B1LD = torch.cat([self.cls_token.expand(B, -1, -1), self._embed(signal_BRT, coords_R3)], dim=1)
+        x_B1LD = torch.cat([self.cls_token.expand(B, -1, -1), self._embed(signal_BRT, coords_R3, tr)], dim=1)
         rows = []
         for block in self.blocks:
             x_B1LD, weights_BH1L = block(x_B1LD, return_cls_attention=True)
@@ -412,7 +451,14 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: decay the matmul weights; not the norms, biases, embeddings or tokens."""
         no_decay_prefixes = ("spatial_embed.", "decoder_spatial_embed.")
-        no_decay_names = {"cls_token", "mask_token", "parcel_embed", "decoder_parcel_embed"}
+        no_decay_names = {
+            "cls_token",
+            "mask_token",
+            "parcel_embed",
+            "decoder_parcel_embed",
+            "tr_embed",
+            "decoder_tr_embed",
+        }
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:

@@ -90,11 +90,11 @@ def check_mixture(cfg: PretrainConfig, sets: list[ShardSet]) -> None:
     for s in sets:
         if not s.manifest.num_samples(cfg.data.train_split):
             raise ShardError(f"{s.root} has no {cfg.data.train_split!r} crops to train on")
-        if abs(s.manifest.tr - primary.tr) > 1e-3:
+        if abs(s.manifest.tr - primary.tr) > 1e-3 and not cfg.model.time_unit_s:
             raise ShardError(
                 f"the shard sets have different TRs ({sets[0].root}: {primary.tr:g} s, {s.root}: {s.manifest.tr:g} "
                 f"s); a model is trained at one TR: rebuild {s.root} at {primary.tr:g} s (python -m data_prep build "
-                f"--tr {primary.tr:g} --resample)"
+                f"--tr {primary.tr:g} --resample), or make the model TR-aware (--model.time_unit_s {primary.tr:g})"
             )
         if cfg.model.learned_parcel_embedding and s.manifest.atlas.num_parcels != primary.atlas.num_parcels:
             raise ConfigError(

@@ -160,6 +160,7 @@ class ValidationSet:
     name: str = ""
     context: tuple[torch.Tensor, torch.Tensor] | None = None
     held_out: bool = True  # False: the set has no validation subjects and these are training windows
+    tr: float | None = None
 
     def context_of(self, rows: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if self.context is None else (self.context[0][rows].to(device), self.context[1][rows].to(device))
@@ -186,7 +187,7 @@ def validation_of(cfg: PretrainConfig, plan: Plan, shard_set: ShardSet, ctx: ds.
         cov_BRR, n_B = context_statistics(signal.numpy(), context_windows(recordings, starts, c.num_timepoints, None))
         context = (torch.from_numpy(cov_BRR[idx]).float(), torch.from_numpy(n_B[idx]))
     coords = torch.tensor(m.atlas.coords(), dtype=torch.float32)
-    return ValidationSet(signal[idx], masks, coords, shard_set.name, context, split == cfg.data.val_split)
+    return ValidationSet(signal[idx], masks, coords, shard_set.name, context, split == cfg.data.val_split, m.tr)
 
 
 def build_tracker(
@@ -252,6 +253,7 @@ class Trainer:
         self.cfg, self.plan, self.ctx, self.model, self.engine, self.dtype = cfg, plan, ctx, model, engine, dtype
         self.out_dir = Path(cfg.train.out_dir)
         self.coords = [torch.tensor(s.manifest.atlas.coords(), device=ctx.device, dtype=dtype) for s in plan.sets]
+        self.trs = [s.manifest.tr for s in plan.sets]  # read by a TR-aware model only
         self.ckpt = Checkpointer(self.out_dir, cfg.train.keep_last, ctx.rank)
         self.tracker: Tracker | None = None
         self.global_batch = global_batch(cfg, ctx.world_size)
@@ -284,7 +286,8 @@ class Trainer:
                 context = (batch["context_cov"].to(self.ctx.device), batch["context_n"].to(self.ctx.device))
             which = int(batch.get("set", 0))
             self.set_samples[which] += signal.shape[0] * self.ctx.world_size
-            out = self.engine(signal, self.coords[which], mask_BL=batch["mask"].to(self.ctx.device), context=context)
+            mask = batch["mask"].to(self.ctx.device)
+            out = self.engine(signal, self.coords[which], mask_BL=mask, context=context, tr=self.trs[which])
             self.engine.backward(out.loss)
             self.engine.step()
             step_loss += float(out.loss.detach()) / accum
@@ -348,7 +351,9 @@ class Trainer:
         for i in range(0, val.signal.shape[0], 8):
             x = val.signal[i : i + 8].to(self.ctx.device, dtype=self.dtype)
             mask = val.masks[i : i + 8].to(self.ctx.device)
-            out = self.engine(x, coords, mask_BL=mask, context=val.context_of(slice(i, i + 8), self.ctx.device))
+            out = self.engine(
+                x, coords, mask_BL=mask, context=val.context_of(slice(i, i + 8), self.ctx.device), tr=val.tr
+            )
             sums.add(out.pred_BLP.float(), self.model.patchify(x.float()), out.mask_BL)
         total = sums.tensor().to(self.ctx.device)
         dist.all_reduce(total)
@@ -606,7 +611,7 @@ def _log_reconstruction_figure(model_dir: Path, val: ValidationSet, out_dir: Pat
         from brainlm.plots import reconstruction_figure
 
         path = reconstruction_figure(
-            BrainLM.from_pretrained(model_dir), val.signal[:1], val.coords_R3, out_dir / "reconstruction.png"
+            BrainLM.from_pretrained(model_dir), val.signal[:1], val.coords_R3, out_dir / "reconstruction.png", tr=val.tr
         )
         tracker.log_artifact(path, "figures")
     except Exception as err:  # a figure must never fail a finished run
