@@ -6,13 +6,15 @@
 
 What happens to a recording (``prepare``): its layout is read ([time, parcels] or [parcels, time], from the parcel
 count when ``layout="auto"``), its parcel count and TR are checked against the model's (a mismatch is an error that
-names both; ``resample=True`` resamples in time with an anti-aliasing polyphase filter), it is scaled exactly as the
+names both; ``resample=True`` resamples in time with an anti-aliasing polyphase filter; a TR-aware model,
+``model.time_unit_s``, takes each TR it was trained at and is told the windows' TR), it is scaled exactly as the
 training data were (the model's ``scaling.json``: per-recording normalisation, then ``(x - median) / IQR`` per
 parcel with the training statistics) and cut into windows of the model's length (``stride``: default the window,
 non-overlapping). Coordinates come from the model's atlas unless given. Everything runs in eval mode on the
 model's device (bf16 autocast on a GPU), deterministically.
 
-Shapes: B recordings, R parcels, T timepoints, W windows per recording, D width.
+Shapes: B recordings, R parcels, T timepoints, W windows per recording, D width. About 460 lines in one file on
+purpose: every path from a user's recording to the model (prepare, window features, embed, reconstruct) in one place.
 """
 
 from __future__ import annotations
