@@ -35,7 +35,6 @@ def reconstruction_figure(
 ) -> Path:
     """True vs reconstructed time courses of a few parcels of one window (at ``tr``, for a TR-aware model); masked
     values shaded."""
-
     model.eval()
     R = signal_BRT.shape[1]
     if mask_BL is None:

@@ -18,13 +18,12 @@ from brainlm.data.loader import fixed_samples
 from brainlm.exceptions import DimensionError, InputError
 from brainlm.model import BrainLM
 from brainlm.model.inference import (
-    TR_TOLERANCE,
     autocast,
     fisher_z,
     model_tr,
     model_trs,
     resolve_device,
-    tr_of,
+    untrained_tr,
     window_features,
 )
 from brainlm.model.io import REGISTRY_SCHEMES, model_folder
@@ -60,11 +59,6 @@ class Context:
     def autocast(self):
         """bf16 autocast on a GPU; nothing on the CPU (fp32)."""
         return autocast(self.device)
-
-    @property
-    def tr(self) -> dict[str, float]:
-        """The shards' TR as the model's keyword, for a TR-aware model (``model.time_unit_s``); else nothing."""
-        return tr_of(self.model, self.manifest.tr)
 
 
 def load_context(
@@ -105,14 +99,13 @@ def load_context(
             f"note: {model_uri} was trained on the atlas {trained.get('name')!r} ({R_model} parcels); the shards use "
             f"{manifest.atlas.name!r} ({R_data} parcels): parcels are placed by their coordinates (transfer)"
         )
-    trained = model_trs(model)
-    if trained and manifest.tr is not None and min(abs(float(manifest.tr) - t) for t in trained) > TR_TOLERANCE:
+    said = untrained_tr(model, manifest.tr)
+    if said:
         # Evaluating on another TR is a transfer experiment, not an error; it is said, as another atlas is.
-        said = " or ".join(f"{t:g} s" for t in trained)
         log.info(
             f"note: {model_uri} was trained at TR {said}; the shards {shards} are at TR {manifest.tr:g} s: "
             "each patch spans another duration (transfer); rebuild the shards with --tr "
-            f"{model_tr(model) or trained[0]:g} --resample to evaluate at the model's TR"
+            f"{model_tr(model) or model_trs(model)[0]:g} --resample to evaluate at the model's TR"
         )
     coords = torch.tensor(manifest.atlas.coords(), dtype=torch.float32)
     ctx = Context(model, manifest, root, coords, model_dir)

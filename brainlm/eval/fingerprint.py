@@ -51,8 +51,7 @@ def model_representations(model) -> tuple[str, ...]:
 
 def representations(model, windows_NRW: np.ndarray, coords, tr: float | None = None) -> dict[str, np.ndarray]:
     """One vector per representation for one recording (its windows pooled)."""
-    features = (window_features(model, windows_NRW, coords, p, tr=tr) for p in model_representations(model))
-    out = {p: f.mean(axis=0) for p, f in zip(model_representations(model), features, strict=True)}
+    out = {p: window_features(model, windows_NRW, coords, p, tr=tr).mean(axis=0) for p in model_representations(model)}
     if "latent_fc" in out:
         out["latent_fc"] = fisher_z(out["latent_fc"])
     return out

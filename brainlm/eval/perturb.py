@@ -31,6 +31,7 @@ import torch
 from brainlm.eval.common import Context, load_context, parse_where, recordings, table, write_metrics
 from brainlm.exceptions import ConfigError
 from brainlm.model import grid
+from brainlm.model.inference import tr_of
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def optimise(
     x = ctx.tensor(source)
 
     def embedding(signal_BRT: torch.Tensor) -> torch.Tensor:
-        cls_BD, tokens_BLD = model.encode(signal_BRT, ctx.coords_R3, **ctx.tr)
+        cls_BD, tokens_BLD = model.encode(signal_BRT, ctx.coords_R3, **tr_of(model, ctx.manifest.tr))
         if cfg.pooling == "parcels":  # [R, D]: each parcel's tokens averaged over its patches and the windows
             return grid.parcel_tokens(model, tokens_BLD, R).mean(dim=0)
         return (cls_BD if cfg.pooling == "cls" else tokens_BLD.mean(dim=1)).mean(dim=0)

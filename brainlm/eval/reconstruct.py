@@ -39,6 +39,7 @@ from brainlm.eval.common import Context, comparison_table, load_context, split_w
 from brainlm.exceptions import BrainLMError, InputError
 from brainlm.masking import MASKINGS
 from brainlm.model import prior
+from brainlm.model.inference import tr_of
 from brainlm.model.io import trained_on
 from brainlm.protocol import (
     WindowSums,
@@ -82,7 +83,9 @@ def model_predict(
         part = None if stats is None else (stats[0][rows].to(ctx.device), stats[1][rows].to(ctx.device))
         with ctx.autocast():
             x = x_BRT[rows].to(ctx.device)
-            res = model(x, ctx.coords_R3, mask_BL=mask_BL[rows].to(ctx.device), context=part, **ctx.tr)
+            res = model(
+                x, ctx.coords_R3, mask_BL=mask_BL[rows].to(ctx.device), context=part, **tr_of(model, ctx.manifest.tr)
+            )
         out.append(model.unpatchify(res.pred_BLP.float(), R).cpu())
     return torch.cat(out).numpy().astype(np.float64)
 

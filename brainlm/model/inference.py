@@ -188,6 +188,15 @@ def model_trs(model: BrainLM) -> list[float]:
     return sorted({round(t, 6) for t in trs})
 
 
+def untrained_tr(model: BrainLM, tr: float | None) -> str | None:
+    """The TRs the model was trained at, as text ("0.72 s or 2 s"), when ``tr`` is none of them; None when it is one,
+    or when either is not known."""
+    trained = model_trs(model)
+    if tr is None or not trained or min(abs(float(tr) - t) for t in trained) <= TR_TOLERANCE:
+        return None
+    return " or ".join(f"{t:g} s" for t in trained)
+
+
 def tr_of(model: Any, tr: float | None) -> dict[str, float]:
     """``tr`` as the model's keyword where the model is TR-aware (and tr given), else nothing."""
     return {"tr": float(tr)} if tr is not None and tr_aware(model) else {}
@@ -230,24 +239,23 @@ def prepare(
     arrays, single = _as_list(recording)
     signals = [_orient(a, R, layout, i) for i, a in enumerate(arrays)]
     notes: list[str] = []
-    trained = model_trs(model)
     window_tr = tr
-    if tr is None and trained:
+    if tr is None and model_trs(model):
         window_tr = model_tr(model)
         warnings.warn(
             f"no TR given: the recording is taken to be at the model's TR of {window_tr:g} s unchecked; pass tr= "
             "to have it checked, and resampled with resample=True",
             stacklevel=3,
         )
-    if tr is not None and trained and min(abs(tr - t) for t in trained) > TR_TOLERANCE:
-        said = " or ".join(f"{t:g} s" for t in trained)
+    said = untrained_tr(model, tr)
+    if said:
         if not resample:
             raise TRMismatchError(
                 f"the recording's TR is {tr:g} s but the model was trained at TR {said}; resample it "
                 f"(resample=True in Python, --resample on the command line: an anti-aliased polyphase filter) or use a "
                 f"model trained at {tr:g} s"
             )
-        window_tr = min(trained, key=lambda t: abs(math.log(t / tr)))  # a TR-aware model's nearest
+        window_tr = min(model_trs(model), key=lambda t: abs(math.log(t / tr)))  # a TR-aware model's nearest
         signals = [resample_to(s, tr, window_tr) for s in signals]
         notes.append(f"resampled from TR {tr:g} s to {window_tr:g} s")
     if scaling == "model" and model.scaling is None:
