@@ -12,6 +12,7 @@ that order) override the choice.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -92,6 +93,13 @@ def apply(ranks_here: int = 1, given: int | None = None) -> int:
     return n
 
 
+def kernel_workers() -> int:
+    """The threads ``map_kernels`` runs its items in: torch's thread count, 1 without threadpoolctl."""
+    import torch
+
+    return torch.get_num_threads() if importlib.util.find_spec("threadpoolctl") else 1
+
+
 def map_kernels(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """``fn`` over ``items`` in as many threads as torch computes with, every BLAS / LAPACK / torch kernel in them
     single-threaded; results in order. For many small linear-algebra calls (the reconstruction baselines: one
@@ -99,13 +107,11 @@ def map_kernels(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     release the GIL inside them. Serial with one thread, one item, or without threadpoolctl (scikit-learn's)."""
     import torch
 
-    n = min(torch.get_num_threads(), len(items))
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        n = 1
+    n = min(kernel_workers(), len(items))
     if n <= 1:
         return [fn(item) for item in items]
+    from threadpoolctl import threadpool_limits
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

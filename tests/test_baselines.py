@@ -187,3 +187,18 @@ def test_lagged_products_equal_the_sum_over_timepoints():
     got = lagged_products(x, 9, rows=16)  # several row blocks, the last one short
     for tau in range(9):
         np.testing.assert_allclose(got[tau], np.einsum("bit,bjt->ij", x[:, :, : 9 - tau], x[:, :, tau:]), atol=1e-12)
+
+
+def test_window_chunks_cover_every_window_once_and_keep_every_thread_busy():
+    """The batched solves' chunks: in order, none over the size, as many as a multiple of the threads where there are
+    enough windows (24 in 8s over 2 threads would leave one thread idle a third of the time)."""
+    from brainlm.eval.baselines import chunks
+
+    for n, size, workers, count in [(24, 8, 2, 4), (16, 8, 2, 2), (17, 8, 2, 4), (5, 8, 2, 2), (1, 8, 2, 1),
+                                    (3, 8, 4, 3), (100, 8, 1, 13)]:  # fmt: skip
+        parts = chunks(n, size, workers)
+        assert [i for s in parts for i in range(s.start, s.stop)] == list(range(n))
+        assert all(0 < s.stop - s.start <= size for s in parts)
+        assert len(parts) == count
+    assert [s.stop - s.start for s in chunks(24, 8, 2)] == [6, 6, 6, 6]
+    assert chunks(0, 8, 2) == []

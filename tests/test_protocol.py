@@ -68,6 +68,26 @@ def test_window_sums_give_the_pooled_r2_of_any_set_of_windows():
     assert halves.r2("ridge") == pytest.approx(sums.r2("ridge"), abs=1e-12)
 
 
+def test_r2_per_parcel_is_each_parcels_masked_values_alone():
+    """Pooled and per-parcel R^2 against 1 - SSE / SST written out; a parcel with fewer than 2 masked values is NaN."""
+    rng = np.random.default_rng(1)
+    x, pred = rng.standard_normal((6, 5, 12)), rng.standard_normal((6, 5, 12))
+    tmask = rng.random(x.shape) < 0.5
+    tmask[:, 3] = False
+    tmask[2, 3, 4] = True  # one masked value: no variance to explain
+
+    def r2(m):
+        return 1 - ((pred - x)[m] ** 2).sum() / ((x[m] - x[m].mean()) ** 2).sum()
+
+    pooled, per = r2_parts(pred, x, tmask)
+    assert pooled == pytest.approx(r2(tmask), abs=1e-12)
+    for r in (0, 1, 2, 4):
+        m = np.zeros_like(tmask)
+        m[:, r] = tmask[:, r]
+        assert per[r] == pytest.approx(r2(m), abs=1e-12)
+    assert np.isnan(per[3])
+
+
 def test_a_model_equal_to_its_baseline_is_a_tie_and_a_clear_margin_names_the_winner():
     rng = np.random.default_rng(1)
     subjects = np.repeat([f"sub{i}" for i in range(6)], 8)

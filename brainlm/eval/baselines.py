@@ -24,6 +24,7 @@ lam (and alpha) are chosen on the validation split; s = trace(C(0)) / R makes la
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -95,9 +96,13 @@ def lagged_products(xc_BRT: np.ndarray, lags: int, rows: int = 64) -> np.ndarray
     return out
 
 
-def chunks(n: int, size: int) -> list[slice]:
-    """[0, n) in slices of at most ``size``."""
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+def chunks(n: int, size: int, workers: int = 1) -> list[slice]:
+    """[0, n) in slices of at most ``size``, as equal as they can be, their count a multiple of ``workers`` where
+    there are enough items (24 windows in 8s over 2 threads leave one thread idle a third of the time; in 6s none)."""
+    count = -(-n // size)
+    count = min(n, -(-count // workers) * workers) if n else 0
+    edges = np.linspace(0, n, count + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
 class GaussianImputer:
@@ -162,7 +167,7 @@ class GaussianImputer:
                 start_BRT=None if start_BRT is None else torch.from_numpy(start_BRT[rows]),
             ).numpy()
 
-        return np.concatenate(threads.map_kernels(run, chunks(len(x_BRT), WINDOWS)))
+        return np.concatenate(threads.map_kernels(run, chunks(len(x_BRT), WINDOWS, threads.kernel_workers())))
 
     # -- spatio-temporal -----------------------------------------------------------------------------------
 

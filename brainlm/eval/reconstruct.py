@@ -158,16 +158,20 @@ class Baselines:
         self, name: str, candidates: list[dict[str, float]], x_BRT, tmask_BRT, P: int, context
     ) -> Iterator[tuple[int, np.ndarray]]:
         """(index, predictions) of each candidate setting, in an order that computes what they share once: the
-        context statistics, the spatio-temporal gathers (across lam), the adaptive first pass (across alpha)."""
+        context statistics, each beta's covariances, the spatio-temporal gathers (across lam), the adaptive first pass
+        (across alpha)."""
         g, method = self.gaussian, LINEAR[name][0]
         if method == "spatiotemporal":
             yield from enumerate(g.spatiotemporal_grid(x_BRT, tmask_BRT, P, [c["lam"] for c in candidates]))
             return
         stats = context_statistics(x_BRT, context or [[]] * len(x_BRT)) if "beta" in candidates[0] else None
         first: dict[tuple, np.ndarray] = {}  # the spatial pass of the latest (lam, beta), shared across alpha
-        for i in sorted(range(len(candidates)), key=lambda i: (candidates[i]["lam"], candidates[i].get("beta", 0))):
+        shrunk: dict[float, np.ndarray] = {}  # the latest beta's covariances [B, R, R], shared across lam and alpha
+        for i in sorted(range(len(candidates)), key=lambda i: (candidates[i].get("beta", 0), candidates[i]["lam"])):
             c = candidates[i]
-            cov = None if stats is None else shrink_toward_context(g.cov_RR, *stats, c["beta"])
+            if stats is not None and c["beta"] not in shrunk:
+                shrunk = {c["beta"]: shrink_toward_context(g.cov_RR, *stats, c["beta"])}
+            cov = None if stats is None else shrunk[c["beta"]]
             if method == "spatial":
                 yield i, g.spatial(x_BRT, tmask_BRT, P, c["lam"], cov)
                 continue

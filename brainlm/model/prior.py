@@ -83,15 +83,21 @@ def _spatial(xc_BNRP: Tensor, vis_BNR: Tensor, cov_BRR: Tensor, ridge: float) ->
     order_UR = torch.argsort((~vis_UR).to(torch.int8), dim=-1, stable=True)
     valid_UV = torch.arange(v_max, device=device) < vis_UR.sum(-1, keepdim=True)
     order_UV = torch.where(valid_UV, order_UR[:, :v_max], R)
-    padded_BRR = torch.nn.functional.pad(cov_BRR, (0, 1, 0, 1))
-    rows_UVR = padded_BRR[window_U[:, None], order_UV]  # whole rows first: far faster than one 3-index gather
-    A = torch.gather(rows_UVR, 2, order_UV[:, None, :].expand(-1, v_max, -1))
+    shared = cov_BRR.stride(0) == 0  # one covariance for every window (expanded): padded once
+    padded_BRR = torch.nn.functional.pad(cov_BRR[:1] if shared else cov_BRR, (0, 1, 0, 1))
+    source_U = torch.zeros_like(window_U) if shared else window_U
+    # A = C_VV of each system, taken from the flat padded covariances by one index (a row gather and a column gather
+    # after it cost twice as much)
+    R1 = R + 1
+    A = padded_BRR.reshape(-1)[(source_U[:, None, None] * R1 + order_UV[:, :, None]) * R1 + order_UV[:, None, :]]
     A.diagonal(dim1=-2, dim2=-1).add_(1 + (ridge - 1) * valid_UV.to(A.dtype))  # float64, not where()'s float32
     xc_XRP = torch.nn.functional.pad(xc_BNRP.reshape(B * N, R, P), (0, 0, 0, 1))[by_system_X]
     order_XV = order_UV.repeat_interleave(k, dim=0)
     rhs_XVP = torch.gather(xc_XRP, 1, order_XV[..., None].expand(-1, -1, P))
     rhs_UVJ = rhs_XVP.reshape(U, k, v_max, P).transpose(1, 2).reshape(U, v_max, k * P)
-    z_UVJ = torch.cholesky_solve(rhs_UVJ, torch.linalg.cholesky(A))
+    L_UVV = torch.linalg.cholesky(A)  # then two triangular solves: a third of cholesky_solve's time on CPU
+    y_UVJ = torch.linalg.solve_triangular(L_UVV, rhs_UVJ, upper=False)
+    z_UVJ = torch.linalg.solve_triangular(L_UVV.mT, y_UVJ, upper=True)
     z_XVP = z_UVJ.reshape(U, v_max, k, P).transpose(1, 2).reshape(B * N, v_max, P)
     z_XRP = torch.zeros_like(xc_XRP).scatter_(1, order_XV[..., None].expand(-1, -1, P), z_XVP)
     z_XRP = z_XRP[torch.argsort(by_system_X)][:, :R]  # back to column order, without the zero row

@@ -95,15 +95,14 @@ class WindowSums:
 
 
 def r2_parts(pred: np.ndarray, x: np.ndarray, tmask: np.ndarray) -> tuple[float, np.ndarray]:
-    """Pooled R^2 over masked values, and R^2 per parcel (NaN where a parcel has no masked value)."""
-    err = (pred - x) ** 2
-    pooled = pooled_r2(err[tmask].sum(), x[tmask].sum(), (x[tmask] ** 2).sum(), tmask.sum())
-    per = np.full(x.shape[1], np.nan)
-    for r in range(x.shape[1]):
-        m = tmask[:, r]
-        if m.sum() > 1:
-            v = x[:, r][m]
-            per[r] = pooled_r2(err[:, r][m].sum(), v.sum(), (v**2).sum(), m.sum())
+    """Pooled R^2 over masked values, and R^2 per parcel (NaN where a parcel has fewer than 2 masked values)."""
+    x = np.asarray(x, dtype=np.float64)
+    err = np.where(tmask, (pred - x) ** 2, 0.0)
+    xm = np.where(tmask, x, 0.0)
+    sse_R, s1_R, s2_R = err.sum(axis=(0, 2)), xm.sum(axis=(0, 2)), (xm**2).sum(axis=(0, 2))
+    n_R = tmask.sum(axis=(0, 2))
+    pooled = pooled_r2(sse_R.sum(), s1_R.sum(), s2_R.sum(), n_R.sum())
+    per = np.where(n_R > 1, pooled_r2(sse_R, s1_R, s2_R, n_R), np.nan)
     return float(pooled), per
 
 
