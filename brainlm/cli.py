@@ -13,21 +13,20 @@ import argparse
 import dataclasses
 import os
 import sys
+from dataclasses import dataclass, field
 
 from brainlm.exceptions import BrainLMError, exit_code
 from brainlm.registry_cli import add_registry
-from brainlm.schema import add_flags, add_version, from_flags
+from brainlm.schema import Command, add_commands, add_version, from_flags, option
 
 
 def _reconstruct(a: argparse.Namespace) -> None:
     from brainlm.eval.reconstruct import reconstruct
     from brainlm.masking import MASKINGS
 
-    strategies = tuple(m.strip() for m in a.masking.split(",") if m.strip()) if a.masking else MASKINGS
-    sources = [s.strip() for s in a.source_shards.split(",") if s.strip()] if a.source_shards else None
     reconstruct(
-        a.model, a.shards, a.out, a.split, a.mask_ratio, strategies, a.limit, a.device, sources, a.context,
-        refit_prior=a.refit_prior,
+        a.model, a.shards, a.out, a.split, a.mask_ratio, tuple(a.masking or MASKINGS), a.limit, a.device,
+        a.source_shards or None, a.context, refit_prior=a.refit_prior,
     )  # fmt: skip
 
 
@@ -46,7 +45,7 @@ def _embed(a: argparse.Namespace) -> None:
     if a.shards:
         from brainlm.eval.embed import embed
 
-        embed(a.model, a.shards, a.out, tuple(a.splits.split(",")), a.device, a.random_weights)
+        embed(a.model, a.shards, a.out, tuple(a.splits), a.device, a.random_weights)
         return
     from brainlm.api import embed_files, load
 
@@ -128,12 +127,110 @@ def _import_brainlm(a: argparse.Namespace) -> None:
         print("  - No atlas given: pass coordinates yourself, or re-run with --atlas-table (e.g. A424's).")
 
 
-def _io(p: argparse.ArgumentParser, shards_required: bool = True, device: bool = True) -> None:
-    p.add_argument("--model", required=True, help="exported model folder, or models:/NAME@ALIAS from the registry")
-    p.add_argument("--shards", required=shards_required, help="shard set (local folder or s3://...) with manifest.json")
-    p.add_argument("--out", required=True, help="folder for metrics.json and figures")
-    if device:
-        p.add_argument("--device", help="cpu | cuda | cuda:N (default: CUDA when available); bf16 autocast on a GPU")
+@dataclass(kw_only=True)
+class Analysis:
+    """What every analysis reads and where it writes."""
+
+    model: str
+    """exported model folder, or models:/NAME@ALIAS from the registry"""
+    shards: str
+    """shard set (local folder or s3://...) with manifest.json"""
+    out: str
+    """folder for metrics.json and figures"""
+
+
+@dataclass(kw_only=True)
+class OnDevice(Analysis):
+    device: str | None = None
+    """cpu | cuda | cuda:N (default: CUDA when available); bf16 autocast on a GPU"""
+
+
+@dataclass(kw_only=True)
+class Reconstruct(OnDevice):
+    split: str = "test"
+    """split to evaluate"""
+    mask_ratio: float | None = None
+    """default: the model's"""
+    masking: list[str] | None = None
+    """masking strategies (default random,tube,parcel,future)"""
+    limit: int | None = None
+    """evaluate at most this many windows"""
+    source_shards: list[str] | None = None
+    """shard sets the model was pretrained on (default: what its extra.json records); the baselines are fitted on them
+    too (and on both) when they share the evaluated atlas"""
+    context: str = "all"
+    """other windows of its own recording each test window's +ctx baselines (and a context model) see: 0, K (the K
+    nearest, never overlapping the window) or all"""
+    refit_prior: bool = False
+    """fit the decoder's prior on these shards' train split even when the model holds one for their atlas (a new
+    cohort on an atlas seen in pretraining; on an unseen atlas it is always refitted)"""
+
+
+@dataclass(kw_only=True)
+class Embed(OnDevice):
+    shards: str | None = None
+    """a built shard set (local folder or s3://...) with manifest.json; or --inputs"""
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    """with --shards: splits to embed"""
+    inputs: list[str] | None = option(None, nargs="+")
+    """instead of --shards: NIfTI / array files or folders (BIDS/fMRIPrep derivatives, NIfTI, parcel arrays),
+    parcellated with the model's atlas, no shard build; writes embeddings.npz + embeddings.tsv"""
+    atlas: str | None = None
+    """with --inputs: the label image (or 4D maps) of the model's atlas, for NIfTI"""
+    atlas_table: str | None = None
+    """with --inputs: the atlas table (name, x, y, z[, network])"""
+    kind: str = "auto"
+    """with --inputs folders: auto | bids | nifti | arrays"""
+    pooling: str = "cls"
+    """with --inputs: cls | mean | latent_fc"""
+    resample: bool = False
+    """with --inputs: resample other TRs to the model's"""
+    stride: int | None = None
+    """with --inputs: step between windows (default the window)"""
+    random_weights: bool = False
+    """with --shards: the random-weights control's embeddings (same architecture and pooling, untrained)"""
+
+
+@dataclass(kw_only=True)
+class Fingerprint(OnDevice):
+    split: str = "test"
+    """split(s) whose recordings are compared: test, or val,test"""
+    label: str | None = None
+    """a recording or subject column to decode (e.g. condition)"""
+    folds: int = 5
+    """cross-validation folds by subject for --label"""
+
+
+@dataclass(kw_only=True)
+class Networks(OnDevice):
+    labels: str = "network"
+    """the atlas label set to identify"""
+    split: str = "test"
+    """split whose recordings give the features"""
+    max_recordings: int = 60
+    """recordings used, half reference"""
+    k: int = 5
+    """neighbours"""
+
+
+@dataclass(kw_only=True)
+class Attention(OnDevice):
+    group_by: str = "condition"
+    """metadata or phenotype to group by"""
+    split: str = "test"
+    """split"""
+    max_windows: int = 512
+    """windows per group"""
+
+
+@dataclass(kw_only=True)
+class ImportRelease:
+    src: str = option(positional=True)
+    """the release's folder (config.json + weights)"""
+    out: str
+    """model folder to write"""
+    atlas_table: str | None = None
+    """the atlas the release was trained on (name, x, y, z[, network]), e.g. A424; required for the ViT-MAE releases"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -155,170 +252,99 @@ def parser() -> argparse.ArgumentParser:
         "(for pretrain it is passed on as BRAINLM_THREADS, which its ranks read)",
     )
     sub = p.add_subparsers(dest="command", required=True)
-
-    r = sub.add_parser(
-        "reconstruct",
-        help="masked-patch R^2 on held-out recordings, beside baselines, with intervals",
-        description="Masked-patch R^2 with fixed windows and seeded masks, per masking strategy, beside zero, "
-        "parcel-mean, interpolation, ridge, spatio-temporal and adaptive Gaussian baselines (with the recording's "
-        "other windows: ridge+ctx, adaptive+ctx), fitted on the data the model saw too; the margin over the best "
-        "with paired bootstrap intervals over windows and subjects, a tie unless they exclude 0.",
-    )
-    _io(r)
-    r.add_argument("--split", default="test", help="split to evaluate (default test)")
-    r.add_argument("--mask-ratio", type=float, help="default: the model's")
-    r.add_argument("--masking", help="comma-separated strategies (default random,tube,parcel,future)")
-    r.add_argument("--limit", type=int, help="evaluate at most this many windows")
-    r.add_argument(
-        "--source-shards",
-        help="comma-separated shard sets the model was pretrained on (default: what its extra.json records); the "
-        "baselines are fitted on them too (and on both) when they share the evaluated atlas",
-    )
-    r.add_argument(
-        "--context",
-        default="all",
-        help="other windows of its own recording each test window's +ctx baselines (and a context model) see: "
-        "0, K (the K nearest, never overlapping the window) or all (default)",
-    )
-    r.add_argument(
-        "--refit-prior",
-        action="store_true",
-        help="fit the decoder's prior on these shards' train split even when the model holds one for their atlas "
-        "(a new cohort on an atlas seen in pretraining; on an unseen atlas it is always refitted)",
-    )
-    r.set_defaults(func=_reconstruct)
-
-    m = sub.add_parser(
-        "benchmark",
-        help="K subject folds: build, pretrain and evaluate each, pooled with intervals",
-        description="The evaluation protocol end to end (docs/evaluation.md): every subject a test subject once, "
-        "validation on subjects of its own, baselines fitted on the same data, paired bootstrap intervals over "
-        "windows and subjects. Recipe overrides (--train.max_steps 600 ...) follow the flags.",
-    )
-    add_flags(m, BenchmarkConfig)
-    m.set_defaults(func=_benchmark, takes_overrides=True)
-
-    sub.add_parser(
-        "data",
-        help="build, inspect and push shard sets: synth | build | inspect | push (as python -m data_prep)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "pretrain",
-        help="pretrain with DeepSpeed in this process (as launcher/pretrain.py); --help lists every override",
-        add_help=False,
-    )
-    sub.add_parser(
-        "tune",
-        help="Ray Tune sweeps: finetune | perturb | scale (as launcher/tune.py)",
-        add_help=False,
-    )
-
-    e = sub.add_parser(
-        "embed",
-        help="deterministic CLS and mean-token embeddings per recording",
-        description="Embeddings per recording, averaged over its non-overlapping windows.",
-    )
-    _io(e, shards_required=False)
-    e.add_argument("--splits", default="train,val,test", help="with --shards: splits to embed (default train,val,test)")
-    e.add_argument(
-        "--inputs",
-        nargs="+",
-        help="instead of --shards: NIfTI / array files or folders (BIDS/fMRIPrep derivatives, NIfTI, parcel arrays), "
-        "parcellated with the model's atlas, no shard build; writes embeddings.npz + embeddings.tsv",
-    )
-    e.add_argument("--atlas", help="with --inputs: the label image (or 4D maps) of the model's atlas, for NIfTI")
-    e.add_argument("--atlas-table", help="with --inputs: the atlas table (name, x, y, z[, network])")
-    e.add_argument("--kind", default="auto", help="with --inputs folders: auto | bids | nifti | arrays")
-    e.add_argument("--pooling", default="cls", help="with --inputs: cls | mean | latent_fc (default cls)")
-    e.add_argument("--resample", action="store_true", help="with --inputs: resample other TRs to the model's")
-    e.add_argument("--stride", type=int, help="with --inputs: step between windows (default the window)")
-    e.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="with --shards: the random-weights control's embeddings (same architecture and pooling, untrained)",
-    )
-    e.set_defaults(func=_embed)
-
-    f = sub.add_parser(
-        "finetune",
-        help="predict a phenotype; SVR, FC-ridge and probe baselines beside it",
-        description="Fine-tune (or probe) an MLP head on the embedding to predict a phenotype, "
-        "subject-level splits, mean +- std over seeds, baselines in the same table.",
-    )
-    _io(f, device=False)
-    add_flags(f, FinetuneConfig)
-    f.set_defaults(func=_finetune)
-
-    fp = sub.add_parser(
-        "fingerprint",
-        help="subject identification and label decoding from recording-level representations, beside FC",
-        description="Each recording summarised from all its windows (CLS, mean token, latent connectivity; the same "
-        "with random weights; FC): its subject identified by the nearest other recording, and a label decoded by "
-        "logistic regression cross-validated by subject, with paired bootstrap intervals.",
-    )
-    _io(fp)
-    fp.add_argument(
-        "--split", default="test", help="split(s) whose recordings are compared: test (default), or val,test"
-    )
-    fp.add_argument("--label", help="a recording or subject column to decode (e.g. condition)")
-    fp.add_argument("--folds", type=int, default=5, help="cross-validation folds by subject for --label (default 5)")
-    fp.set_defaults(func=_fingerprint)
-
-    n = sub.add_parser(
-        "networks",
-        help="zero-shot functional network identification from CLS attention and tokens",
-        description="Per-recording parcel features (CLS attention, encoder tokens) classified by kNN fitted "
-        "on other recordings and other parcels, beside raw time series, FC rows and coordinates.",
-    )
-    _io(n)
-    n.add_argument("--labels", default="network", help="the atlas label set to identify (default network)")
-    n.add_argument("--split", default="test", help="split whose recordings give the features (default test)")
-    n.add_argument("--max-recordings", type=int, default=60, help="recordings used, half reference (default 60)")
-    n.add_argument("--k", type=int, default=5, help="neighbours (default 5)")
-    n.set_defaults(func=_networks)
-
-    b = sub.add_parser(
-        "perturb",
-        help="in-silico perturbation from a source state to a target state",
-        description="Learn a sparse perturbation of the source recordings whose embedding "
-        "matches the target state's; report where it concentrates.",
-    )
-    _io(b, device=False)
-    add_flags(b, PerturbConfig)
-    b.set_defaults(func=_perturb)
-
-    t = sub.add_parser(
-        "attention",
-        help="CLS attention maps per parcel and group",
-        description="CLS attention per parcel averaged within groups, brain figures.",
-    )
-    _io(t)
-    t.add_argument("--group-by", default="condition", help="metadata or phenotype to group by (default condition)")
-    t.add_argument("--split", default="test", help="split (default test)")
-    t.add_argument("--max-windows", type=int, default=512, help="windows per group (default 512)")
-    t.set_defaults(func=_attention)
-
-    i = sub.add_parser(
-        "import-brainlm",
-        help="convert the released BrainLM weights (old_13M, vitmae_111M, vitmae_650M) into a model folder",
-        description="Read a Hugging Face release folder (config.json + model.safetensors or pytorch_model.bin, read "
-        "as weights only): BrainLMForPretraining (old_13M) or ViTMAEForPreTraining (vitmae_111M, vitmae_650M: needs "
-        "--atlas-table, whose Y coordinates order the image rows), and write our model folder. Every key is mapped; "
-        "unused ones are listed. The released weights are CC BY-NC-ND: convert them locally, never redistribute the "
-        "result.",
-    )
-    i.add_argument("src", help="the release's folder (config.json + weights)")
-    i.add_argument("--out", required=True, help="model folder to write")
-    i.add_argument(
-        "--atlas-table",
-        help="the atlas the release was trained on (name, x, y, z[, network]), e.g. A424; required for the ViT-MAE "
-        "releases",
-    )
-    i.set_defaults(func=_import_brainlm)
-
+    for name, text in OWN_PARSERS.items():  # listed here, parsed by their own parsers (main)
+        sub.add_parser(name, help=text, add_help=False)
+    commands = [
+        Command(
+            "reconstruct",
+            _reconstruct,
+            "masked-patch R^2 on held-out recordings, beside baselines, with intervals",
+            (Reconstruct,),
+            "Masked-patch R^2 with fixed windows and seeded masks, per masking strategy, beside zero, parcel-mean, "
+            "interpolation, ridge, spatio-temporal and adaptive Gaussian baselines (with the recording's other "
+            "windows: ridge+ctx, adaptive+ctx), fitted on the data the model saw too; the margin over the best with "
+            "paired bootstrap intervals over windows and subjects, a tie unless they exclude 0.",
+        ),
+        Command(
+            "benchmark",
+            _benchmark,
+            "K subject folds: build, pretrain and evaluate each, pooled with intervals",
+            (BenchmarkConfig,),
+            "The evaluation protocol end to end (docs/evaluation.md): every subject a test subject once, validation "
+            "on subjects of its own, baselines fitted on the same data, paired bootstrap intervals over windows and "
+            "subjects. Recipe overrides (--train.max_steps 600 ...) follow the flags.",
+        ),
+        Command(
+            "embed",
+            _embed,
+            "deterministic CLS and mean-token embeddings per recording",
+            (Embed,),
+            "Embeddings per recording, averaged over its non-overlapping windows.",
+        ),
+        Command(
+            "finetune",
+            _finetune,
+            "predict a phenotype; SVR, FC-ridge and probe baselines beside it",
+            (Analysis, FinetuneConfig),
+            "Fine-tune (or probe) an MLP head on the embedding to predict a phenotype, subject-level splits, mean +- "
+            "std over seeds, baselines in the same table.",
+        ),
+        Command(
+            "fingerprint",
+            _fingerprint,
+            "subject identification and label decoding from recording-level representations, beside FC",
+            (Fingerprint,),
+            "Each recording summarised from all its windows (CLS, mean token, latent connectivity; the same with "
+            "random weights; FC): its subject identified by the nearest other recording, and a label decoded by "
+            "logistic regression cross-validated by subject, with paired bootstrap intervals.",
+        ),
+        Command(
+            "networks",
+            _networks,
+            "zero-shot functional network identification from CLS attention and tokens",
+            (Networks,),
+            "Per-recording parcel features (CLS attention, encoder tokens) classified by kNN fitted on other "
+            "recordings and other parcels, beside raw time series, FC rows and coordinates.",
+        ),
+        Command(
+            "perturb",
+            _perturb,
+            "in-silico perturbation from a source state to a target state",
+            (Analysis, PerturbConfig),
+            "Learn a sparse perturbation of the source recordings whose embedding matches the target state's; report "
+            "where it concentrates.",
+        ),
+        Command(
+            "attention",
+            _attention,
+            "CLS attention maps per parcel and group",
+            (Attention,),
+            "CLS attention per parcel averaged within groups, brain figures.",
+        ),
+        Command(
+            "import-brainlm",
+            _import_brainlm,
+            "convert the released BrainLM weights (old_13M, vitmae_111M, vitmae_650M) into a model folder",
+            (ImportRelease,),
+            "Read a Hugging Face release folder (config.json + model.safetensors or pytorch_model.bin, read as "
+            "weights only): BrainLMForPretraining (old_13M) or ViTMAEForPreTraining (vitmae_111M, vitmae_650M: "
+            "needs --atlas-table, whose Y coordinates order the image rows), and write our model folder. Every key "
+            "is mapped; unused ones are listed. The released weights are CC BY-NC-ND: convert them locally, never "
+            "redistribute the result.",
+        ),
+    ]
+    add_commands(sub, commands)["benchmark"].set_defaults(takes_overrides=True)
     add_registry(sub)
     return p
+
+
+# The commands with parsers of their own: the shard build, pretraining (--config, --deepspeed and dotted overrides)
+# and the sweeps; `python -m data_prep`, launcher/pretrain.py and launcher/tune.py run the same.
+OWN_PARSERS = {
+    "data": "build, inspect and push shard sets: synth | build | inspect | push (as python -m data_prep)",
+    "pretrain": "pretrain with DeepSpeed in this process (as launcher/pretrain.py); --help lists every override",
+    "tune": "Ray Tune sweeps: finetune | perturb | scale (as launcher/tune.py)",
+}
 
 
 def _leading_threads(argv: list[str]) -> list[str]:

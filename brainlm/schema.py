@@ -12,8 +12,10 @@ import dataclasses
 import difflib
 import inspect
 import itertools
+import textwrap
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from brainlm._version import __version__
@@ -26,9 +28,17 @@ def add_version(p: argparse.ArgumentParser) -> None:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (for --help)."""
+    """The docstring under each field of a dataclass and of the dataclasses it extends (for --help)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs |= _own_field_docs(klass)
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     try:
-        tree = ast.parse(inspect.getsource(cls))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
         return {}
     docs, body = {}, tree.body[0].body
@@ -85,6 +95,12 @@ def _comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def option(default: Any = dataclasses.MISSING, *, positional: bool = False, nargs: str | None = None) -> Any:
+    """A dataclass field that says how its flag is written: ``positional`` (a bare argument, e.g. a path) and
+    ``nargs`` ("+": one or more values after the flag, "?": an optional positional)."""
+    return dataclasses.field(default=default, metadata={"positional": positional, "nargs": nargs})
+
+
 def add_flags(
     p: argparse.ArgumentParser | argparse._ArgumentGroup,
     cls: type,
@@ -108,10 +124,18 @@ def add_flags(
         text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         kind = [t for t in types_of(hints[f.name]) if t is not type(None)] or [str]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if kind[0] is bool:
+        nargs = f.metadata.get("nargs")
+        if f.metadata.get("positional"):
+            p.add_argument(f.name, nargs=nargs, help=text, **({} if required else {"default": default}))
+        elif kind[0] is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif kind[0] is list and nargs:
+            p.add_argument(flag, nargs=nargs, default=default, required=required, help=text)
         elif kind[0] is list:
-            p.add_argument(flag, type=_comma_list, default=default, required=required, help=f"{text} (comma-separated)")
+            shown = f"; default {','.join(map(str, default))}" if default else ""
+            p.add_argument(
+                flag, type=_comma_list, default=default, required=required, help=f"{text} (comma-separated{shown})"
+            )
         else:
             shown = "" if required or default is None else f" (default {default})"
             p.add_argument(flag, type=kind[0], default=default, required=required, help=f"{text}{shown}")
@@ -121,3 +145,40 @@ def from_flags(cls: type, args: argparse.Namespace, **values: Any) -> Any:
     """The dataclass from parsed flags: every field that has a flag, plus ``values`` (those win)."""
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**{**kwargs, **values})
+
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    """The flags of a dataclass's fields, less ``skip``, in an argument group when ``group`` titles one."""
+
+    cls: type
+    skip: tuple[str, ...] = ()
+    group: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, what runs it (given the parsed arguments), its one-line help, the dataclasses whose
+    fields are its flags, and its description (the help by default)."""
+
+    name: str
+    run: Callable[[argparse.Namespace], Any]
+    help: str
+    flags: tuple[type | Flags, ...] = ()
+    description: str | None = None
+
+
+def add_commands(
+    sub: argparse._SubParsersAction, commands: list[Command], **kwargs: Any
+) -> dict[str, argparse.ArgumentParser]:
+    """A subparser per command (``kwargs`` given to each), its flags from its dataclasses, ``func`` set to its run;
+    returned by name, for what a dataclass cannot say (a mutually exclusive group)."""
+    parsers = {}
+    for c in commands:
+        p = sub.add_parser(c.name, help=c.help, description=c.description or c.help, **kwargs)
+        for spec in c.flags:
+            spec = spec if isinstance(spec, Flags) else Flags(spec)
+            add_flags(p.add_argument_group(spec.group) if spec.group else p, spec.cls, spec.skip)
+        p.set_defaults(func=c.run)
+        parsers[c.name] = p
+    return parsers

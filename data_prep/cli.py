@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 
 from brainlm.exceptions import exit_code
-from brainlm.schema import add_flags, add_version, field_docs, from_flags
+from brainlm.schema import Command, Flags, add_commands, add_version, field_docs, from_flags, option
 from data_prep.build import BuildConfig
 from data_prep.synth import SynthConfig
 
@@ -59,7 +60,7 @@ def _inspect(args: argparse.Namespace) -> int:
     else:
         print(summary(manifest, root))
         print("\n".join(["  shards", *shard_lines(manifest)]))
-    if args.no_verify:
+    if not args.verify:
         return 0
     problems = verify(manifest, root)
     if problems:
@@ -77,6 +78,36 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(kw_only=True)
+class SynthFlags:
+    out: str
+    """output folder"""
+
+
+@dataclass(kw_only=True)
+class BuildFlags:
+    quiet: bool = False
+    """no progress bars (as --no-progress)"""
+
+
+@dataclass(kw_only=True)
+class InspectFlags:
+    dest: str = option(positional=True)
+    """a local folder or s3://bucket/prefix holding manifest.json"""
+    verify: bool = True
+    """check every shard's sha256"""
+    json: bool = False
+    """print the summary as JSON"""
+
+
+@dataclass(kw_only=True)
+class PushFlags:
+    src: str = option(positional=True)
+    """the folder (or s3://bucket/prefix) to copy"""
+    dest: str = option(positional=True)
+    """where to: a local folder or s3://bucket/prefix"""
+
+
 def parser(prog: str = "brainlm data") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -84,49 +115,40 @@ def parser(prog: str = "brainlm data") -> argparse.ArgumentParser:
     )
     add_version(p)
     sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser(
-        "synth",
-        help="write a synthetic cohort with known ground truth",
-        description="Write a synthetic cohort (Seitzman 2018 atlas, TR 0.72 s) with ground truth.",
-    )
-    s.add_argument("--out", required=True, help="output folder")
     # The cohort's shape is set by flags; its effect sizes (fields without a docstring) are fixed ground truth.
-    add_flags(
-        s,
-        SynthConfig,
-        skip=tuple(f.name for f in dataclasses.fields(SynthConfig) if f.name not in field_docs(SynthConfig)),
-    )
-    s.set_defaults(func=_synth)
-
-    b = sub.add_parser(
-        "build",
-        help="turn inputs into shards + manifest.json",
-        description="Parcellate, quality-check, scale (statistics from training subjects only), "
-        "crop and shard. Resumable: a re-run skips work whose checksums match.",
-    )
-    add_flags(b, BuildConfig)
-    b.add_argument("--quiet", action="store_true", help="no progress bars (as --no-progress)")
-    b.set_defaults(func=_build)
-
-    i = sub.add_parser(
-        "inspect",
-        help="summarise a shard set and verify every shard's checksum",
-        description="Print the manifest summary and check every shard's sha256.",
-    )
-    i.add_argument("dest", help="a local folder or s3://bucket/prefix holding manifest.json")
-    i.add_argument("--no-verify", action="store_true", help="skip checksum verification")
-    i.add_argument("--json", action="store_true", help="print the summary as JSON")
-    i.set_defaults(func=_inspect)
-
-    u = sub.add_parser(
-        "push",
-        help="copy a shard set (or any folder) to another store, e.g. to S3",
-        description="Copy every object under SRC to DEST (local folder or s3://bucket/prefix).",
-    )
-    u.add_argument("src")
-    u.add_argument("dest")
-    u.set_defaults(func=_push)
+    truth = tuple(f.name for f in dataclasses.fields(SynthConfig) if f.name not in field_docs(SynthConfig))
+    commands = [
+        Command(
+            "synth",
+            _synth,
+            "write a synthetic cohort with known ground truth",
+            (SynthFlags, Flags(SynthConfig, truth)),
+            "Write a synthetic cohort (Seitzman 2018 atlas, TR 0.72 s) with ground truth.",
+        ),
+        Command(
+            "build",
+            _build,
+            "turn inputs into shards + manifest.json",
+            (BuildConfig, BuildFlags),
+            "Parcellate, quality-check, scale (statistics from training subjects only), crop and shard. Resumable: a "
+            "re-run skips work whose checksums match.",
+        ),
+        Command(
+            "inspect",
+            _inspect,
+            "summarise a shard set and verify every shard's checksum",
+            (InspectFlags,),
+            "Print the manifest summary and check every shard's sha256.",
+        ),
+        Command(
+            "push",
+            _push,
+            "copy a shard set (or any folder) to another store, e.g. to S3",
+            (PushFlags,),
+            "Copy every object under SRC to DEST (local folder or s3://bucket/prefix).",
+        ),
+    ]
+    add_commands(sub, commands)
     return p
 
 

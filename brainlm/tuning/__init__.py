@@ -19,10 +19,10 @@ Search spaces are YAML files whose keys are config fields (``load_space``). MLfl
 and a child per trial, written from the driver only (``MLflowTrials``, through ``brainlm.tracking.sweeps.SweepRuns``):
 trials send results back, so parallel trials never contend for a sqlite store.
 
-Modules: ``space`` (search spaces), ``session`` (options and the Ray session), ``trials`` (the MLflow callback and
-value formatting), ``template`` (``SweepSpec``, ``run_sweep``, ``finish_sweep``: the one skeleton every sweep runs),
-``finetune``, ``perturb``, ``scale`` (one short spec each), ``cli`` (the command line). ray is imported in this
-package only, on first use of a name below.
+Modules: ``options`` (``SweepOptions``: how any sweep runs), ``space`` (search spaces), ``session`` (the Ray
+session), ``trials`` (the MLflow callback and value formatting), ``template`` (``SweepSpec``, ``run_sweep``,
+``finish_sweep``: the one skeleton every sweep runs), ``finetune``, ``perturb``, ``scale`` (one short spec each),
+``cli`` (the command line). ray is imported in this package only, on first use of a name below.
 """
 
 import importlib
@@ -40,7 +40,7 @@ _HOME = {
     "plan_shape": "scale",
     "scale_sweep": "scale",
     "scale_trial": "scale",
-    "SweepOptions": "session",
+    "SweepOptions": "options",
     "ray_session": "session",
     "FINETUNE_FIXED": "space",
     "PERTURB_FIXED": "space",

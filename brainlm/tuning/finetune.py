@@ -15,7 +15,8 @@ from brainlm.eval.common import load_context
 from brainlm.eval.finetune import FinetuneConfig, FinetuneData, load_data, save_finetuned, train_one
 from brainlm.exceptions import NonFiniteLossError
 from brainlm.tracking.env import git_sha
-from brainlm.tuning.session import SweepOptions, in_trial, trial_device
+from brainlm.tuning.options import SweepOptions
+from brainlm.tuning.session import in_trial, trial_device
 from brainlm.tuning.space import FINETUNE_FIXED, apply_config, check_flags_vs_space, load_space
 from brainlm.tuning.template import (
     asha,

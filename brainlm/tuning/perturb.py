@@ -15,7 +15,8 @@ from ray import tune
 from brainlm.eval.common import jsonable, load_context, parse_where, recordings
 from brainlm.eval.perturb import PerturbConfig, magnitude, optimise, top_report
 from brainlm.exceptions import ConfigError, NonFiniteLossError
-from brainlm.tuning.session import SweepOptions, in_trial, trial_device
+from brainlm.tuning.options import SweepOptions
+from brainlm.tuning.session import in_trial, trial_device
 from brainlm.tuning.space import PERTURB_FIXED, apply_config, check_flags_vs_space, load_space
 from brainlm.tuning.template import (
     asha,

@@ -7,7 +7,6 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -15,47 +14,9 @@ import torch
 
 from brainlm.exceptions import ConfigError
 from brainlm.logs import to_terminal
+from brainlm.tuning.options import SweepOptions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SweepOptions:
-    """How a sweep runs, whatever it sweeps."""
-
-    samples: int = 8
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    address: str | None = None
-    num_cpus: int | None = None
-    storage: str = "runs/ray"
-    name: str | None = None
-    resume: bool = False
-    retry_errored: bool = False
-    experiment: str = "brainlm-sweeps"
-    out: str | None = None
-    grace_period: int | None = None
-    reduction_factor: int = 3
-
-    def __post_init__(self) -> None:
-        if self.samples < 1:
-            raise ConfigError(f"--samples must be at least 1, got {self.samples}")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ConfigError(
-                f"--cpus-per-trial must be > 0 and --gpus-per-trial >= 0, got {self.cpus_per_trial} "
-                f"and {self.gpus_per_trial}"
-            )
-        if self.reduction_factor < 2:
-            raise ConfigError(f"--reduction-factor must be at least 2, got {self.reduction_factor}")
-        if self.resume and not self.name:
-            raise ConfigError(
-                f"--resume needs --name NAME: the sweep to continue (its folder under --storage {self.storage})"
-            )
-        if self.address and "://" not in self.storage:
-            log.warning(
-                f"--storage {self.storage} is a local path but the sweep runs on a cluster "
-                f"({self.address}); use shared storage (s3://...) so every node can write its results"
-            )
 
 
 def storage_path(opts: SweepOptions) -> str:

@@ -24,7 +24,8 @@ from ray.tune.schedulers import ASHAScheduler
 from brainlm.eval.common import jsonable
 from brainlm.exceptions import BrainLMError, ConfigError, SweepInterrupted
 from brainlm.tracking.env import git_sha
-from brainlm.tuning.session import SweepOptions, ray_session, storage_filesystem, storage_path
+from brainlm.tuning.options import SweepOptions
+from brainlm.tuning.session import ray_session, storage_filesystem, storage_path
 from brainlm.tuning.trials import Headline, MLflowTrials, fmt, fmt_config, number, short_error
 
 log = logging.getLogger(__name__)
