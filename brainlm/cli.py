@@ -146,9 +146,13 @@ class OnDevice(Analysis):
 
 
 @dataclass(kw_only=True)
-class Reconstruct(OnDevice):
+class OnSplit(OnDevice):
     split: str = "test"
-    """split to evaluate"""
+    """the split whose recordings are analysed"""
+
+
+@dataclass(kw_only=True)
+class Reconstruct(OnSplit):
     mask_ratio: float | None = None
     """default: the model's"""
     masking: list[str] | None = None
@@ -192,9 +196,9 @@ class Embed(OnDevice):
 
 
 @dataclass(kw_only=True)
-class Fingerprint(OnDevice):
+class Fingerprint(OnSplit):
     split: str = "test"
-    """split(s) whose recordings are compared: test, or val,test"""
+    """the split(s) whose recordings are compared: test, or val,test"""
     label: str | None = None
     """a recording or subject column to decode (e.g. condition)"""
     folds: int = 5
@@ -202,11 +206,9 @@ class Fingerprint(OnDevice):
 
 
 @dataclass(kw_only=True)
-class Networks(OnDevice):
+class Networks(OnSplit):
     labels: str = "network"
     """the atlas label set to identify"""
-    split: str = "test"
-    """split whose recordings give the features"""
     max_recordings: int = 60
     """recordings used, half reference"""
     k: int = 5
@@ -214,11 +216,9 @@ class Networks(OnDevice):
 
 
 @dataclass(kw_only=True)
-class Attention(OnDevice):
+class Attention(OnSplit):
     group_by: str = "condition"
     """metadata or phenotype to group by"""
-    split: str = "test"
-    """split"""
     max_windows: int = 512
     """windows per group"""
 
