@@ -25,8 +25,7 @@ import numpy as np
 
 from brainlm.data.format import load_manifest
 from brainlm.data.loader import fixed_samples
-from brainlm.eval.baselines import GaussianImputer
-from brainlm.eval.reconstruct import ALPHAS, Baselines
+from brainlm.eval.baselines import ALPHAS, Baselines, GaussianImputer
 from brainlm.model import prior
 from brainlm.protocol import fixed_masks, r2_parts, time_mask
 

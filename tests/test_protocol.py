@@ -201,8 +201,9 @@ def two_sets(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_transfer_baselines_are_fitted_on_the_source_when_the_models_prior_was(two_sets, tmp_path):
+    from brainlm.eval.baselines import Baselines
     from brainlm.eval.common import load_context, split_windows
-    from brainlm.eval.reconstruct import Baselines, reconstruct
+    from brainlm.eval.reconstruct import reconstruct
 
     model = _model_on(two_sets["source"], tmp_path / "model")
     m = reconstruct(

@@ -21,9 +21,7 @@ says what each side was fitted on and keeps every window's sums, so folds and re
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ import torch
 from brainlm import progress
 from brainlm.data.format import load_manifest
 from brainlm.data.loader import fixed_samples
-from brainlm.eval.baselines import REACH, GaussianImputer, interpolate, map_windows
+from brainlm.eval.baselines import CONTEXT_BASELINES, Baselines, map_windows
 from brainlm.eval.common import Context, comparison_table, load_context, split_windows, table, write_metrics
 from brainlm.exceptions import BrainLMError, InputError
 from brainlm.masking import MASKINGS
@@ -48,11 +46,9 @@ from brainlm.protocol import (
     context_label,
     context_statistics,
     context_windows,
-    fixed_masks,
     model_masks,
     parse_context,
     r2_parts,
-    time_mask,
 )
 
 log = logging.getLogger(__name__)
@@ -88,125 +84,6 @@ def model_predict(
             )
         out.append(model.unpatchify(res.pred_BLP.float(), R).cpu())
     return torch.cat(out).numpy().astype(np.float64)
-
-
-LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0)
-ALPHAS = (0.1, 0.25, 0.5, 0.75)
-BETAS = (0.25, 0.5, 0.75, 1.0)
-# The linear baselines: the GaussianImputer method each runs, and the grid its settings are chosen from. The +ctx ones
-# see the window's recording context: their population covariance is shrunk toward the context windows' own,
-# (1 - beta) C + beta C_context (the context-ridge and context-adaptive baselines).
-LINEAR = {
-    "ridge": ("spatial", {"lam": LAMBDAS}),
-    "spatiotemporal": ("spatiotemporal", {"lam": LAMBDAS}),
-    "adaptive": ("adaptive", {"lam": LAMBDAS, "alpha": ALPHAS}),
-    "ridge+ctx": ("spatial", {"lam": LAMBDAS, "beta": BETAS}),
-    "adaptive+ctx": ("adaptive", {"lam": LAMBDAS, "alpha": ALPHAS, "beta": BETAS}),
-}
-CONTEXT_BASELINES = ("ridge+ctx", "adaptive+ctx")
-
-
-@dataclass
-class Baselines:
-    """The fitted baselines and, per masking strategy, the settings each linear one chose on validation."""
-
-    mean_R: np.ndarray
-    gaussian: GaussianImputer
-    val_BRT: np.ndarray
-    mask_ratio: float
-    chosen: dict[str, dict[str, dict[str, float]]]
-    val_context: list[list[int]] | None = None  # each validation window's context windows (the +ctx baselines)
-    # (count, masking) -> the protocol's value masks [count, R, T] of the evaluated model's tokens (its
-    # ``masks_from_seeds``: image patches for a ViT-MAE); None: BrainLM's tokens of ``P`` timepoints
-    value_masks: Callable[[int, str], np.ndarray] | None = None
-
-    @classmethod
-    def fit(
-        cls,
-        train_BRT: np.ndarray,
-        val_BRT: np.ndarray,
-        mask_ratio: float,
-        patch_size: int,
-        val_context: list[list[int]] | None = None,
-        value_masks: Callable[[int, str], np.ndarray] | None = None,
-    ) -> Baselines:
-        """Means and the Gaussian model from training windows; settings are chosen on ``val_BRT`` when asked."""
-        train = np.asarray(train_BRT)
-        gaussian = GaussianImputer(train, max_lag=(2 * REACH + 1) * patch_size)
-        val = np.asarray(val_BRT, dtype=np.float64)
-        return cls(train.mean(axis=(0, 2)), gaussian, val, mask_ratio, {}, val_context, value_masks)
-
-    def predict(
-        self,
-        name: str,
-        x_BRT: np.ndarray,
-        tmask_BRT: np.ndarray,
-        P: int,
-        masking: str,
-        context: list[list[int]] | None = None,
-    ) -> np.ndarray:
-        if name == "zero":
-            return np.zeros(x_BRT.shape)
-        if name == "mean":
-            return np.broadcast_to(self.mean_R[None, :, None], x_BRT.shape)
-        if name == "interp":
-            return interpolate(x_BRT, tmask_BRT, self.mean_R)
-        settings = self.settings_of(name, masking, P)
-        return next(self._predictions(name, [settings], x_BRT, tmask_BRT, P, context))[1]
-
-    def _predictions(
-        self, name: str, candidates: list[dict[str, float]], x_BRT, tmask_BRT, P: int, context
-    ) -> Iterator[tuple[int, np.ndarray]]:
-        """(index, predictions) of each candidate setting, in an order that computes what they share once: the
-        context statistics, each beta's covariances, the spatio-temporal gathers (across lam), the adaptive first pass
-        (across alpha)."""
-        g, method = self.gaussian, LINEAR[name][0]
-        if method == "spatiotemporal":
-            yield from enumerate(g.spatiotemporal_grid(x_BRT, tmask_BRT, P, [c["lam"] for c in candidates]))
-            return
-        stats = context_statistics(x_BRT, context or [[]] * len(x_BRT)) if "beta" in candidates[0] else None
-        first: dict[tuple, np.ndarray] = {}  # the spatial pass of the latest (lam, beta), shared across alpha
-        shrunk: dict[float, np.ndarray] = {}  # the latest beta's covariances [B, R, R], shared across lam and alpha
-        for i in sorted(range(len(candidates)), key=lambda i: (candidates[i].get("beta", 0), candidates[i]["lam"])):
-            c = candidates[i]
-            if stats is not None and c["beta"] not in shrunk:
-                shrunk = {c["beta"]: shrink_toward_context(g.cov_RR, *stats, c["beta"])}
-            cov = None if stats is None else shrunk[c["beta"]]
-            if method == "spatial":
-                yield i, g.spatial(x_BRT, tmask_BRT, P, c["lam"], cov)
-                continue
-            key = (c["lam"], c.get("beta"))
-            if key not in first:
-                first = {key: g.spatial(x_BRT, tmask_BRT, P, c["lam"], cov)}
-            yield i, g.adaptive(x_BRT, tmask_BRT, P, c["lam"], c["alpha"], cov_BRR=cov, start_BRT=first[key])
-
-    def settings_of(self, name: str, masking: str, P: int) -> dict[str, float]:
-        """A linear baseline's settings for a masking strategy: the best on the validation windows."""
-        chosen = self.chosen.setdefault(name, {})
-        if masking not in chosen:
-            R, T = self.val_BRT.shape[1:]
-            if self.value_masks is not None:
-                tmask = self.value_masks(len(self.val_BRT), masking)
-            else:
-                tmask = time_mask(fixed_masks(len(self.val_BRT), R, T // P, self.mask_ratio, masking), R, T // P, P)
-            grid = LINEAR[name][1]
-            candidates = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-            scores = np.empty(len(candidates))
-            runs = self._predictions(name, candidates, self.val_BRT, tmask, P, self.val_context)
-            desc = f"{name}: settings on {len(self.val_BRT)} val windows"
-            for i, pred in progress.bar(runs, desc=desc, total=len(candidates), inner=True):
-                scores[i] = r2_parts(pred, self.val_BRT, tmask)[0]
-            chosen[masking] = candidates[int(np.argmax(scores))]
-        return chosen[masking]
-
-
-def shrink_toward_context(population_RR: np.ndarray, cov_BRR: np.ndarray, n_B: np.ndarray, beta: float) -> np.ndarray:
-    """Each window's population covariance shrunk toward its context windows' covariance (``cov_BRR``, from
-    ``context_statistics``): (1 - beta) C + beta C_context; C itself where a window has no context (``n_B`` 0)."""
-    out = np.broadcast_to(population_RR, (len(cov_BRR), *population_RR.shape)).copy()
-    has = n_B > 0
-    out[has] = (1 - beta) * population_RR + beta * cov_BRR[has]
-    return out
 
 
 @dataclass
