@@ -1,7 +1,9 @@
 """Typed dataclasses as the schema of every entry point: the docstring under each field is its help, its annotation
-its type, and one mapper turns a dataclass into flags (``add_flags``) and back (``from_flags``). The recipe parser
-(``brainlm.training.recipe``) and every ``brainlm`` command (the analyses, ``brainlm tune``, ``brainlm data``) go
-through it, so a field's name, type, default and help are written once, in its dataclass.
+its type, and one mapper turns a dataclass into flags (``add_flags``) and back (``from_flags``); ``option`` marks a
+field positional or of several values. A command line is a table of ``Command``s (name, run, help, the dataclasses
+of its flags) that ``add_commands`` turns into subparsers. The recipe parser (``brainlm.training.recipe``) and every
+``brainlm`` command (the analyses, ``brainlm tune``, ``brainlm data``) go through it, so a field's name, type,
+default and help are written once, in its dataclass.
 """
 
 from __future__ import annotations
@@ -168,14 +170,12 @@ class Command:
     description: str | None = None
 
 
-def add_commands(
-    sub: argparse._SubParsersAction, commands: list[Command], **kwargs: Any
-) -> dict[str, argparse.ArgumentParser]:
-    """A subparser per command (``kwargs`` given to each), its flags from its dataclasses, ``func`` set to its run;
-    returned by name, for what a dataclass cannot say (a mutually exclusive group)."""
+def add_commands(sub: argparse._SubParsersAction, commands: list[Command]) -> dict[str, argparse.ArgumentParser]:
+    """A subparser per command, its flags from its dataclasses, ``func`` set to its run; returned by name, for what a
+    table does not say (a default of one command's own)."""
     parsers = {}
     for c in commands:
-        p = sub.add_parser(c.name, help=c.help, description=c.description or c.help, **kwargs)
+        p = sub.add_parser(c.name, help=c.help, description=c.description or c.help)
         for spec in c.flags:
             spec = spec if isinstance(spec, Flags) else Flags(spec)
             add_flags(p.add_argument_group(spec.group) if spec.group else p, spec.cls, spec.skip)
