@@ -93,6 +93,15 @@ def unknown_key(key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"Unknown config key `{key}`{hint}; valid keys: {', '.join(valid)}")
 
 
+def _item_type(annotation: Any) -> type:
+    """``list[int] | None`` -> int; a bare ``list`` -> str."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    for t in typing.get_args(annotation) if union else (annotation,):
+        if typing.get_origin(t) is list and typing.get_args(t):
+            return typing.get_args(t)[0]
+    return str
+
+
 def _comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -107,12 +116,10 @@ def add_flags(
     p: argparse.ArgumentParser | argparse._ArgumentGroup,
     cls: type,
     skip: tuple[str, ...] = (),
-    help_overrides: dict[str, str] | None = None,
 ) -> None:
     """One flag per dataclass field (``--field-name``), its docstring as help, its annotation as type; booleans get
     ``--x / --no-x``, lists a comma-separated value; fields without a default are required."""
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
-    docs |= help_overrides or {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -127,12 +134,13 @@ def add_flags(
         kind = [t for t in types_of(hints[f.name]) if t is not type(None)] or [str]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         nargs = f.metadata.get("nargs")
+        one = _item_type(hints[f.name]) if kind[0] is list else kind[0]  # the type of each value given
         if f.metadata.get("positional"):
-            p.add_argument(f.name, nargs=nargs, help=text, **({} if required else {"default": default}))
+            p.add_argument(f.name, nargs=nargs, type=one, help=text, **({} if required else {"default": default}))
         elif kind[0] is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif kind[0] is list and nargs:
-            p.add_argument(flag, nargs=nargs, default=default, required=required, help=text)
+            p.add_argument(flag, nargs=nargs, type=one, default=default, required=required, help=text)
         elif kind[0] is list:
             shown = f"; default {','.join(map(str, default))}" if default else ""
             p.add_argument(
@@ -164,7 +172,7 @@ class Command:
     fields are its flags, and its description (the help by default)."""
 
     name: str
-    run: Callable[[argparse.Namespace], Any]
+    run: Callable[..., Any]  # given the parsed arguments (and what a command passes on, e.g. recipe overrides)
     help: str
     flags: tuple[type | Flags, ...] = ()
     description: str | None = None

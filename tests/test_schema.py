@@ -32,6 +32,8 @@ class Child(Base):
     """refit it"""
     k: int = 5
     """neighbours"""
+    sizes: list[int] | None = option(None, nargs="+")
+    """several numbers"""
     secret: int = 1
     """skipped"""
 
@@ -50,10 +52,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_a_dataclass_becomes_flags_and_the_flags_become_it_again():
     p = _parser()
-    a = p.parse_args(["go", "in/", "--model", "m", "--inputs", "a.nii", "b.nii", "--splits", "val, test", "--refit"])
+    argv = [
+        "go",
+        "in/",
+        "--model",
+        "m",
+        "--inputs",
+        "a.nii",
+        "b.nii",
+        "--splits",
+        "val, test",
+        "--refit",
+        "--sizes",
+        "3",
+    ]
+    a = p.parse_args([*argv, "4"])
     c = from_flags(Child, a)
-    assert (c.model, c.src, c.inputs, c.splits, c.refit, c.k, c.secret) == ("m", "in/", ["a.nii", "b.nii"],
-                                                                            ["val", "test"], True, 5, 1)  # fmt: skip
+    assert (c.model, c.src, c.inputs, c.splits, c.refit, c.k, c.sizes, c.secret) == (
+        "m", "in/", ["a.nii", "b.nii"], ["val", "test"], True, 5, [3, 4], 1
+    )  # fmt: skip
     a.func(a)  # the command's run
     assert RAN[-1] is a
     defaults = from_flags(Child, p.parse_args(["go", "in/", "--model", "m", "--no-refit"]))
@@ -65,7 +82,11 @@ def test_a_dataclass_becomes_flags_and_the_flags_become_it_again():
     assert "--secret" not in helps
 
 
-@pytest.mark.parametrize("argv", [["go", "--model", "m"], ["go", "in/"], ["go", "in/", "--model", "m", "--k", "x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["go", "--model", "m"], ["go", "in/"], ["go", "in/", "--model", "m", "--k", "x"],
+     ["go", "in/", "--model", "m", "--sizes", "3", "x"]],
+)  # fmt: skip
 def test_a_missing_or_ill_typed_flag_is_refused(argv, capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(argv)

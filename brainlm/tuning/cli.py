@@ -166,7 +166,7 @@ def _scale(a: argparse.Namespace, rest: list[str]) -> None:
         _list(a.depths, int, "--depths"),
         _list(a.mask_ratios, float, "--mask-ratios"),
         _list(a.budget, float, "--budget"),
-        from_flags(SweepOptions, a),
+        from_flags(SweepOptions, a, samples=1),  # a grid: every point once
         a.recipe or CONFIGS / "pretrain" / "debug.yaml",
         parse_overrides(rest),
         a.deepspeed,
