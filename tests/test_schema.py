@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 from dataclasses import dataclass, field
 
 import pytest
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_a_dataclass_becomes_flags_and_the_flags_become_it_again():
     p = _parser()
-    a = p.parse_args("go in/ --model m --inputs a.nii b.nii --splits val,test --refit --sizes 3 4".split())
+    a = p.parse_args(shlex.split("go in/ --model m --inputs a.nii b.nii --splits val,test --refit --sizes 3 4"))
     c = from_flags(Child, a)
     assert (c.model, c.src, c.inputs, c.splits, c.refit, c.k, c.sizes, c.secret) == (
         "m", "in/", ["a.nii", "b.nii"], ["val", "test"], True, 5, [3, 4], 1
