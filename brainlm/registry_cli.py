@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+
+from brainlm.exceptions import BrainLMError
+from brainlm.schema import Command, add_commands, option
 
 
 def _registry_store() -> None:
@@ -43,6 +47,8 @@ def _registry_show(a: argparse.Namespace) -> None:
 
     from brainlm.tracking.registry import describe
 
+    if a.version and a.alias:
+        raise BrainLMError(f"registry show: give --version or --alias, not both (got {a.version} and {a.alias})")
     _registry_store()
     info = describe(a.name, a.version, a.alias)
     if a.json:
@@ -82,6 +88,44 @@ def _registry_download(a: argparse.Namespace) -> None:
     print(f"{a.uri} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
 
+@dataclass(kw_only=True)
+class ListFlags:
+    name: str | None = option(None, positional=True, nargs="?")
+    """list this model's versions"""
+
+
+@dataclass(kw_only=True)
+class Named:
+    name: str = option(positional=True)
+    """registered model name"""
+
+
+@dataclass(kw_only=True)
+class ShowFlags(Named):
+    version: str | None = None
+    """version number or latest (default: the newest; or --alias)"""
+    alias: str | None = None
+    """alias, e.g. champion"""
+    json: bool = False
+    """print JSON"""
+
+
+@dataclass(kw_only=True)
+class PromoteFlags(Named):
+    version: str = option(positional=True)
+    """version number"""
+    alias: str = option(positional=True)
+    """alias to move or create (not latest: MLflow reserves it)"""
+
+
+@dataclass(kw_only=True)
+class DownloadFlags:
+    uri: str = option(positional=True)
+    """models:/NAME@ALIAS or models:/NAME/VERSION"""
+    out: str
+    """folder for model.safetensors, config.json, ..."""
+
+
 def add_registry(sub: argparse._SubParsersAction) -> None:
     """The ``registry`` command and its actions, on the front door's subparsers."""
     g = sub.add_parser(
@@ -90,23 +134,12 @@ def add_registry(sub: argparse._SubParsersAction) -> None:
         description="The MLflow model registry (the store is MLFLOW_TRACKING_URI). Every command "
         "that takes --model accepts models:/NAME@ALIAS and models:/NAME/VERSION.",
     )
-    gs = g.add_subparsers(dest="action", required=True)
-    gl = gs.add_parser("list", help="registered models with their versions and aliases (or one model's versions)")
-    gl.add_argument("name", nargs="?", help="list this model's versions")
-    gl.set_defaults(func=_registry_list)
-    gw = gs.add_parser("show", help="one version: aliases, lineage tags, its run's params and metrics")
-    gw.add_argument("name", help="registered model name")
-    pick = gw.add_mutually_exclusive_group()
-    pick.add_argument("--version", help="version number or latest (default: the newest)")
-    pick.add_argument("--alias", help="alias, e.g. champion")
-    gw.add_argument("--json", action="store_true", help="print JSON")
-    gw.set_defaults(func=_registry_show)
-    gp = gs.add_parser("promote", help="point an alias at a version (e.g. champion -> 3)")
-    gp.add_argument("name", help="registered model name")
-    gp.add_argument("version", help="version number")
-    gp.add_argument("alias", help="alias to move or create (not latest: MLflow reserves it)")
-    gp.set_defaults(func=_registry_promote)
-    gd = gs.add_parser("download", help="fetch a model version into a folder")
-    gd.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    gd.add_argument("--out", required=True, help="folder for model.safetensors, config.json, ...")
-    gd.set_defaults(func=_registry_download)
+    commands = [
+        Command("list", _registry_list, "registered models with their versions and aliases (or one model's versions)",
+                (ListFlags,)),
+        Command("show", _registry_show, "one version: aliases, lineage tags, its run's params and metrics",
+                (ShowFlags,)),
+        Command("promote", _registry_promote, "point an alias at a version (e.g. champion -> 3)", (PromoteFlags,)),
+        Command("download", _registry_download, "fetch a model version into a folder", (DownloadFlags,)),
+    ]  # fmt: skip
+    add_commands(g.add_subparsers(dest="action", required=True), commands)

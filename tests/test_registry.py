@@ -119,6 +119,8 @@ def test_reserved_and_missing_names_are_clear_errors(store, monkeypatch, capsys)
     assert "alias 'latest' is reserved by MLflow" in capsys.readouterr().err
     assert main(["registry", "show", "brainlm-reg", "--version", "9"]) == 2
     assert "brainlm-reg has no version 9" in capsys.readouterr().err
+    assert main(["registry", "show", "brainlm-reg", "--version", "1", "--alias", "champion"]) == 2
+    assert "give --version or --alias, not both" in capsys.readouterr().err
     assert main(["registry", "show", "brainlm-nope"]) == 2
     err = capsys.readouterr().err
     assert "no registered model 'brainlm-nope'" in err and "brainlm-reg" in err  # lists what exists
