@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -202,3 +204,31 @@ def test_window_chunks_cover_every_window_once_and_keep_every_thread_busy():
         assert len(parts) == count
     assert [s.stop - s.start for s in chunks(24, 8, 2)] == [6, 6, 6, 6]
     assert chunks(0, 8, 2) == []
+
+
+def test_a_settings_search_computes_each_candidate_as_if_alone():
+    """The search shares work across candidates (each beta's covariances, each (lam, beta)'s first pass, in an order of
+    its own): every candidate's prediction must still be what that setting gives computed on its own, in the
+    candidates' order."""
+    from brainlm.eval.baselines import LINEAR, Baselines, shrink_toward_context
+    from brainlm.model.context import context_statistics
+
+    B, R, T, P = 6, 7, 24, 4
+    train, val = ar_windows(32, R, T, 0.8, 0.9), ar_windows(B, R, T, 0.8, 0.9, seed=5)
+    context = [[j for j in range(B) if j // 3 == b // 3 and j != b] for b in range(B)]  # two recordings of 3
+    base = Baselines.fit(train, val, 0.5, P, val_context=context)
+    tmask = time_mask(fixed_masks(B, R, T // P, 0.5, "random"), R, T // P, P)
+    stats = context_statistics(val, context)
+    for name in ("ridge+ctx", "adaptive+ctx", "adaptive"):
+        grid = LINEAR[name][1]
+        candidates = [dict(zip(grid, v, strict=True)) for v in itertools.product(*grid.values())]
+        got = dict(base._predictions(name, candidates, val, tmask, P, context))
+        assert sorted(got) == list(range(len(candidates)))
+        for i, c in enumerate(candidates):
+            cov = shrink_toward_context(base.gaussian.cov_RR, *stats, c["beta"]) if "beta" in c else None
+            alone = (
+                base.gaussian.spatial(val, tmask, P, c["lam"], cov)
+                if LINEAR[name][0] == "spatial"
+                else base.gaussian.adaptive(val, tmask, P, c["lam"], c["alpha"], cov_BRR=cov)
+            )
+            np.testing.assert_allclose(got[i], alone, atol=1e-12, err_msg=f"{name} {c}")
