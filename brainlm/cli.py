@@ -263,7 +263,8 @@ def parser() -> argparse.ArgumentParser:
             "Masked-patch R^2 with fixed windows and seeded masks, per masking strategy, beside zero, parcel-mean, "
             "interpolation, ridge, spatio-temporal and adaptive Gaussian baselines (with the recording's other "
             "windows: ridge+ctx, adaptive+ctx), fitted on the data the model saw too; the margin over the best with "
-            "paired bootstrap intervals over windows and subjects, a tie unless they exclude 0.",
+            "paired bootstrap intervals over windows and subjects, a tie unless they exclude 0. On a GPU (--device) "
+            "the ridge and adaptive imputations run there too.",
         ),
         Command(
             "benchmark",

@@ -232,3 +232,22 @@ def test_a_settings_search_computes_each_candidate_as_if_alone():
                 else base.gaussian.adaptive(val, tmask, P, c["lam"], c["alpha"], cov_BRR=cov)
             )
             np.testing.assert_allclose(got[i], alone, atol=1e-12, err_msg=f"{name} {c}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_imputations_on_a_gpu_equal_the_cpu_ones():
+    """`brainlm reconstruct --device cuda` runs the ridge / adaptive imputations on the GPU, in batches of
+    GPU_WINDOWS windows: the same figures as on the CPU (float64 both), a population covariance or one per window."""
+    from brainlm.eval.baselines import GPU_WINDOWS
+
+    R, T, P = 300, 100, 20
+    B = GPU_WINDOWS + 6  # two batches, the last one short
+    train, test = ar_windows(64, R, T, 0.8, 0.9), ar_windows(B, R, T, 0.8, 0.9, seed=3)
+    cpu, gpu = GaussianImputer(train, P), GaussianImputer(train, P, device="cuda")
+    own = np.stack([np.cov(w) + 0.1 * np.eye(R) for w in test])
+    for masking in ("random", "parcel"):
+        tmask = time_mask(fixed_masks(B, R, T // P, 0.5, masking), R, T // P, P)
+        np.testing.assert_allclose(gpu.adaptive(test, tmask, P, 0.1, 0.5), cpu.adaptive(test, tmask, P, 0.1, 0.5),
+                                   atol=1e-8)  # fmt: skip
+        np.testing.assert_allclose(gpu.spatial(test, tmask, P, 0.1, own), cpu.spatial(test, tmask, P, 0.1, own),
+                                   atol=1e-8)  # fmt: skip

@@ -39,6 +39,7 @@ from brainlm.protocol import context_statistics, fixed_masks, r2_parts, time_mas
 
 REACH = 2  # the spatio-temporal baseline looks this many patches away for a visible patch of the parcel
 WINDOWS = 8  # windows per batched solve of the spatial and adaptive baselines (memory: ~8 x N x R^2 doubles)
+GPU_WINDOWS = 64  # the same on a GPU, which parallelises within a batch (64 x 10 x 424^2 doubles: ~1 GB)
 
 
 def interpolate(x_BRT: np.ndarray, tmask_BRT: np.ndarray, fallback_R: np.ndarray) -> np.ndarray:
@@ -113,7 +114,8 @@ class GaussianImputer:
     """A stationary Gaussian model of windows [R, T], fitted on training windows: means and lagged covariances up to
     ``max_lag`` timepoints ((2 REACH + 1) patches: the farthest pair the spatio-temporal baseline conditions on)."""
 
-    def __init__(self, train_BRT: np.ndarray, max_lag: int) -> None:
+    def __init__(self, train_BRT: np.ndarray, max_lag: int, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)  # where the batched imputations run (the spatio-temporal one: CPU)
         x = train_BRT.astype(np.float64)
         B, R, T = x.shape
         flat_RX = x.transpose(1, 0, 2).reshape(R, -1)
@@ -154,23 +156,34 @@ class GaussianImputer:
         replaces the population covariance per window; ``start_BRT``, the spatial imputation under the same
         ``lam`` and ``cov_BRR``, saves computing it again. One implementation with the model's decoder prior
         (``brainlm.model.prior.impute``, float64): batched over ``WINDOWS`` windows, one Cholesky solve per window
-        and set of visible parcels, over those parcels only."""
-        mu, population = torch.from_numpy(self.mu_R), torch.from_numpy(self.cov_RR)
+        and set of visible parcels, over those parcels only; on the CPU the batches run in torch's threads, on a GPU
+        (``device``) one after the other, ``GPU_WINDOWS`` windows each."""
+        dev = self.device
+        mu, population = torch.from_numpy(self.mu_R).to(dev), torch.from_numpy(self.cov_RR).to(dev)
 
         def run(rows: slice) -> np.ndarray:
-            return prior.impute(
-                torch.from_numpy(np.asarray(x_BRT[rows], dtype=np.float64)),
-                torch.from_numpy(np.ascontiguousarray(tmask_BRT[rows, :, ::P])),
-                mu,
-                population if cov_BRR is None else torch.from_numpy(cov_BRR[rows]),
-                P,
-                lam,
-                alpha,
-                passes,
-                scale=self.scale,
-                start_BRT=None if start_BRT is None else torch.from_numpy(start_BRT[rows]),
-            ).numpy()
+            def on(a: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
 
+            return (
+                prior.impute(
+                    on(np.asarray(x_BRT[rows], dtype=np.float64)),
+                    on(tmask_BRT[rows, :, ::P]),
+                    mu,
+                    population if cov_BRR is None else on(cov_BRR[rows]),
+                    P,
+                    lam,
+                    alpha,
+                    passes,
+                    scale=self.scale,
+                    start_BRT=None if start_BRT is None else on(start_BRT[rows]),
+                )
+                .cpu()
+                .numpy()
+            )
+
+        if dev.type != "cpu":
+            return np.concatenate([run(rows) for rows in chunks(len(x_BRT), GPU_WINDOWS)])
         return np.concatenate(threads.map_kernels(run, chunks(len(x_BRT), WINDOWS, threads.kernel_workers())))
 
     # -- spatio-temporal -----------------------------------------------------------------------------------
@@ -306,10 +319,12 @@ class Baselines:
         patch_size: int,
         val_context: list[list[int]] | None = None,
         value_masks: Callable[[int, str], np.ndarray] | None = None,
+        device: str | torch.device = "cpu",
     ) -> Baselines:
-        """Means and the Gaussian model from training windows; settings are chosen on ``val_BRT`` when asked."""
+        """Means and the Gaussian model from training windows; settings are chosen on ``val_BRT`` when asked; the
+        ridge / adaptive imputations run on ``device``."""
         train = np.asarray(train_BRT)
-        gaussian = GaussianImputer(train, max_lag=(2 * REACH + 1) * patch_size)
+        gaussian = GaussianImputer(train, max_lag=(2 * REACH + 1) * patch_size, device=device)
         val = np.asarray(val_BRT, dtype=np.float64)
         return cls(train.mean(axis=(0, 2)), gaussian, val, mask_ratio, {}, val_context, value_masks)
 

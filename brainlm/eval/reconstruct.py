@@ -196,7 +196,7 @@ def fit_baselines(
         return model.value_mask(model_masks(model, count, R, mask_ratio, masking), R)
 
     for s in sets:
-        s.baselines = Baselines.fit(data[s.name], val_np, mask_ratio, P, val_context, value_masks)
+        s.baselines = Baselines.fit(data[s.name], val_np, mask_ratio, P, val_context, value_masks, ctx.device)
         s.context = context != 0
     return sets, notes
 
