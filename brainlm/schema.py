@@ -102,8 +102,14 @@ def _item_type(annotation: Any) -> type:
     return str
 
 
-def _comma_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+def _comma_list(item: type) -> Callable[[str], list]:
+    """A flag's parser of comma-separated values, each of type ``item`` (argparse names it in a bad value's error)."""
+
+    def parse(text: str) -> list:
+        return [item(part.strip()) for part in text.split(",") if part.strip()]
+
+    parse.__name__ = f"comma-separated {item.__name__}"
+    return parse
 
 
 def option(default: Any = dataclasses.MISSING, *, positional: bool = False, nargs: str | None = None) -> Any:
@@ -144,7 +150,7 @@ def add_flags(
         elif kind[0] is list:
             shown = f"; default {','.join(map(str, default))}" if default else ""
             p.add_argument(
-                flag, type=_comma_list, default=default, required=required, help=f"{text} (comma-separated{shown})"
+                flag, type=_comma_list(one), default=default, required=required, help=f"{text} (comma-separated{shown})"
             )
         else:
             shown = "" if required or default is None else f" (default {default})"

@@ -35,6 +35,8 @@ class Child(Base):
     """neighbours"""
     sizes: list[int] | None = option(None, nargs="+")
     """several numbers"""
+    ranks: list[int] = field(default_factory=lambda: [1, 2])
+    """comma-separated numbers"""
     secret: int = 1
     """skipped"""
 
@@ -53,15 +55,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_a_dataclass_becomes_flags_and_the_flags_become_it_again():
     p = _parser()
-    a = p.parse_args(shlex.split("go in/ --model m --inputs a.nii b.nii --splits val,test --refit --sizes 3 4"))
-    c = from_flags(Child, a)
-    assert (c.model, c.src, c.inputs, c.splits, c.refit, c.k, c.sizes, c.secret) == (
-        "m", "in/", ["a.nii", "b.nii"], ["val", "test"], True, 5, [3, 4], 1
+    argv = "go in/ --model m --inputs a.nii b.nii --splits val,test --refit --sizes 3 4 --ranks 5,6"
+    c = from_flags(Child, p.parse_args(shlex.split(argv)))
+    assert (c.model, c.src, c.inputs, c.splits, c.refit, c.k, c.sizes, c.ranks, c.secret) == (
+        "m", "in/", ["a.nii", "b.nii"], ["val", "test"], True, 5, [3, 4], [5, 6], 1
     )  # fmt: skip
+    a = p.parse_args(["go", "in/", "--model", "m"])
     a.func(a)  # the command's run
     assert RAN[-1] is a
     defaults = from_flags(Child, p.parse_args(["go", "in/", "--model", "m", "--no-refit"]))
-    assert (defaults.inputs, defaults.splits, defaults.refit, defaults.device) == (None, ["train", "test"], False, None)
+    assert (defaults.inputs, defaults.splits, defaults.refit, defaults.device, defaults.ranks) == (
+        None, ["train", "test"], False, None, [1, 2]
+    )  # fmt: skip
     helps = p._subparsers._group_actions[0].choices["go"].format_help()
     for text in ("the model", "where to run", "a path", "several files", "(comma-separated; default train,test)",
                  "neighbours (default 5)", "things:"):  # fmt: skip
@@ -72,7 +77,7 @@ def test_a_dataclass_becomes_flags_and_the_flags_become_it_again():
 @pytest.mark.parametrize(
     "argv",
     [["go", "--model", "m"], ["go", "in/"], ["go", "in/", "--model", "m", "--k", "x"],
-     ["go", "in/", "--model", "m", "--sizes", "3", "x"]],
+     ["go", "in/", "--model", "m", "--sizes", "3", "x"], ["go", "in/", "--model", "m", "--ranks", "3,x"]],
 )  # fmt: skip
 def test_a_missing_or_ill_typed_flag_is_refused(argv, capsys):
     with pytest.raises(SystemExit):
