@@ -148,11 +148,10 @@ def _time_batches(batches, batch_size: int, min_seconds: float, min_batches: int
 
 
 def read_trainloader(url: str, workers: int, args) -> dict[str, Any]:
-    from brainlm.data.format import load_manifest
     from brainlm.data.loader import TrainLoader
+    from brainlm.data.shardset import ShardSet
 
-    manifest, root = load_manifest(url)
-    loader = TrainLoader(manifest, root, "train", args.micro_batch, args.window, seed=0, num_workers=workers)
+    loader = TrainLoader(ShardSet.open(url), "train", args.micro_batch, args.window, seed=0, num_workers=workers)
     try:
         return _time_batches(loader, args.micro_batch, args.read_seconds, args.min_batches)
     finally:
@@ -164,12 +163,11 @@ def read_plain_wds(url: str, workers: int, args) -> dict[str, Any]:
     import torch
     import webdataset as wds
 
-    from brainlm.data.format import load_manifest, shard_urls
-    from brainlm.data.store import register_webdataset_s3
+    from brainlm.data.shardset import ShardSet
+    from brainlm.data.store import register_webdataset
 
-    register_webdataset_s3()  # forked DataLoader workers inherit the s3:// handler
-    manifest, root = load_manifest(url)
-    urls = shard_urls(manifest, root, "train")
+    register_webdataset()  # forked DataLoader workers inherit the s3:// handler
+    urls = ShardSet.open(url).urls("train")
     window = args.window
 
     def crop(sample: dict) -> dict:

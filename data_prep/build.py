@@ -38,7 +38,7 @@ import numpy as np
 
 from brainlm._version import __version__
 from brainlm.data.format import MANIFEST, SPLITS, Manifest, shard_key
-from brainlm.data.store import LocalStore, open_store
+from brainlm.data.store import open_store
 from brainlm.exceptions import BrainLMError, InputError, StoreError
 from brainlm.lock import FolderLock
 from brainlm.model.scaling import NORMALIZE, RobustScaler
@@ -523,7 +523,7 @@ def build(cfg: BuildConfig) -> Manifest | None:
     part = _parse_part(cfg.part)
     # One build per local folder, locked before anything is cleaned or written (parts of one build, --part I/N, run
     # side by side by design and take no lock).
-    lock = FolderLock(store.url, "a shard build") if isinstance(store, LocalStore) and part is None else None
+    lock = FolderLock(store.url, "a shard build") if store.local and part is None else None
     if lock is not None:
         lock.acquire()
     try:
@@ -534,7 +534,7 @@ def build(cfg: BuildConfig) -> Manifest | None:
 
 
 def _build(cfg: BuildConfig, store, part: tuple[int, int] | None) -> Manifest | None:
-    if isinstance(store, LocalStore):
+    if store.local:
         store.remove_stale_temporaries()
     remove_dead_uploads()
     inputs = Path(cfg.inputs)

@@ -42,27 +42,30 @@ def _build(args: argparse.Namespace) -> int:
     if manifest is None:
         print(f"stage {cfg.stage} done")
         return 0
+    from brainlm.data.shardset import ShardSet
+    from brainlm.data.store import open_store
     from data_prep.inspect import summary
 
-    print(summary(manifest, cfg.out))
+    print(summary(ShardSet(manifest, open_store(cfg.out).url)))
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
     """The manifest's summary and shards (or them as JSON), then their checksums verified: 1 if any fails."""
-    from brainlm.data.format import load_manifest
-    from data_prep.inspect import shard_lines, summary, verify
+    from brainlm.data.shardset import ShardSet
+    from data_prep.inspect import shard_lines, summary
 
-    manifest, root = load_manifest(args.dest)
+    shard_set = ShardSet.open(args.dest)
+    manifest = shard_set.manifest
     if args.json:
         shards = [{k: s[k] for k in ("url", "split", "samples", "bytes", "sha256")} for s in manifest.shards]
         print(json.dumps({"splits": manifest.splits, "shards": shards, "skipped": manifest.skipped}, indent=1))
     else:
-        print(summary(manifest, root))
+        print(summary(shard_set))
         print("\n".join(["  shards", *shard_lines(manifest)]))
     if not args.verify:
         return 0
-    problems = verify(manifest, root)
+    problems = shard_set.verify()
     if problems:
         print(f"{len(problems)} shard(s) failed verification:", *problems, sep="\n  ")
         return 1

@@ -1,17 +1,19 @@
-"""``data_prep inspect``: what a shard set holds, and whether every shard matches its checksum."""
+"""``data_prep inspect``: what a shard set holds, as text."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 from brainlm.data.format import Manifest
-from brainlm.data.store import open_store, sha256_stream
-from brainlm.progress import bar
+from brainlm.data.shardset import ShardSet
 
 
-def summary(manifest: Manifest, root: str) -> str:
+def summary(shard_set: ShardSet) -> str:
+    """What a shard set holds: its atlas, crops, scaling, splits and skipped recordings (the verification is
+    ``ShardSet.verify``)."""
+    manifest = shard_set.manifest
     lines = [
-        f"shards under {root}",
+        f"shards under {shard_set.root}",
         f"  atlas        {manifest.atlas.name}: {manifest.atlas.num_parcels} parcels"
         + (f", {len(set(manifest.atlas.networks))} networks" if manifest.atlas.networks else ""),
         f"  crops        {manifest.crop} timepoints (stride {manifest.stride}) at TR {manifest.tr:g} s, "
@@ -30,25 +32,8 @@ def summary(manifest: Manifest, root: str) -> str:
     lines.append(f"  skipped      {len(manifest.skipped)} recording(s)")
     reasons = Counter(s["reason"].split(": ", 1)[-1].split(";")[0][:70] for s in manifest.skipped)
     lines += [f"    {n} x {reason}" for reason, n in reasons.most_common(8)]
-    lines.append(f"  manifest     {open_store(root).url_of('manifest.json')}")
+    lines.append(f"  manifest     {shard_set.store.url_of('manifest.json')}")
     return "\n".join(lines)
-
-
-def verify(manifest: Manifest, root: str, progress: bool = True) -> list[str]:
-    """Recompute every shard's sha256; returns the problems found (empty when all match)."""
-    store = open_store(root)
-    problems = []
-    for shard in bar(manifest.shards, desc="verify", unit="shard", enabled=progress):
-        if not store.exists(shard["url"]):
-            problems.append(f"{shard['url']}: missing")
-            continue
-        with store.open(shard["url"]) as f:
-            sha, size = sha256_stream(f)
-        if sha != shard["sha256"] or size != shard["bytes"]:
-            problems.append(
-                f"{shard['url']}: sha256/size {sha[:12]}/{size} != manifest {shard['sha256'][:12]}/{shard['bytes']}"
-            )
-    return problems
 
 
 def shard_lines(manifest: Manifest) -> list[str]:

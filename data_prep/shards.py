@@ -20,7 +20,7 @@ import numpy as np
 
 from brainlm import atomic
 from brainlm.data.format import MANIFEST, encode_sample, sample_digest
-from brainlm.data.store import LocalStore, open_store, sha256_file
+from brainlm.data.store import open_store, sha256_file
 from brainlm.exceptions import ShardError
 from brainlm.model.scaling import RobustScaler
 from data_prep.workers import Workers, progress_bar
@@ -103,7 +103,7 @@ def shard_is_current(store, shard: dict) -> bool:
     side = json.loads(store.read_bytes(_sidecar(shard)))
     if side.get("spec") != shard["spec"] or store.size(shard["key"]) != side.get("bytes"):
         return False
-    if isinstance(store, LocalStore):
+    if store.local:
         return sha256_file(store.url_of(shard["key"]))[0] == side.get("sha256")
     # On S3 the checksum travels with the object as metadata, set in the same atomic upload.
     return store.metadata(shard["key"]).get("sha256") == side.get("sha256")
@@ -119,7 +119,7 @@ def _write_shard(job: tuple[dict, dict, dict[str, str], dict, int, str]) -> dict
     # Locally the shard is written beside its destination and renamed into place (no copy; a killed writer leaves a
     # dot-file the next build removes); for S3 in this machine's temp folder, named by process so the next build
     # can remove what a killed one left.
-    local = isinstance(store, LocalStore)
+    local = store.local
     tmp = atomic.temporary(Path(store.url_of(shard["key"]))) if local else _upload_temporary()
     digests = []
     try:

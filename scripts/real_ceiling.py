@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from brainlm.data.format import load_manifest
 from brainlm.data.loader import fixed_samples
+from brainlm.data.shardset import ShardSet
 from brainlm.eval.baselines import ALPHAS, Baselines, GaussianImputer
 from brainlm.model import prior
 from brainlm.protocol import fixed_masks, r2_parts, time_mask
@@ -33,9 +33,9 @@ from brainlm.protocol import fixed_masks, r2_parts, time_mask
 LIMITS = {"train": prior.FIT_WINDOWS, "val": 64, "test": None}
 
 
-def windows(manifest, root: str, split: str, T: int) -> tuple[np.ndarray, np.ndarray]:
-    n = manifest.num_samples(split)
-    x, meta = fixed_samples(manifest, root, split, min(n, LIMITS[split] or n), T)
+def windows(shard_set: ShardSet, split: str, T: int) -> tuple[np.ndarray, np.ndarray]:
+    n = shard_set.manifest.num_samples(split)
+    x, meta = fixed_samples(shard_set, split, min(n, LIMITS[split] or n), T)
     return x.numpy().astype(np.float64), np.array([m["subject"] for m in meta])
 
 
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = ap.parse_args(argv)
     T, P = args.timepoints, args.patch_size
-    manifest, root = load_manifest(args.shards)
-    (train, train_s), (val, val_s), (test, test_s) = (windows(manifest, root, s, T) for s in ("train", "val", "test"))
+    shard_set = ShardSet.open(args.shards)
+    (train, train_s), (val, val_s), (test, test_s) = (windows(shard_set, s, T) for s in ("train", "val", "test"))
     R, N = test.shape[1], T // P
     subjects = sorted(set(train_s))
     result: dict = {"windows": {"train": len(train), "val": len(val), "test": len(test)}, "subjects": len(subjects)}

@@ -19,18 +19,18 @@ import pytest
 import scipy.io
 import webdataset as wds
 
-from brainlm.data.format import Manifest, decode_signal, load_manifest, shard_urls
-from brainlm.data.store import open_store, register_webdataset_s3
+from brainlm.data.format import Manifest, decode_signal
+from brainlm.data.shardset import ShardSet
+from brainlm.data.store import open_store, register_webdataset
 from brainlm.exceptions import InputError, ShardError
 from data_prep.build import BuildConfig, BuildError, build
 from tests.conftest import ROOT, make_signal, run_cli, write_atlas_table
 
 
 def read_split(root: str, split: str) -> list[tuple[np.ndarray, dict]]:
-    manifest, base = load_manifest(root)
-    register_webdataset_s3()
+    register_webdataset()
     out = []
-    for url in shard_urls(manifest, base, split):
+    for url in ShardSet.open(root).urls(split):
         for sample in wds.WebDataset(url, shardshuffle=False):
             out.append((decode_signal(sample["signal.npy"]), json.loads(sample["json"])))
     return out
@@ -511,13 +511,13 @@ def test_s3_build_inspect_resume_and_stream(array_cohort, s3_bucket):
 
 def test_manifest_round_trip_and_validation(array_cohort, tmp_path):
     m = small_build(array_cohort, tmp_path / "out")
-    loaded, root = load_manifest(str(tmp_path / "out" / "manifest.json"))
-    assert loaded == m and root == str(tmp_path / "out")
+    loaded = ShardSet.open(str(tmp_path / "out" / "manifest.json"))
+    assert loaded.manifest == m and loaded.root == str(tmp_path / "out")
     bad = m.to_dict() | {"format_version": 99}
     with pytest.raises(ShardError, match="format_version 99"):
         Manifest.from_dict(bad)
     with pytest.raises(ShardError, match=r"no manifest\.json under"):
-        load_manifest(str(tmp_path))
+        ShardSet.open(str(tmp_path))
 
 
 @pytest.mark.parametrize("command", ["synth", "build", "inspect", "push"])

@@ -6,13 +6,13 @@ import itertools
 
 import torch
 
-from brainlm.data.format import load_manifest
 from brainlm.data.loader import TrainLoader, fixed_samples
+from brainlm.data.shardset import ShardSet
 
 
 def batches(root, n, mb=4, rank=0, world=1, workers=0, start=0, window=40, seed=0):
-    manifest, base = load_manifest(str(root))
-    loader = TrainLoader(manifest, base, "train", mb, window, seed, rank, world, workers, 2, start=start)
+    shard_set = ShardSet.open(str(root))
+    loader = TrainLoader(shard_set, "train", mb, window, seed, rank, world, workers, 2, start=start)
     return [next(loader) for _ in range(n)]
 
 
@@ -36,10 +36,11 @@ def test_resume_seeks_to_the_same_next_batches(tiny_shards):
 
 def test_streams_cover_every_crop_and_never_run_dry(tiny_shards):
     # 3 uneven shards, 2 ranks x 2 workers: each of the 8 slots streams for as long as asked.
-    manifest, base = load_manifest(str(tiny_shards))
+    shard_set = ShardSet.open(str(tiny_shards))
+    manifest = shard_set.manifest
     seen = set()
     for rank in (0, 1):
-        loader = TrainLoader(manifest, base, "train", 4, 40, 0, rank, 2, 2, 2)
+        loader = TrainLoader(shard_set, "train", 4, 40, 0, rank, 2, 2, 2)
         for batch in itertools.islice(loader, 40):
             assert batch["signal"].shape == (4, 7, 40) and torch.isfinite(batch["signal"]).all()
             seen.update(tuple(x.flatten()[:6].tolist()) for x in batch["signal"])
@@ -50,18 +51,18 @@ def test_streams_cover_every_crop_and_never_run_dry(tiny_shards):
 
 
 def test_sub_windows_are_random_in_training_and_fixed_for_evaluation(tiny_shards):
-    manifest, base = load_manifest(str(tiny_shards))
+    shard_set = ShardSet.open(str(tiny_shards))
     b = batches(tiny_shards, 5, mb=8, window=20)
     assert b[0]["signal"].shape == (8, 7, 20)
-    full, _ = fixed_samples(manifest, base, "train", 96, 40)
+    full, _ = fixed_samples(shard_set, "train", 96, 40)
     full_windows = {tuple(x[:, s : s + 20].flatten().tolist()) for x in full for s in range(21)}
     starts_seen = 0
     for batch in b:
         for x in batch["signal"]:
             assert tuple(x.flatten().tolist()) in full_windows  # a true sub-window of some crop
             starts_seen += 1
-    a, _ = fixed_samples(manifest, base, "val", 5, 20)
-    c, _ = fixed_samples(manifest, base, "val", 5, 20)
+    a, _ = fixed_samples(shard_set, "val", 5, 20)
+    c, _ = fixed_samples(shard_set, "val", 5, 20)
     assert torch.equal(a, c)
     different_seed = batches(tiny_shards, 5, mb=8, window=20, seed=1)
     assert not torch.equal(b[0]["signal"], different_seed[0]["signal"])

@@ -403,17 +403,17 @@ def test_ds_config_auto_fill_and_conflicts():
 def test_mixture_schedule_follows_the_weights_and_resumes(tiny_shards, tiny_shards_5):
     """The set of each micro-step is drawn by the weights, the same from any start (a resume, another rank); a
     mixture's batches hold one atlas each, and a loader started at micro-step k continues as the one that ran k."""
-    from brainlm.data.format import load_manifest
     from brainlm.data.loader import MixtureLoader, TrainLoader, mixture_schedule
+    from brainlm.data.shardset import ShardSet
 
     draws = mixture_schedule([3.0, 1.0], 7, 0, 20000)
     assert abs((draws == 0).mean() - 0.75) < 0.015
     np.testing.assert_array_equal(mixture_schedule([3.0, 1.0], 7, 4090, 20), draws[4090:4110])  # across a block
-    sets = [load_manifest(str(p)) for p in (tiny_shards, tiny_shards_5)]
+    sets = [ShardSet.open(str(p)) for p in (tiny_shards, tiny_shards_5)]
 
     def mixture(start: int) -> MixtureLoader:
         return MixtureLoader(
-            lambda i, served: TrainLoader(*sets[i], "train", 4, 20, seed=11 + i, start=served), [3.0, 1.0], 7, start
+            lambda i, served: TrainLoader(sets[i], "train", 4, 20, seed=11 + i, start=served), [3.0, 1.0], 7, start
         )
 
     running = mixture(0)
@@ -433,8 +433,8 @@ def test_two_shard_sets_of_different_atlases_train_in_one_run(tiny_shards, tiny_
     as the schedule drew them, a validation curve per set, an export that records both and reconstructs both, with a
     decoder prior per atlas fitted on that set's training windows (neither refitted by reconstruct)."""
     import brainlm
-    from brainlm.data.format import load_manifest
     from brainlm.data.loader import fixed_samples, mixture_schedule
+    from brainlm.data.shardset import ShardSet
     from brainlm.model import prior
     from brainlm.model.inference import prepare
     from brainlm.model.scaling import RobustScaler
@@ -481,8 +481,9 @@ def test_two_shard_sets_of_different_atlases_train_in_one_run(tiny_shards, tiny_
     assert "decoder prior: one per atlas (2)" in proc.stdout
     model = brainlm.load(out / "model")
     for slot, shards in enumerate((tiny_shards, tiny_shards_5)):  # each atlas's prior: its own set's train split
-        manifest, root = load_manifest(str(shards))
-        windows, _ = fixed_samples(manifest, root, "train", prior.FIT_WINDOWS, 40)
+        shard_set = ShardSet.open(str(shards))
+        manifest = shard_set.manifest
+        windows, _ = fixed_samples(shard_set, "train", prior.FIT_WINDOWS, 40)
         mu, cov = prior.fit(windows)
         coords = torch.tensor(manifest.atlas.coords(), dtype=torch.float32)
         fitted_mu, fitted_cov = model.prior_for(coords)
@@ -571,7 +572,7 @@ def test_a_tr_aware_model_trains_on_two_trs_and_takes_each_as_it_is(tiny_shards,
     model.time_unit_s one run trains on both, the export keeps both TRs, and a recording at either is taken as it is
     (the model reads its TR), at another TR refused, or resampled to the nearest trained one."""
     import brainlm
-    from brainlm.data.format import load_manifest
+    from brainlm.data.shardset import ShardSet
     from brainlm.exceptions import ShardError, TRMismatchError
     from brainlm.model.inference import model_trs, prepare
     from brainlm.training.plan import preflight
@@ -588,7 +589,7 @@ def test_a_tr_aware_model_trains_on_two_trs_and_takes_each_as_it_is(tiny_shards,
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     model = brainlm.load(out / "model")
     assert model_trs(model) == [0.8, 2.0] and model.config.time_unit_s == 0.8
-    manifest, _ = load_manifest(str(slow))
+    manifest = ShardSet.open(str(slow)).manifest
     coords = torch.tensor(manifest.atlas.coords(), dtype=torch.float32)
     raw = np.random.default_rng(0).standard_normal((5, 80))
     at = {tr: model.reconstruct(raw, tr=tr, coords=coords, scaling="none", mask_ratio=0.5) for tr in (0.8, 2.0)}

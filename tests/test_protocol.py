@@ -176,15 +176,17 @@ def _shard_set(root: Path, seed: int, atlas_parcels: int = 7) -> Path:
 def _model_on(shards: Path, folder: Path) -> Path:
     """A debug model with a Gaussian decoder prior fitted on ``shards``' training windows, exported as pretraining
     exports it (extra.json records the shard set)."""
-    from brainlm.data.format import load_manifest
     from brainlm.data.loader import fixed_samples
+    from brainlm.data.shardset import ShardSet
     from brainlm.model import BrainLM, get_preset
 
-    manifest, root = load_manifest(str(shards))
+    shard_set = ShardSet.open(str(shards))
+
+    manifest = shard_set.manifest
     R = manifest.atlas.num_parcels
     torch.manual_seed(0)
     model = BrainLM(get_preset("debug", num_parcels=R, num_timepoints=40, decoder_prior="gaussian"))
-    windows, _ = fixed_samples(manifest, root, "train", 512, 40)
+    windows, _ = fixed_samples(shard_set, "train", 512, 40)
     model.fit_prior(windows, torch.tensor(manifest.atlas.coords(), dtype=torch.float32))
     record = {"shards": str(shards), "manifest_sha256": manifest.plan_sha256, "atlas": manifest.atlas.name}
     extra = {"atlas": {"name": manifest.atlas.name, "labels": manifest.atlas.labels}, "tr": manifest.tr}
@@ -233,16 +235,17 @@ def test_refit_prior_fits_the_atlas_own_slot_on_the_target_training_split(two_se
     """A new cohort on an atlas seen in pretraining: --refit-prior replaces that atlas's prior statistics by the
     target's own (its training split), in that atlas's slot, leaving the other atlases' slots as they were; without it
     the pretraining statistics are used."""
-    from brainlm.data.format import load_manifest
     from brainlm.data.loader import fixed_samples
+    from brainlm.data.shardset import ShardSet
     from brainlm.eval.common import load_context, split_windows
     from brainlm.model import BrainLM, prior
 
     # Pretrained on two atlases: slot 0 the other atlas's, slot 1 the source's (the target's atlas).
     folder = _model_on(two_sets["other_atlas"], tmp_path / "model")
     model = BrainLM.from_pretrained(folder)
-    manifest, root = load_manifest(str(two_sets["source"]))
-    model.fit_prior(fixed_samples(manifest, root, "train", 512, 40)[0], torch.tensor(manifest.atlas.coords()), slot=1)
+    shard_set = ShardSet.open(str(two_sets["source"]))
+    manifest = shard_set.manifest
+    model.fit_prior(fixed_samples(shard_set, "train", 512, 40)[0], torch.tensor(manifest.atlas.coords()), slot=1)
     model.save_pretrained(folder, scaling=model.scaling, extra=model.extra)
     kept = load_context(str(folder), str(two_sets["target"]))
     refit = load_context(str(folder), str(two_sets["target"]), refit=True)

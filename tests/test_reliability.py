@@ -50,10 +50,10 @@ def first_train_shard(shards: Path) -> Path:
 
 
 def read_all(shards: Path, on_corrupt: str = "error") -> int:
-    from brainlm.data.format import load_manifest
     from brainlm.data.loader import read_shard
+    from brainlm.data.shardset import ShardSet
 
-    manifest, _ = load_manifest(str(shards))
+    manifest = ShardSet.open(str(shards)).manifest
     info = manifest.shards_of("train")[0]
     return sum(1 for _ in read_shard(str(first_train_shard(shards)), info["digests"], info["samples"], on_corrupt))
 
@@ -116,32 +116,34 @@ def test_training_on_a_corrupt_shard_stops_naming_it(shards, tmp_path):
     ],
 )
 def test_a_manifest_that_disagrees_with_itself_is_not_read(shards, damage, message):
-    from brainlm.data.format import load_manifest
+    from brainlm.data.shardset import ShardSet
 
     manifest = json.loads((shards / "manifest.json").read_text())
     damage(manifest)
     (shards / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match=message + ".*rebuild the shard set"):
-        load_manifest(str(shards))
+        ShardSet.open(str(shards))
     proc = run_cli("-m", "data_prep", "inspect", str(shards))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_skipping_corrupt_samples_ends_when_nothing_is_left_and_says_so_sparingly(shards, caplog):
-    from brainlm.data.format import load_manifest
     from brainlm.data.loader import TrainLoader
+    from brainlm.data.shardset import ShardSet
 
-    manifest, root = load_manifest(str(shards))
+    shard_set = ShardSet.open(str(shards))
+
+    manifest = shard_set.manifest
     for info in manifest.shards_of("train"):  # every training shard cut short: nothing readable is left
         path = shards / info["url"]
         path.write_bytes(path.read_bytes()[:700])
-    loader = TrainLoader(manifest, root, "train", 4, 40, seed=0, on_corrupt="skip")
+    loader = TrainLoader(shard_set, "train", 4, 40, seed=0, on_corrupt="skip")
     with pytest.raises(ShardError, match=r"a whole pass over the 3 training shard\(s\) gave no readable sample"):
         next(loader)
     warnings = sum(r.levelno == logging.WARNING and "is corrupt" in r.getMessage() for r in caplog.records)
     assert 0 < warnings <= 3 * 4 * 3  # a few lines per shard and slot, not one per attempt
     # From a loader worker the error is the same one, not PyTorch's "Caught ShardError in DataLoader worker process 0"
-    loader = TrainLoader(manifest, root, "train", 4, 40, seed=0, num_workers=1, on_corrupt="skip")
+    loader = TrainLoader(shard_set, "train", 4, 40, seed=0, num_workers=1, on_corrupt="skip")
     with pytest.raises(ShardError, match=r"^data.on_corrupt=skip: a whole pass over the 3 training shard") as caught:
         next(loader)
     assert "Caught" not in str(caught.value) and "Traceback" not in str(caught.value)
@@ -546,19 +548,17 @@ def test_a_run_killed_between_export_and_registration_is_finished_by_a_rerun(tin
 
 def test_a_frozen_object_store_is_said_as_such_not_a_corrupt_shard(array_cohort, s3_server, s3_bucket, monkeypatch):
     from brainlm.data import store
-    from brainlm.data.format import load_manifest, shard_urls
     from brainlm.data.loader import read_shard
+    from brainlm.data.shardset import ShardSet
     from brainlm.exceptions import StoreError
     from data_prep.build import BuildConfig, build
 
     url = f"{s3_bucket}/frozen"
     build(BuildConfig(inputs=str(array_cohort), out=url, crop=20, stride=10, tr=0.8, progress=False))
-    manifest, root = load_manifest(url)
-    shard = shard_urls(manifest, root, "train")[0]
+    shard = ShardSet.open(url).urls("train")[0]
     monkeypatch.setenv("BRAINLM_S3_TIMEOUT_S", "2")
     monkeypatch.setenv("BRAINLM_S3_ATTEMPTS", "2")
-    store._clients.clear()  # a client with these limits
-    store.register_webdataset_s3()
+    store.register_webdataset()  # opens with these limits (fsspec keeps a filesystem per set of options)
     os.killpg(s3_server.pid, signal.SIGSTOP)
     try:
         start = time.time()
@@ -567,6 +567,5 @@ def test_a_frozen_object_store_is_said_as_such_not_a_corrupt_shard(array_cohort,
         took = time.time() - start
     finally:
         os.killpg(s3_server.pid, signal.SIGCONT)
-        store._clients.clear()
     assert took < 60, f"{took:.0f} s before the error"
     assert len(list(read_shard(shard, None, None))) > 0  # the same shard reads once the store answers again

@@ -187,7 +187,7 @@ def test_finetune_sweep_runs_trials_survives_a_failing_one_and_logs_to_mlflow(en
 def test_the_best_model_is_registered_as_champion_with_lineage_and_predicts(env, finetuned):
     import mlflow
 
-    from brainlm.data.format import load_manifest
+    from brainlm.data.shardset import ShardSet
     from brainlm.model import BrainLMForPrediction
     from brainlm.tracking.registry import resolve_model
 
@@ -195,7 +195,7 @@ def test_the_best_model_is_registered_as_champion_with_lineage_and_predicts(env,
     client = mlflow.MlflowClient(env["uri"])
     version = client.get_model_version_by_alias("brainlm-finetuned-age", "champion")
     assert int(version.version) == summary["registered"]["version"]
-    manifest, _ = load_manifest(str(env["shards"]))
+    manifest = ShardSet.open(str(env["shards"])).manifest
     tags = version.tags
     assert tags["pretrained_model"] == "brainlm-test" and tags["pretrained_version"] == "1"
     assert tags["manifest_sha256"] == manifest.plan_sha256 and tags["trial_id"] == summary["best_trial"]

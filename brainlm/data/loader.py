@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from brainlm.data.format import Manifest, decode_signal, sample_digest, shard_urls
-from brainlm.data.store import register_webdataset_s3, unanswered
+from brainlm.data.format import decode_signal, sample_digest
+from brainlm.data.shardset import ShardInfo, ShardSet
+from brainlm.data.store import register_webdataset, unanswered
 from brainlm.exceptions import BrainLMError, ShardError
 from brainlm.masking import seeded_masks
 
@@ -169,14 +170,6 @@ class MaskSpec:
         return seeded_masks(seeds_B, num_parcels, self.num_patches, self.mask_ratio, self.masking)
 
 
-@dataclass
-class ShardInfo:
-    url: str
-    samples: int
-    digests: list[str] | None = None  # per-sample checksums from the manifest (None: not checked)
-    size: int | None = None  # the shard's bytes in the manifest: no member may claim more
-
-
 class SlotStreams(IterableDataset):
     """One rank's slots of the global micro-batch; each worker serves a subset of the slots."""
 
@@ -235,7 +228,7 @@ class SlotStreams(IterableDataset):
             pass_index += 1
 
     def __iter__(self) -> Iterator[dict]:
-        register_webdataset_s3()
+        register_webdataset()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = self.slots[worker::workers]
@@ -259,8 +252,7 @@ class TrainLoader:
 
     def __init__(
         self,
-        manifest: Manifest,
-        root: str,
+        shard_set: ShardSet,
         split: str,
         micro_batch_size: int,
         window: int,
@@ -274,11 +266,7 @@ class TrainLoader:
         on_corrupt: str = "error",
         context: bool = False,
     ) -> None:
-        urls = shard_urls(manifest, root, split)
-        shards = [
-            ShardInfo(u, s["samples"], s["digests"], s["bytes"])
-            for u, s in zip(urls, manifest.shards_of(split), strict=True)
-        ]
+        shards = shard_set.shards(split)
         slots = list(range(rank * micro_batch_size, (rank + 1) * micro_batch_size))
         self.workers = min(num_workers, micro_batch_size)
         dataset = SlotStreams(
@@ -331,14 +319,12 @@ def worker_message(err: BaseException) -> str:
     return text
 
 
-def fixed_samples(
-    manifest: Manifest, root: str, split: str, count: int, window: int
-) -> tuple[torch.Tensor, list[dict]]:
+def fixed_samples(shard_set: ShardSet, split: str, count: int, window: int) -> tuple[torch.Tensor, list[dict]]:
     """The first ``count`` crops of a split in manifest order, first window of each: a fixed evaluation set."""
-    register_webdataset_s3()
+    register_webdataset()
     signals, metas = [], []
-    for url, info in zip(shard_urls(manifest, root, split), manifest.shards_of(split), strict=True):
-        for raw in read_shard(url, info["digests"], info["samples"], size=info["bytes"]):
+    for info in shard_set.shards(split):
+        for raw in read_shard(info.url, info.digests, info.samples, size=info.size):
             signals.append(window_of(decode_signal(raw["signal.npy"]), window, None).astype(np.float32))
             metas.append(json.loads(raw["json"]))
             if len(signals) == count:

@@ -1,29 +1,36 @@
-"""Object store access: a local folder (the embedded default) or ``s3://bucket/prefix`` through boto3.
+"""Object store access over fsspec: a local folder (the embedded default), ``s3://bucket/prefix`` (s3fs), or any
+URL whose fsspec filesystem is installed (``gs://`` with gcsfs, ``az://`` with adlfs, ...).
 
-Every write is atomic: a reader sees either the whole object or nothing. Locally a temporary file is
-renamed into place; on S3 an object becomes visible only when its (multipart) upload completes. The S3
-endpoint and credentials come from boto3's standard chain (``AWS_ENDPOINT_URL`` /
-``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID`` ...), so the same code runs against AWS, MinIO or
-SeaweedFS. boto3 is imported here and nowhere else.
+Every write is atomic: a reader sees either the whole object or nothing. Locally a temporary file is renamed into
+place (``brainlm.atomic``); in an object store an object becomes visible only when its (multipart) upload completes.
+The S3 endpoint and credentials come from the standard AWS chain (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``,
+``AWS_ACCESS_KEY_ID`` ...), so the same code runs against AWS, MinIO or SeaweedFS; reads give up after
+``BRAINLM_S3_ATTEMPTS`` x ``BRAINLM_S3_TIMEOUT_S``. Writes and reads (shards streamed by WebDataset, Ray Tune's
+storage) go through the same filesystem objects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import os
 import shutil
 import tempfile
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO
 from urllib.parse import urlparse
+
+import fsspec
+from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 from brainlm import atomic
 from brainlm.exceptions import StoreError
 
 CHUNK = 8 * 1024 * 1024
+S3 = ("s3", "s3a")
+# Object-store schemes WebDataset learns to open through fsspec (its own table has file, pipe, http(s), ...).
+STREAMED = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 
 def sha256_stream(stream: IO[bytes]) -> tuple[str, int]:
@@ -40,27 +47,56 @@ def sha256_file(path: str | Path) -> tuple[str, int]:
         return sha256_stream(f)
 
 
-class Store(Protocol):
-    """What the rest of the code needs from an object store. Keys are ``/``-separated relative paths."""
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
-    url: str
 
-    def url_of(self, key: str) -> str: ...
-    def exists(self, key: str) -> bool: ...
-    def size(self, key: str) -> int: ...
-    def read_bytes(self, key: str) -> bytes: ...
-    def write_bytes(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None: ...
-    def upload_file(
-        self,
-        path: str | Path,
-        key: str,
-        metadata: dict[str, str] | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> None: ...
-    def open(self, key: str) -> IO[bytes]: ...
-    def list(self, prefix: str = "") -> list[str]: ...
-    def delete(self, key: str) -> None: ...
-    def metadata(self, key: str) -> dict[str, str]: ...
+def _limits() -> tuple[float, int]:
+    return float(os.environ.get("BRAINLM_S3_TIMEOUT_S", 30)), int(os.environ.get("BRAINLM_S3_ATTEMPTS", 5))
+
+
+def _checksum_options() -> bool:
+    """Whether this botocore knows the checksum settings (1.36 on; older ones add no checksums to refuse)."""
+    from botocore.config import Config
+
+    return "request_checksum_calculation" in Config.OPTION_DEFAULTS
+
+
+def filesystem(protocol: str) -> fsspec.AbstractFileSystem:
+    """This process's filesystem for ``protocol`` (fsspec keeps one per process and arguments: a forked DataLoader
+    worker makes its own). S3 is bounded: a store that stops answering is an error after ATTEMPTS x TIMEOUT, not a
+    silent wait; an S3-compatible endpoint gets the checksums it accepts (SeaweedFS refuses the ones newer AWS SDKs
+    add to every upload)."""
+    options: dict = {}
+    if protocol in S3:
+        timeout, attempts = _limits()
+        config = {
+            "connect_timeout": timeout,
+            "read_timeout": timeout,
+            "retries": {"max_attempts": attempts, "mode": "standard"},
+        }
+        if _endpoint() and _checksum_options():
+            config |= {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
+        # No listings cache: another process (a parallel build, a resumed one) writes the same prefix.
+        options = {"config_kwargs": config, "use_listings_cache": False}
+    try:
+        fs = fsspec.filesystem(protocol, **options)
+    except (ImportError, ValueError) as err:
+        extra = "pip install 'brainlm[s3]' (s3fs)" if protocol in S3 else f"install fsspec's {protocol}:// filesystem"
+        raise StoreError(f"cannot open {protocol}:// URLs here ({err}): {extra}") from None
+    if protocol in S3:
+        fs.retries = attempts  # s3fs's own retry loop around botocore's, bounded the same way
+    return fs
+
+
+def split_protocol(url: str) -> tuple[str, str]:
+    """(protocol, path) of a store URL: ("file", absolute path) for a local path or ``file://``."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return "file", str(Path(parsed.path).expanduser().resolve())
+    if parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (or a Windows drive letter)
+        return "file", str(Path(url).expanduser().resolve())
+    return parsed.scheme, url.split("://", 1)[1].strip("/")
 
 
 def _clean_key(key: str) -> str:
@@ -70,34 +106,84 @@ def _clean_key(key: str) -> str:
     return key
 
 
-class LocalStore:
-    """A folder on a local or shared file system."""
+class _Progress(Callback):
+    def __init__(self, progress: Callable[[int], None]):
+        super().__init__()
+        self.progress = progress
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
-        self.url = str(self.root)
+    def relative_update(self, inc: int = 1) -> None:
+        self.progress(inc)
 
-    def _path(self, key: str) -> Path:
-        return self.root / _clean_key(key)
+
+class Store:
+    """A folder or an object-store prefix; keys are ``/``-separated paths relative to it."""
+
+    def __init__(self, url: str | Path):
+        url = str(url)
+        self.protocol, self.root = split_protocol(url)
+        self.local = self.protocol == "file"
+        if not self.local and not self.root:
+            raise StoreError(f"expected an URL like {self.protocol}://bucket/prefix, got {url!r}")
+        self.fs = filesystem(self.protocol)
+        self.url = self.root if self.local else f"{self.protocol}://{self.root}"
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{_clean_key(key)}"
 
     def url_of(self, key: str) -> str:
-        return str(self._path(key))
+        return self._path(key) if self.local else f"{self.protocol}://{self._path(key)}"
+
+    @contextlib.contextmanager
+    def _errors(self, op: str, key: str) -> Iterator[None]:
+        """Store errors as the project's: a missing object said as such, anything else with what to check."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise StoreError(f"{self.url_of(key)} does not exist") from None
+        except StoreError:
+            raise
+        except Exception as err:
+            if self.local or not _from_store(err):  # a local error says itself; a bug is not the store's
+                raise
+            where = (
+                "the endpoint (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3), the credentials (AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY or a profile)"
+                if self.protocol in S3
+                else f"the {self.protocol} credentials"
+            )
+            raise StoreError(
+                f"{op} of {self.url_of(key)} failed ({type(err).__name__}: {err}). Check {where} and that the bucket "
+                "exists."
+            ) from err
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        with self._errors("HEAD", key):
+            return self.fs.isfile(self._path(key))
 
     def size(self, key: str) -> int:
-        return self._path(key).stat().st_size
+        with self._errors("HEAD", key):
+            return int(self.fs.size(self._path(key)))
+
+    def metadata(self, key: str) -> dict[str, str]:
+        """User metadata stored with an object (S3's ``x-amz-meta-*``); empty where the store keeps none."""
+        if self.protocol not in S3:
+            return {}
+        with self._errors("HEAD", key):
+            return dict(self.fs.metadata(self._path(key)))
+
+    def _metadata_kwargs(self, metadata: dict[str, str] | None) -> dict:
+        return {"Metadata": metadata} if metadata and self.protocol in S3 else {}
 
     def read_bytes(self, key: str) -> bytes:
-        path = self._path(key)
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise StoreError(f"{path} does not exist") from None
+        with self._errors("GET", key):
+            return self.fs.cat_file(self._path(key))
 
     def write_bytes(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
-        atomic.write_bytes(self._path(key), data)
+        if self.local:
+            atomic.write_bytes(self._path(key), data)
+            return
+        with self._errors("PUT", key):
+            self.fs.pipe_file(self._path(key), data, **self._metadata_kwargs(metadata))
 
     def upload_file(
         self,
@@ -106,6 +192,12 @@ class LocalStore:
         metadata: dict[str, str] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
+        if not self.local:
+            callback = _Progress(progress) if progress else DEFAULT_CALLBACK
+            with self._errors("upload", key):
+                self.fs.put_file(str(path), self._path(key), callback=callback, **self._metadata_kwargs(metadata))
+            return
+
         def copy(tmp: str) -> None:
             with open(path, "rb") as src, open(tmp, "wb") as dst:
                 while chunk := src.read(CHUNK):
@@ -113,198 +205,37 @@ class LocalStore:
                     if progress:
                         progress(len(chunk))
 
-        atomic.write_all([(self._path(key), copy)])
+        atomic.write_all([(Path(self._path(key)), copy)])
 
     def open(self, key: str) -> IO[bytes]:
-        return open(self._path(key), "rb")
+        with self._errors("GET", key):
+            return self.fs.open(self._path(key), "rb")
 
     def list(self, prefix: str = "") -> list[str]:
-        base = self.root / prefix.strip("/") if prefix.strip("/") else self.root
-        if not base.exists():
-            return []
-        out = []
-        for p in base.rglob("*"):
-            if p.is_file() and not p.name.startswith("."):
-                out.append(p.relative_to(self.root).as_posix())
-        return sorted(out)
+        """Every object's key under ``prefix``, sorted; dot-files (a writer's temporaries) left out."""
+        base = f"{self.root}/{prefix.strip('/')}" if prefix.strip("/") else self.root
+        with self._errors("LIST", prefix or "."):
+            found = self.fs.find(base) if self.fs.isdir(base) else []
+        keys = [p[len(self.root) + 1 :] for p in found]
+        return sorted(k for k in keys if not any(part.startswith(".") for part in k.split("/")))
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
-
-    def metadata(self, key: str) -> dict[str, str]:
-        return {}
+        with contextlib.suppress(FileNotFoundError), self._errors("DELETE", key):
+            self.fs.rm_file(self._path(key))
 
     def remove_stale_temporaries(self) -> int:
-        """Delete temporary files a killed writer left behind; returns how many."""
+        """Delete temporary files a killed local writer left behind; returns how many."""
         count = 0
-        if self.root.exists():
-            for p in self.root.rglob(".*.tmp"):
+        if self.local and Path(self.root).exists():
+            for p in Path(self.root).rglob(".*.tmp"):
                 p.unlink(missing_ok=True)
                 count += 1
         return count
 
 
-_clients: dict[tuple[int, int], object] = {}
-_clients_lock = threading.Lock()
-
-
-def s3_client():
-    """One boto3 client per process and thread (boto3 clients must not cross a fork)."""
-    ident = (os.getpid(), threading.get_ident())
-    with _clients_lock:
-        client = _clients.get(ident)
-        if client is None:
-            import boto3
-            from botocore.config import Config
-
-            # Bounded: a store that stops answering is an error after ATTEMPTS x TIMEOUT, not a silent wait.
-            timeout = float(os.environ.get("BRAINLM_S3_TIMEOUT_S", 30))
-            attempts = int(os.environ.get("BRAINLM_S3_ATTEMPTS", 5))
-            retries = {"max_attempts": attempts, "mode": "standard"}
-            config = Config(retries=retries, connect_timeout=timeout, read_timeout=timeout)
-            client = boto3.session.Session().client("s3", config=config)
-            _clients[ident] = client
-    return client
-
-
-def unanswered(url: str, err: BaseException) -> StoreError | None:
-    """A read that failed because the object store did not answer (a timeout, a dropped connection), as the
-    project's storage error; None for any other error (the data's own fault, for the caller to judge)."""
-    if isinstance(err, StoreError):
-        return err
-    if not type(err).__module__.startswith(("botocore", "urllib3", "requests", "socket")) and not isinstance(
-        err, (TimeoutError, ConnectionError)
-    ):
-        return None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the S3 endpoint"
-    timeout = os.environ.get("BRAINLM_S3_TIMEOUT_S", "30")
-    return StoreError(
-        f"the object store at {endpoint} did not answer while {url} was read ({type(err).__name__}: {err}); the "
-        f"data was not judged: check the store and re-run (reads give up after BRAINLM_S3_ATTEMPTS x "
-        f"BRAINLM_S3_TIMEOUT_S = {os.environ.get('BRAINLM_S3_ATTEMPTS', '5')} x {timeout} s)"
-    )
-
-
-def _s3_error(op: str, url: str, err: Exception) -> StoreError:
-    return StoreError(
-        f"S3 {op} of {url} failed: {err}. Check the endpoint (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3), the "
-        "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile) and that the bucket exists."
-    )
-
-
-class S3Store:
-    """``s3://bucket/prefix`` through boto3, with retries and multipart uploads."""
-
-    def __init__(self, url: str):
-        parsed = urlparse(url)
-        if parsed.scheme != "s3" or not parsed.netloc:
-            raise StoreError(f"expected an URL like s3://bucket/prefix, got {url!r}")
-        self.bucket = parsed.netloc
-        self.prefix = parsed.path.strip("/")
-        self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-
-    def _key(self, key: str) -> str:
-        key = _clean_key(key)
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def url_of(self, key: str) -> str:
-        return f"s3://{self.bucket}/{self._key(key)}"
-
-    def _head(self, key: str) -> dict | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            return s3_client().head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise _s3_error("HEAD", self.url_of(key), err) from err
-
-    def exists(self, key: str) -> bool:
-        return self._head(key) is not None
-
-    def size(self, key: str) -> int:
-        head = self._head(key)
-        if head is None:
-            raise StoreError(f"{self.url_of(key)} does not exist")
-        return int(head["ContentLength"])
-
-    def metadata(self, key: str) -> dict[str, str]:
-        head = self._head(key)
-        return dict(head.get("Metadata", {})) if head else {}
-
-    def read_bytes(self, key: str) -> bytes:
-        with self.open(key) as f:
-            return f.read()
-
-    def write_bytes(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
-        try:
-            s3_client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data, Metadata=metadata or {})
-        except Exception as err:
-            raise _s3_error("PUT", self.url_of(key), err) from err
-
-    def upload_file(
-        self,
-        path: str | Path,
-        key: str,
-        metadata: dict[str, str] | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> None:
-        from boto3.s3.transfer import TransferConfig
-
-        config = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024)
-        try:
-            s3_client().upload_file(
-                str(path),
-                self.bucket,
-                self._key(key),
-                ExtraArgs={"Metadata": metadata or {}},
-                Config=config,
-                Callback=progress,
-            )
-        except Exception as err:
-            raise _s3_error("upload", self.url_of(key), err) from err
-
-    def open(self, key: str) -> IO[bytes]:
-        from botocore.exceptions import ClientError
-
-        try:
-            return s3_client().get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-        except ClientError as err:
-            raise _s3_error("GET", self.url_of(key), err) from err
-
-    def list(self, prefix: str = "") -> list[str]:
-        full = self._key(prefix) if prefix.strip("/") else self.prefix
-        full = f"{full}/" if full else ""
-        out = []
-        try:
-            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
-            for page in pages:
-                for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(self.prefix) + 1 :] if self.prefix else obj["Key"]
-                    out.append(rel)
-        except Exception as err:
-            raise _s3_error("LIST", f"s3://{self.bucket}/{full}", err) from err
-        return sorted(out)
-
-    def delete(self, key: str) -> None:
-        try:
-            s3_client().delete_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as err:
-            raise _s3_error("DELETE", self.url_of(key), err) from err
-
-
-def open_store(url: str | Path) -> LocalStore | S3Store:
-    """The store behind ``url``: a local path, ``file://path`` or ``s3://bucket/prefix``."""
-    url = str(url)
-    parsed = urlparse(url)
-    if parsed.scheme == "s3":
-        return S3Store(url)
-    if parsed.scheme == "file":
-        return LocalStore(parsed.path)
-    if parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (or a Windows drive letter)
-        return LocalStore(url)
-    raise StoreError(f"unsupported store URL {url!r}: use a local path, file://PATH or s3://BUCKET/PREFIX")
+def open_store(url: str | Path) -> Store:
+    """The store behind ``url``: a local path, ``file://PATH``, ``s3://BUCKET/PREFIX`` or another fsspec URL."""
+    return Store(url)
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -314,58 +245,63 @@ def split_url(url: str) -> tuple[str, str]:
     return head, tail
 
 
-# -- WebDataset ``s3://`` support -------------------------------------------------------------------------
+CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "socket", "google", "azure")
 
 
-class _BufferedBody(io.RawIOBase):
-    """A readable raw stream over a botocore StreamingBody, so it can be wrapped in a BufferedReader."""
-
-    def __init__(self, body):
-        self.body = body
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self.body.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self.body.close()
-        super().close()
+def _from_store(err: BaseException) -> bool:
+    """An error of the store or its client (s3fs says S3's refusals as OSError / PermissionError)."""
+    return isinstance(err, OSError) or type(err).__module__.startswith(CLIENT_MODULES)
 
 
-def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> IO[bytes]:
-    """WebDataset gopen handler: stream ``s3://bucket/key`` with this process's boto3 client."""
+def unanswered(url: str, err: BaseException) -> StoreError | None:
+    """A read that failed because the object store did not answer (a timeout, a dropped connection), as the
+    project's storage error; None for any other error (the data's own fault, for the caller to judge)."""
+    if isinstance(err, StoreError):
+        return err
+    if not type(err).__module__.startswith(CLIENT_MODULES) and not isinstance(err, (TimeoutError, ConnectionError)):
+        return None
+    endpoint = _endpoint() or "the S3 endpoint"
+    timeout, attempts = _limits()
+    return StoreError(
+        f"the object store at {endpoint} did not answer while {url} was read ({type(err).__name__}: {err}); the "
+        f"data was not judged: check the store and re-run (reads give up after BRAINLM_S3_ATTEMPTS x "
+        f"BRAINLM_S3_TIMEOUT_S = {attempts} x {timeout:g} s)"
+    )
+
+
+# -- WebDataset reads object-store URLs through the same filesystems ----------------------------------------
+
+
+def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> IO[bytes]:
+    """WebDataset gopen handler: stream an object-store URL with this process's fsspec filesystem."""
     if mode != "rb":
-        raise StoreError(f"the s3 gopen handler only reads; got mode {mode!r} for {url}")
-    parsed = urlparse(url)
-    from botocore.exceptions import BotoCoreError, ClientError
-
+        raise StoreError(f"shards are opened for reading only; got mode {mode!r} for {url}")
+    protocol, path = split_protocol(url)
+    fs = filesystem(protocol)
     try:
-        body = s3_client().get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"]
-    except ClientError as err:
-        raise _s3_error("GET", url, err) from err
-    except BotoCoreError as err:  # no answer (timeouts, connection errors): the store's fault, said so
-        raise unanswered(url, err) from err
-    return io.BufferedReader(_BufferedBody(body), buffer_size=max(bufsize, 1024 * 1024))
+        return fs.open(path, "rb", block_size=max(bufsize, CHUNK))
+    except FileNotFoundError:
+        raise StoreError(f"{url} does not exist") from None
+    except Exception as err:  # no answer (timeouts, connection errors): the store's fault, said so
+        raise (unanswered(url, err) or err) from err
 
 
-def register_webdataset_s3() -> None:
-    """Teach WebDataset to open ``s3://`` URLs (idempotent; call in every process that reads shards)."""
+def register_webdataset() -> None:
+    """Teach WebDataset to open object-store URLs (idempotent; call in every process that reads shards)."""
     import importlib
 
     # ``webdataset.gopen`` as an attribute is the gopen function; the module holds the dispatch table.
-    importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = gopen_s3
+    schemes = importlib.import_module("webdataset.gopen").gopen_schemes
+    for scheme in STREAMED:
+        schemes[scheme] = gopen_fsspec
 
 
 def copy_tree(src: str, dst: str) -> None:
     """Copy every object under one store URL to another (for pushing local shards to S3)."""
     s, d = open_store(src), open_store(dst)
     for key in s.list():
-        if isinstance(s, LocalStore):
-            d.upload_file(s._path(key), key)
+        if s.local:
+            d.upload_file(s.url_of(key), key)
         else:
             with tempfile.NamedTemporaryFile() as tmp, s.open(key) as f:
                 shutil.copyfileobj(f, tmp)

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from brainlm.data.format import Manifest, load_manifest
+from brainlm.data.format import Manifest
 from brainlm.data.loader import fixed_samples
+from brainlm.data.shardset import ShardSet
 from brainlm.exceptions import DimensionError, InputError
 from brainlm.model import BrainLM
 from brainlm.model.inference import (
@@ -35,11 +36,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class Context:
     model: BrainLM
-    manifest: Manifest
-    root: str
+    shards: ShardSet
     coords_R3: torch.Tensor
     model_dir: Path | None  # None for a model given as an object
     prior_fitted_on: str | None = None  # set when the decoder's prior is refitted on these shards
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.shards.manifest
+
+    @property
+    def root(self) -> str:
+        return self.shards.root
 
     @property
     def device(self) -> torch.device:
@@ -84,7 +92,8 @@ def load_context(
             f"{type(model_uri).__name__}"
             + (" (a fine-tuned model: pass its pretrained backbone)" if hasattr(model_uri, "backbone") else "")
         )
-    manifest, root = load_manifest(shards)
+    shard_set = ShardSet.open(shards)
+    manifest = shard_set.manifest
     R_model, R_data = model.config.num_parcels, manifest.atlas.num_parcels
     trained = (model.extra or {}).get("atlas", {})
     if R_model != R_data and model.config.learned_parcel_embedding:
@@ -108,7 +117,7 @@ def load_context(
             f"{model_tr(model) or model_trs(model)[0]:g} --resample to evaluate at the model's TR"
         )
     coords = torch.tensor(manifest.atlas.coords(), dtype=torch.float32)
-    ctx = Context(model, manifest, root, coords, model_dir)
+    ctx = Context(model, shard_set, coords, model_dir)
     if refit and model.decoder_prior_embed is None:
         raise InputError(f"refit the prior: {model_uri} has no decoder prior (`model.decoder_prior` is none)")
     if model.decoder_prior_embed is not None and (refit or not model.prior_fits(coords)):
@@ -147,7 +156,7 @@ def split_windows(ctx: Context, split: str, limit: int | None = None) -> tuple[t
         raise InputError(
             f"the {split!r} split of {ctx.root} is empty; rebuild the shards with --test-frac/--val-frac > 0"
         )
-    return fixed_samples(ctx.manifest, ctx.root, split, min(n, limit or n), ctx.model.config.num_timepoints)
+    return fixed_samples(ctx.shards, split, min(n, limit or n), ctx.model.config.num_timepoints)
 
 
 @dataclass
@@ -170,15 +179,15 @@ def recordings(
 
     Crops of a recording are taken in start order, skipping any that overlap the previous one; each crop
     gives ``crop // window`` consecutive windows. ``where`` filters on metadata (e.g. condition=rest)."""
-    from brainlm.data.format import decode_signal, shard_urls
+    from brainlm.data.format import decode_signal
     from brainlm.data.loader import read_shard
-    from brainlm.data.store import register_webdataset_s3
+    from brainlm.data.store import register_webdataset
 
-    register_webdataset_s3()
+    register_webdataset()
     W = ctx.model.config.num_timepoints
     crops: dict[str, list[tuple[int, np.ndarray, dict]]] = {}
-    for url, info in zip(shard_urls(ctx.manifest, ctx.root, split), ctx.manifest.shards_of(split), strict=True):
-        for raw in read_shard(url, info["digests"], info["samples"], size=info["bytes"]):
+    for info in ctx.shards.shards(split):
+        for raw in read_shard(info.url, info.digests, info.samples, size=info.size):
             meta = json.loads(raw["json"])
             if where and any(str(meta.get(k)) != v for k, v in where.items()):
                 continue

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from brainlm import progress
-from brainlm.data.format import load_manifest
 from brainlm.data.loader import fixed_samples
+from brainlm.data.shardset import ShardSet
 from brainlm.eval.baselines import CONTEXT_BASELINES, Baselines, map_windows
 from brainlm.eval.common import Context, comparison_table, load_context, split_windows, table, write_metrics
 from brainlm.exceptions import BrainLMError, InputError
@@ -131,20 +131,21 @@ def source_windows(ctx: Context, sets: list[str], notes: list[str]) -> tuple[np.
     atlas = ctx.manifest.atlas
     for url in sets:
         try:
-            manifest, root = load_manifest(url)
+            source = ShardSet.open(url)
         except (BrainLMError, OSError) as err:
             notes.append(
                 f"the model's pretraining shards {url} cannot be read ({err}); its baselines are fitted on this "
                 "shard set only: pass --source-shards to fit them on what the model saw too"
             )
             continue
+        manifest = source.manifest
         n = min(manifest.num_samples("train"), prior.FIT_WINDOWS)
         if n == 0:
             notes.append(f"{url} has no training windows to fit baselines on")
             continue
-        x, meta = fixed_samples(manifest, root, "train", n, ctx.model.config.num_timepoints)
+        x, meta = fixed_samples(source, "train", n, ctx.model.config.num_timepoints)
         x = x.numpy()
-        what = _describe(root, len(x), len({m["subject"] for m in meta}))
+        what = _describe(source.root, len(x), len({m["subject"] for m in meta}))
         same = manifest.atlas.labels == atlas.labels and np.allclose(manifest.atlas.coords(), atlas.coords(), atol=1e-3)
         if not same:
             x, sigma = map_windows(x, manifest.atlas.coords(), atlas.coords())

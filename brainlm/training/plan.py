@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from brainlm.data.format import Manifest, load_manifest
+from brainlm.data.format import Manifest
+from brainlm.data.shardset import ShardSet
 from brainlm.exceptions import ConfigError, ShardError
 from brainlm.model import ModelConfig
 from brainlm.training.ds_config import read_ds_config
@@ -17,13 +18,20 @@ from brainlm.training.recipe import PretrainConfig
 
 
 @dataclass
-class ShardSet:
-    """One shard set of a run: its manifest, where it lives, its sampling weight and its short name (for logs)."""
+class Member:
+    """One shard set of a run, with its sampling weight and its short name (for logs; unique within the run)."""
 
-    manifest: Manifest
-    root: str
+    shards: ShardSet
     weight: float = 1.0
     name: str = ""
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.shards.manifest
+
+    @property
+    def root(self) -> str:
+        return self.shards.root
 
 
 @dataclass
@@ -31,7 +39,7 @@ class Plan:
     """What a run is, known before any process group exists. ``sets``: the shard sets it trains on (one, or a
     mixture); the first is the primary one (its atlas, TR and scaling are the export's defaults)."""
 
-    sets: list[ShardSet]
+    sets: list[Member]
     model: ModelConfig  # the recipe's model with the primary atlas's parcel count
     ds_config: dict[str, Any]
 
@@ -47,10 +55,10 @@ class Plan:
     def num_parcels(self) -> int:
         return self.model.num_parcels
 
-    def by_atlas(self) -> list[list[ShardSet]]:
+    def by_atlas(self) -> list[list[Member]]:
         """The sets grouped by atlas, atlases in first-seen order (the primary's first): one decoder prior slot and
         one scaling entry of the export each."""
-        groups: list[list[ShardSet]] = []
+        groups: list[list[Member]] = []
         for s in self.sets:
             for group in groups:
                 if group[0].manifest.atlas == s.manifest.atlas:
@@ -66,7 +74,7 @@ def shard_list(value: str) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
-def mixture_weights(cfg: PretrainConfig, sets: list[ShardSet]) -> list[float]:
+def mixture_weights(cfg: PretrainConfig, sets: list[Member]) -> list[float]:
     """``data.weights`` (one positive number per set), else each set's training crops."""
     if not str(cfg.data.weights).strip():
         return [float(s.manifest.num_samples(cfg.data.train_split)) for s in sets]
@@ -83,7 +91,7 @@ def mixture_weights(cfg: PretrainConfig, sets: list[ShardSet]) -> list[float]:
     return weights
 
 
-def check_mixture(cfg: PretrainConfig, sets: list[ShardSet]) -> None:
+def check_mixture(cfg: PretrainConfig, sets: list[Member]) -> None:
     """Shard sets one model can train on together: one TR (a model is trained for one), every set with training
     crops, and the same parcel count where the model has a learned per-parcel table (it ties it to one atlas)."""
     primary = sets[0].manifest
@@ -111,9 +119,9 @@ def preflight(cfg: PretrainConfig, ds_config: dict | str | Path) -> Plan:
         raise ConfigError("`data.shards` is empty: name a shard set (a folder or s3://bucket/prefix)")
     sets = []
     for url in urls:
-        manifest, root = load_manifest(url)
-        check_crops(cfg, manifest, root)
-        sets.append(ShardSet(manifest, root, name=Path(str(root).rstrip("/")).name or str(root)))
+        shard_set = ShardSet.open(url)
+        check_crops(cfg, shard_set.manifest, shard_set.root)
+        sets.append(Member(shard_set, name=shard_set.name))
     check_mixture(cfg, sets)
     names = [s.name for s in sets]
     for i, (s, w) in enumerate(zip(sets, mixture_weights(cfg, sets), strict=True)):

@@ -35,7 +35,7 @@ from brainlm.tracking.runs import Tracker
 from brainlm.training import engine as ds
 from brainlm.training.checkpoint import BestWeights, Checkpointer
 from brainlm.training.ds_config import resolve_ds_config
-from brainlm.training.plan import Plan, ShardSet, preflight
+from brainlm.training.plan import Member, Plan, preflight
 from brainlm.training.recipe import PretrainConfig, global_batch, lr_of, warmup_steps
 from brainlm.training.schedule import warmup_cosine
 
@@ -106,7 +106,7 @@ def fit_prior(model: BrainLM, cfg: PretrainConfig, plan: Plan) -> dict[str, torc
     statistics, which the export writes (a bf16 engine casts the module's buffers to bf16)."""
     for slot, group in enumerate(plan.by_atlas()):
         windows = [
-            fixed_samples(s.manifest, s.root, cfg.data.train_split, prior.FIT_WINDOWS, plan.model.num_timepoints)[0]
+            fixed_samples(s.shards, cfg.data.train_split, prior.FIT_WINDOWS, plan.model.num_timepoints)[0]
             for s in group
         ]
         coords = torch.tensor(group[0].manifest.atlas.coords(), dtype=torch.float32)
@@ -120,8 +120,7 @@ def build_loader(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext, start_ste
 
     def loader(index: int, start: int, seed: int) -> TrainLoader:
         return TrainLoader(
-            plan.sets[index].manifest,
-            plan.sets[index].root,
+            plan.sets[index].shards,
             cfg.data.train_split,
             cfg.train.micro_batch_size,
             c.num_timepoints,
@@ -171,11 +170,11 @@ def build_validation(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> li
     return [validation_of(cfg, plan, s, ctx) for s in plan.sets]
 
 
-def validation_of(cfg: PretrainConfig, plan: Plan, shard_set: ShardSet, ctx: ds.DistContext) -> ValidationSet:
-    m = shard_set.manifest
+def validation_of(cfg: PretrainConfig, plan: Plan, member: Member, ctx: ds.DistContext) -> ValidationSet:
+    m = member.manifest
     split = cfg.data.val_split if m.num_samples(cfg.data.val_split) else cfg.data.train_split
     count = max(ctx.world_size, cfg.train.val_samples // ctx.world_size * ctx.world_size)
-    signal, meta = fixed_samples(m, shard_set.root, split, count, plan.model.num_timepoints)
+    signal, meta = fixed_samples(member.shards, split, count, plan.model.num_timepoints)
     usable = signal.shape[0] // ctx.world_size * ctx.world_size  # equal work per rank (ZeRO-3 needs it)
     idx = list(range(ctx.rank, usable, ctx.world_size))
     c, R = plan.model, m.atlas.num_parcels
@@ -187,7 +186,7 @@ def validation_of(cfg: PretrainConfig, plan: Plan, shard_set: ShardSet, ctx: ds.
         cov_BRR, n_B = context_statistics(signal.numpy(), context_windows(recordings, starts, c.num_timepoints, None))
         context = (torch.from_numpy(cov_BRR[idx]).float(), torch.from_numpy(n_B[idx]))
     coords = torch.tensor(m.atlas.coords(), dtype=torch.float32)
-    return ValidationSet(signal[idx], masks, coords, shard_set.name, context, split == cfg.data.val_split, m.tr)
+    return ValidationSet(signal[idx], masks, coords, member.name, context, split == cfg.data.val_split, m.tr)
 
 
 def build_tracker(

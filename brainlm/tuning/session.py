@@ -24,13 +24,15 @@ def storage_path(opts: SweepOptions) -> str:
 
 
 def storage_filesystem(storage: str):
-    """pyarrow's S3 filesystem with boto3's endpoint variable, for S3-compatible servers (None: Ray's choice)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not storage.startswith("s3://") or not endpoint:
+    """Ray's storage through the filesystem the shard sets use (``brainlm.data.store``: the same endpoint, credentials,
+    timeouts and retries, and any fsspec URL), as the pyarrow filesystem Ray takes; None for a local folder."""
+    if "://" not in storage or storage.startswith("file://"):
         return None
     from pyarrow import fs
 
-    return fs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    from brainlm.data.store import filesystem, split_protocol
+
+    return fs.PyFileSystem(fs.FSSpecHandler(filesystem(split_protocol(storage)[0])))
 
 
 def s3_compatible_checksums(storage: str) -> None:
