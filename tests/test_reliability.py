@@ -547,7 +547,6 @@ def test_a_run_killed_between_export_and_registration_is_finished_by_a_rerun(tin
 
 
 def test_a_frozen_object_store_is_said_as_such_not_a_corrupt_shard(array_cohort, s3_server, s3_bucket, monkeypatch):
-    from brainlm.data import store
     from brainlm.data.loader import read_shard
     from brainlm.data.shardset import ShardSet
     from brainlm.exceptions import StoreError
@@ -558,7 +557,6 @@ def test_a_frozen_object_store_is_said_as_such_not_a_corrupt_shard(array_cohort,
     shard = ShardSet.open(url).urls("train")[0]
     monkeypatch.setenv("BRAINLM_S3_TIMEOUT_S", "2")
     monkeypatch.setenv("BRAINLM_S3_ATTEMPTS", "2")
-    store.register_webdataset()  # opens with these limits (fsspec keeps a filesystem per set of options)
     os.killpg(s3_server.pid, signal.SIGSTOP)
     try:
         start = time.time()

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from brainlm.data.format import decode_signal, sample_digest
 from brainlm.data.shardset import ShardInfo, ShardSet
-from brainlm.data.store import register_webdataset, unanswered
+from brainlm.data.store import open_url, unanswered
 from brainlm.exceptions import BrainLMError, ShardError
 from brainlm.masking import seeded_masks
 
@@ -64,7 +64,7 @@ def read_shard(
     import tarfile
 
     import webdataset as wds
-    from webdataset.tariterators import group_by_keys, url_opener
+    from webdataset.tariterators import group_by_keys
 
     if on_corrupt not in ON_CORRUPT:
         raise ShardError(f"data.on_corrupt must be one of {', '.join(ON_CORRUPT)}; got {on_corrupt!r}")
@@ -82,7 +82,11 @@ def read_shard(
         if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th ... time: a log that says it, not one that floods
             log.warning(f"{message} (skipped {count} sample(s) of it so far; said again at {2 * count})")
 
-    pipeline = wds.DataPipeline(wds.SimpleShardList([url]), url_opener, partial(tar_members, limit=size), group_by_keys)
+    def opened(sources: Iterator[dict]) -> Iterator[dict]:  # through the store, not WebDataset's URL table
+        for source in sources:
+            yield {**source, "stream": open_url(source["url"])}
+
+    pipeline = wds.DataPipeline(wds.SimpleShardList([url]), opened, partial(tar_members, limit=size), group_by_keys)
     k = 0
     try:
         for raw in pipeline:
@@ -228,7 +232,6 @@ class SlotStreams(IterableDataset):
             pass_index += 1
 
     def __iter__(self) -> Iterator[dict]:
-        register_webdataset()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = self.slots[worker::workers]
@@ -321,7 +324,6 @@ def worker_message(err: BaseException) -> str:
 
 def fixed_samples(shard_set: ShardSet, split: str, count: int, window: int) -> tuple[torch.Tensor, list[dict]]:
     """The first ``count`` crops of a split in manifest order, first window of each: a fixed evaluation set."""
-    register_webdataset()
     signals, metas = [], []
     for info in shard_set.shards(split):
         for raw in read_shard(info.url, info.digests, info.samples, size=info.size):

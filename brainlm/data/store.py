@@ -220,7 +220,7 @@ class Store:
         return sorted(k for k in keys if not any(part.startswith(".") for part in k.split("/")))
 
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError), self._errors("DELETE", key):
+        with self._errors("DELETE", key), contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._path(key))
 
     def remove_stale_temporaries(self) -> int:
@@ -269,14 +269,17 @@ def unanswered(url: str, err: BaseException) -> StoreError | None:
     )
 
 
-# -- WebDataset reads object-store URLs through the same filesystems ----------------------------------------
+# -- reading shards: the loader opens them here; WebDataset pipelines of a user's own may register the same ---------
 
 
-def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> IO[bytes]:
-    """WebDataset gopen handler: stream an object-store URL with this process's fsspec filesystem."""
+def open_url(url: str, mode: str = "rb", bufsize: int = CHUNK, **_: object) -> IO[bytes]:
+    """A shard's byte stream: a local path, or an object-store URL through this process's fsspec filesystem (also
+    WebDataset's gopen handler, after ``register_webdataset``)."""
     if mode != "rb":
         raise StoreError(f"shards are opened for reading only; got mode {mode!r} for {url}")
     protocol, path = split_protocol(url)
+    if protocol == "file":
+        return open(path, "rb")
     fs = filesystem(protocol)
     try:
         return fs.open(path, "rb", block_size=max(bufsize, CHUNK))
@@ -287,13 +290,14 @@ def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -
 
 
 def register_webdataset() -> None:
-    """Teach WebDataset to open object-store URLs (idempotent; call in every process that reads shards)."""
+    """Teach WebDataset to open object-store URLs through ``open_url`` (idempotent; per process), for a pipeline of
+    your own over a shard set's URLs (``ShardSet.urls``); brainlm's own readers open shards directly."""
     import importlib
 
     # ``webdataset.gopen`` as an attribute is the gopen function; the module holds the dispatch table.
     schemes = importlib.import_module("webdataset.gopen").gopen_schemes
     for scheme in STREAMED:
-        schemes[scheme] = gopen_fsspec
+        schemes[scheme] = open_url
 
 
 def copy_tree(src: str, dst: str) -> None:

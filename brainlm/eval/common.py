@@ -181,9 +181,7 @@ def recordings(
     gives ``crop // window`` consecutive windows. ``where`` filters on metadata (e.g. condition=rest)."""
     from brainlm.data.format import decode_signal
     from brainlm.data.loader import read_shard
-    from brainlm.data.store import register_webdataset
 
-    register_webdataset()
     W = ctx.model.config.num_timepoints
     crops: dict[str, list[tuple[int, np.ndarray, dict]]] = {}
     for info in ctx.shards.shards(split):

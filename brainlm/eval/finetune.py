@@ -22,6 +22,9 @@ In the same table, on the same recordings:
 The verdicts: the model (probe_mlp or finetuned) against the best simple baseline (chance, svr_raw, fc_ridge), and
 each model representation against its random-weights control, each margin with paired bootstrap intervals over
 test recordings and over test subjects (``brainlm.protocol.intervals``); a winner only when both exclude 0.
+
+About 450 lines in one file on purpose: the protocol reads in order (data, head training, baselines, verdicts),
+and every part is used by this command and the fine-tuning sweep only.
 """
 
 from __future__ import annotations
