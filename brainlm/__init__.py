@@ -37,6 +37,7 @@ _EXPORTS = {
     "perturb": "brainlm.eval.perturb",
     "PerturbConfig": "brainlm.eval.perturb",
     "attention": "brainlm.eval.attention",
+    "ShardSet": "brainlm.data.shardset",
 }
 __all__ = ["__version__", *_EXPORTS]
 

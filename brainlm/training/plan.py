@@ -120,7 +120,7 @@ def preflight(cfg: PretrainConfig, ds_config: dict | str | Path) -> Plan:
     sets = []
     for url in urls:
         shard_set = ShardSet.open(url)
-        check_crops(cfg, shard_set.manifest, shard_set.root)
+        check_crops(cfg, shard_set)
         sets.append(Member(shard_set, name=shard_set.name))
     check_mixture(cfg, sets)
     names = [s.name for s in sets]
@@ -132,7 +132,8 @@ def preflight(cfg: PretrainConfig, ds_config: dict | str | Path) -> Plan:
     return Plan(sets, model_cfg, ds_json)
 
 
-def check_crops(cfg: PretrainConfig, manifest: Manifest, root: str) -> None:
+def check_crops(cfg: PretrainConfig, shard_set: ShardSet) -> None:
+    manifest, root = shard_set.manifest, shard_set.root
     window = cfg.model.num_timepoints
     if manifest.crop < window:
         raise ShardError(
