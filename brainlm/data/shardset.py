@@ -95,3 +95,18 @@ class ShardSet:
                     f"{shard['url']}: sha256/size {sha[:12]}/{size} != manifest {shard['sha256'][:12]}/{shard['bytes']}"
                 )
         return problems
+
+
+class WithShards:
+    """A value that carries a shard set as ``shards`` (an analysis's context, a run's member), with its manifest and
+    root as its own attributes."""
+
+    shards: ShardSet
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.shards.manifest
+
+    @property
+    def root(self) -> str:
+        return self.shards.root

@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from brainlm.data.format import Manifest
 from brainlm.data.loader import fixed_samples
-from brainlm.data.shardset import ShardSet
+from brainlm.data.shardset import ShardSet, WithShards
 from brainlm.exceptions import DimensionError, InputError
 from brainlm.model import BrainLM
 from brainlm.model.inference import (
@@ -34,20 +33,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Context:
+class Context(WithShards):
     model: BrainLM
     shards: ShardSet
     coords_R3: torch.Tensor
     model_dir: Path | None  # None for a model given as an object
     prior_fitted_on: str | None = None  # set when the decoder's prior is refitted on these shards
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.shards.manifest
-
-    @property
-    def root(self) -> str:
-        return self.shards.root
 
     @property
     def device(self) -> torch.device:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from brainlm.data.format import Manifest
-from brainlm.data.shardset import ShardSet
+from brainlm.data.shardset import ShardSet, WithShards
 from brainlm.exceptions import ConfigError, ShardError
 from brainlm.model import ModelConfig
 from brainlm.training.ds_config import read_ds_config
@@ -18,20 +18,12 @@ from brainlm.training.recipe import PretrainConfig
 
 
 @dataclass
-class Member:
+class Member(WithShards):
     """One shard set of a run, with its sampling weight and its short name (for logs; unique within the run)."""
 
     shards: ShardSet
     weight: float = 1.0
     name: str = ""
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.shards.manifest
-
-    @property
-    def root(self) -> str:
-        return self.shards.root
 
 
 @dataclass
