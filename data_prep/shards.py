@@ -20,7 +20,7 @@ import numpy as np
 
 from brainlm import atomic
 from brainlm.data.format import MANIFEST, encode_sample, sample_digest
-from brainlm.data.store import open_store, sha256_file
+from brainlm.data.store import open_store, sha256_file, sha256_stream
 from brainlm.exceptions import ShardError
 from brainlm.model.scaling import RobustScaler
 from data_prep.workers import Workers, progress_bar
@@ -105,8 +105,13 @@ def shard_is_current(store, shard: dict) -> bool:
         return False
     if store.local:
         return sha256_file(store.url_of(shard["key"]))[0] == side.get("sha256")
-    # On S3 the checksum travels with the object as metadata, set in the same atomic upload.
-    return store.metadata(shard["key"]).get("sha256") == side.get("sha256")
+    # On S3 the checksum travels with the object as metadata, set in the same atomic upload; a store that keeps no
+    # metadata (gs://, az:// through fsspec) is read back.
+    stored = store.metadata(shard["key"]).get("sha256")
+    if stored is None:
+        with store.open(shard["key"]) as f:
+            stored = sha256_stream(f)[0]
+    return stored == side.get("sha256")
 
 
 def _write_shard(job: tuple[dict, dict, dict[str, str], dict, int, str]) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
 import uuid
 
 import pytest
@@ -61,3 +63,47 @@ def test_an_url_without_a_filesystem_says_what_to_install():
         open_store("nosuchfs://bucket/prefix")
     with pytest.raises(StoreError, match=r"expected an URL like s3://bucket/prefix"):
         open_store("s3://")
+    with pytest.raises(StoreError, match=r"'s3:/bucket' is neither a path nor an URL"):
+        open_store("s3:/bucket")
+
+
+def test_listing_and_copying_on_a_non_local_filesystem(tmp_path):
+    url = f"memory://list-{uuid.uuid4().hex[:8]}/set"
+    store = open_store(url)
+    store.write_bytes("a/b.json", b"{}")
+    store.write_bytes("c.bin", b"1")
+    assert store.list() == ["a/b.json", "c.bin"] and store.list("a") == ["a/b.json"]
+    copy_tree(url, str(tmp_path / "copy"))
+    assert open_store(tmp_path / "copy").list() == ["a/b.json", "c.bin"]
+    with pytest.raises(StoreError, match="nothing to copy under"):
+        copy_tree(f"{url}-misspelled", str(tmp_path / "none"))
+
+
+class Refusing(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that refuses every request as AWS does an expired token: 403 AccessDenied."""
+
+    def do_GET(self):
+        body = b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+        self.send_response(403)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_store_that_refuses_a_read_is_said_as_such_not_a_corrupt_shard(monkeypatch):
+    from brainlm.data.loader import read_shard
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "expired")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "expired")
+        with pytest.raises(StoreError, match=r"GET of s3://bucket/shards/train-000000\.tar failed \(PermissionError"):
+            list(read_shard("s3://bucket/shards/train-000000.tar", None, 10))
+    finally:
+        server.shutdown()

@@ -65,12 +65,17 @@ def _checksum_options() -> bool:
 
 
 _filesystems: dict[tuple, fsspec.AbstractFileSystem] = {}
+CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
 def filesystem(protocol: str) -> fsspec.AbstractFileSystem:
     """This process's filesystem for ``protocol``, made once per process and settings (a forked DataLoader worker
-    makes its own; a test that changes the limits gets a new one)."""
-    key = (os.getpid(), protocol, _limits(), _endpoint())
+    makes its own; new limits, endpoint or credentials in the environment make a new one)."""
+    key = (
+        os.getpid(),
+        protocol,
+        *((_limits(), _endpoint(), *map(os.environ.get, CREDENTIALS)) if protocol in S3 else ()),
+    )
     if key not in _filesystems:
         _filesystems[key] = _make_filesystem(protocol)
     return _filesystems[key]
@@ -87,7 +92,9 @@ def _make_filesystem(protocol: str) -> fsspec.AbstractFileSystem:
             "connect_timeout": timeout,
             "read_timeout": timeout,
             "retries": {"max_attempts": attempts, "mode": "standard"},
-            "max_pool_connections": 256,  # a loader holds one streamed shard per slot (open_url) at once
+            # A loader holds one streamed shard per slot (open_url) at once, and a GET waits, without a timeout,
+            # for a free connection: room for far more slots than a process serves.
+            "max_pool_connections": 1024,
         }
         if _endpoint() and _checksum_options():
             config |= {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
@@ -99,7 +106,7 @@ def _make_filesystem(protocol: str) -> fsspec.AbstractFileSystem:
         extra = "pip install 'brainlm[s3]' (s3fs)" if protocol in S3 else f"install fsspec's {protocol}:// filesystem"
         raise StoreError(f"cannot open {protocol}:// URLs here ({err}): {extra}") from None
     if protocol in S3:
-        fs.retries = attempts  # s3fs's own retry loop around botocore's, bounded the same way
+        fs.retries = 1  # botocore retries (ATTEMPTS); s3fs's own loop around it would multiply them
     return fs
 
 
@@ -110,6 +117,8 @@ def split_protocol(url: str) -> tuple[str, str]:
         return "file", str(Path(parsed.path).expanduser().resolve())
     if parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (or a Windows drive letter)
         return "file", str(Path(url).expanduser().resolve())
+    if "://" not in url:
+        raise StoreError(f"{url!r} is neither a path nor an URL: use a folder, file://PATH or s3://BUCKET/PREFIX")
     return parsed.scheme, url.split("://", 1)[1].strip("/")
 
 
@@ -173,6 +182,8 @@ class Store:
     def exists(self, key: str) -> bool:
         """Whether ``key`` is an object; a store that does not answer is an error, not False (fsspec's isfile
         would say False, and a build would redo what it has)."""
+        if self.local:
+            return Path(self._path(key)).is_file()
         with self._errors("HEAD", key):
             try:
                 if self.protocol in S3:  # one HEAD (s3fs's info also lists the prefix when the key is missing)
@@ -237,7 +248,8 @@ class Store:
         base = f"{self.root}/{prefix.strip('/')}" if prefix.strip("/") else self.root
         with self._errors("LIST", prefix or "."):
             found = self.fs.find(base) if self.fs.isdir(base) else []
-        keys = [p[len(self.root) + 1 :] for p in found]
+        root = self.root.strip("/")  # memory:// answers "/bucket/key" for "bucket/key"
+        keys = [p.strip("/")[len(root) + 1 :] for p in found]
         return sorted(k for k in keys if not any(part.startswith(".") for part in k.split("/")))
 
     def delete(self, key: str) -> None:
@@ -309,7 +321,10 @@ def open_url(url: str, mode: str = "rb", bufsize: int = CHUNK, **_: object) -> I
     except FileNotFoundError:
         raise StoreError(f"{url} does not exist") from None
     except Exception as err:  # no answer (timeouts, connection errors): the store's fault, said so
-        raise (unanswered(url, err) or err) from err
+        answer = unanswered(url, err)
+        if answer is None:
+            raise
+        raise answer from err
 
 
 async def _read_up_to(file, size: int) -> bytes:
@@ -342,8 +357,11 @@ class _Streamed(io.RawIOBase):
             data = sync(self.fs.loop, _read_up_to, self.file, len(buffer))
         except FileNotFoundError:
             raise StoreError(f"{self.url} does not exist") from None
-        except Exception as err:
-            raise (unanswered(self.url, err) or err) from err
+        except Exception as err:  # a refusal (403, 5xx) or no answer: the store's, never the shard's
+            raise unanswered(self.url, err) or StoreError(
+                f"GET of {self.url} failed ({type(err).__name__}: {err}). Check the endpoint (AWS_ENDPOINT_URL / "
+                "AWS_ENDPOINT_URL_S3) and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile)"
+            ) from err
         buffer[: len(data)] = data
         return len(data)
 
@@ -368,7 +386,10 @@ def register_webdataset() -> None:
 def copy_tree(src: str, dst: str) -> None:
     """Copy every object under one store URL to another (for pushing local shards to S3)."""
     s, d = open_store(src), open_store(dst)
-    for key in s.list():
+    keys = s.list()
+    if not keys:
+        raise StoreError(f"nothing to copy under {s.url}: check the source (a shard set's folder or prefix)")
+    for key in keys:
         if s.local:
             d.upload_file(s.url_of(key), key)
         else:

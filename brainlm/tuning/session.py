@@ -31,8 +31,13 @@ def storage_filesystem(storage: str):
     from pyarrow import fs
 
     from brainlm.data.store import filesystem, split_protocol
+    from brainlm.exceptions import StoreError
 
-    return fs.PyFileSystem(fs.FSSpecHandler(filesystem(split_protocol(storage)[0])))
+    try:
+        return fs.PyFileSystem(fs.FSSpecHandler(filesystem(split_protocol(storage)[0])))
+    except StoreError as err:  # no fsspec filesystem for it here: Ray's own (pyarrow's) may still reach it
+        log.info(f"note: Ray's storage {storage} goes through pyarrow's filesystem ({err})")
+        return None
 
 
 def s3_compatible_checksums(storage: str) -> None:
