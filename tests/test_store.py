@@ -100,7 +100,8 @@ def test_a_store_that_refuses_a_read_is_said_as_such_not_a_corrupt_shard(monkeyp
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):  # over the test S3 server's, if one runs
+            monkeypatch.setenv(name, f"http://127.0.0.1:{server.server_address[1]}")
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "expired")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "expired")
         with pytest.raises(StoreError, match=r"GET of s3://bucket/shards/train-000000\.tar failed \(PermissionError"):

@@ -85,7 +85,9 @@ def _make_filesystem(protocol: str) -> fsspec.AbstractFileSystem:
     """S3 is bounded: a store that stops answering is an error after ATTEMPTS x TIMEOUT, not a silent wait; an
     S3-compatible endpoint gets the checksums it accepts (SeaweedFS refuses the ones newer AWS SDKs add to every
     upload)."""
-    options: dict = {}
+    # Our own cache above decides when a filesystem is new: fsspec's would hand back one made under other settings
+    # (botocore reads the endpoint and credentials when the filesystem is made).
+    options: dict = {"skip_instance_cache": True}
     if protocol in S3:
         timeout, attempts = _limits()
         config = {
@@ -99,7 +101,7 @@ def _make_filesystem(protocol: str) -> fsspec.AbstractFileSystem:
         if _endpoint() and _checksum_options():
             config |= {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
         # No listings cache: another process (a parallel build, a resumed one) writes the same prefix.
-        options = {"config_kwargs": config, "use_listings_cache": False}
+        options |= {"config_kwargs": config, "use_listings_cache": False}
     try:
         fs = fsspec.filesystem(protocol, **options)
     except (ImportError, ValueError) as err:
