@@ -170,16 +170,7 @@ class Store:
         except Exception as err:
             if self.local or not _from_store(err):  # a local error says itself; a bug is not the store's
                 raise
-            where = (
-                "the endpoint (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3), the credentials (AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY or a profile)"
-                if self.protocol in S3
-                else f"the {self.protocol} credentials"
-            )
-            raise StoreError(
-                f"{op} of {self.url_of(key)} failed ({type(err).__name__}: {err}). Check {where} and that the bucket "
-                "exists."
-            ) from err
+            raise _failed(op, self.url_of(key), self.protocol, err) from err
 
     def exists(self, key: str) -> bool:
         """Whether ``key`` is an object; a store that does not answer is an error, not False (fsspec's isfile
@@ -288,6 +279,28 @@ def _from_store(err: BaseException) -> bool:
     return isinstance(err, OSError) or type(err).__module__.startswith(CLIENT_MODULES)
 
 
+def _failed(op: str, url: str, protocol: str, err: BaseException) -> StoreError:
+    """A request the store refused (or failed), with what to check."""
+    where = (
+        "the endpoint (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3), the credentials (AWS_ACCESS_KEY_ID / "
+        "AWS_SECRET_ACCESS_KEY or a profile)"
+        if protocol in S3
+        else f"the {protocol} credentials"
+    )
+    return StoreError(f"{op} of {url} failed ({type(err).__name__}: {err}). Check {where} and that the bucket exists.")
+
+
+def read_failure(url: str, protocol: str, err: BaseException) -> StoreError | None:
+    """A shard read that failed through the store's fault, as the project's storage error: missing, unanswered or
+    refused (403, 5xx); None for any other error (the data's own fault or a bug, for the caller to judge)."""
+    if isinstance(err, FileNotFoundError):
+        return StoreError(f"{url} does not exist")
+    answer = unanswered(url, err)
+    if answer is None and _from_store(err):
+        return _failed("GET", url, protocol, err)
+    return answer
+
+
 def unanswered(url: str, err: BaseException) -> StoreError | None:
     """A read that failed because the object store did not answer (a timeout, a dropped connection), as the
     project's storage error; None for any other error (the data's own fault, for the caller to judge)."""
@@ -318,15 +331,13 @@ def open_url(url: str, mode: str = "rb", bufsize: int = CHUNK, **_: object) -> I
     fs = filesystem(protocol)
     try:
         if protocol in S3:
-            return io.BufferedReader(_Streamed(fs, path, url), buffer_size=max(bufsize, 1 << 20))
+            return io.BufferedReader(_Streamed(fs, protocol, path, url), buffer_size=max(bufsize, 1 << 20))
         return fs.open(path, "rb", block_size=max(bufsize, CHUNK))
-    except FileNotFoundError:
-        raise StoreError(f"{url} does not exist") from None
-    except Exception as err:  # no answer (timeouts, connection errors): the store's fault, said so
-        answer = unanswered(url, err)
-        if answer is None:
+    except Exception as err:
+        failure = read_failure(url, protocol, err)
+        if failure is None:
             raise
-        raise answer from err
+        raise failure from err
 
 
 async def _read_up_to(file, size: int) -> bytes:
@@ -345,10 +356,10 @@ async def _read_up_to(file, size: int) -> bytes:
 class _Streamed(io.RawIOBase):
     """One GET, read as the reader consumes it (s3fs's streamed file driven from this thread): one request per shard
     and nothing fetched that is not read. fsspec's block-cached files fetch 8 MiB ranges instead, which read 0.8x as
-    many crops/s through the training loader (docs/benchmarks.md, section 5)."""
+    many crops/s through the training loader (docs/benchmarks.md, section 5b)."""
 
-    def __init__(self, fs, path: str, url: str):
-        self.fs, self.url = fs, url
+    def __init__(self, fs, protocol: str, path: str, url: str):
+        self.fs, self.protocol, self.url = fs, protocol, url
         self.file = sync(fs.loop, fs.open_async, path, "rb")
 
     def readable(self) -> bool:
@@ -357,13 +368,11 @@ class _Streamed(io.RawIOBase):
     def readinto(self, buffer) -> int:
         try:
             data = sync(self.fs.loop, _read_up_to, self.file, len(buffer))
-        except FileNotFoundError:
-            raise StoreError(f"{self.url} does not exist") from None
         except Exception as err:  # a refusal (403, 5xx) or no answer: the store's, never the shard's
-            raise unanswered(self.url, err) or StoreError(
-                f"GET of {self.url} failed ({type(err).__name__}: {err}). Check the endpoint (AWS_ENDPOINT_URL / "
-                "AWS_ENDPOINT_URL_S3) and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or a profile)"
-            ) from err
+            failure = read_failure(self.url, self.protocol, err)
+            if failure is None:
+                raise
+            raise failure from err
         buffer[: len(data)] = data
         return len(data)
 
