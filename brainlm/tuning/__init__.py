@@ -20,9 +20,11 @@ and a child per trial, written from the driver only (``MLflowTrials``, through `
 trials send results back, so parallel trials never contend for a sqlite store.
 
 Modules: ``options`` (``SweepOptions``: how any sweep runs), ``space`` (search spaces), ``session`` (the Ray
-session), ``trials`` (the MLflow callback and value formatting), ``template`` (``SweepSpec``, ``run_sweep``,
-``finish_sweep``: the one skeleton every sweep runs), ``finetune``, ``perturb``, ``scale`` (one short spec each),
-``cli`` (the command line). ray is imported in this package only, on first use of a name below.
+session), ``trials`` (the MLflow callback and value formatting), ``template`` (``SweepSpec``, ``run_sweep``: the one
+skeleton every sweep runs), ``report`` (``finish_sweep``: the tables, figure and parent run), ``ranked``
+(``ConfigSweep``: a sweep over a config's knobs declared as data, run by ``run_config_sweep``), ``finetune`` and
+``perturb`` (one ``ConfigSweep`` each: ``FINETUNE``, ``PERTURB``), ``scale`` (a grid ``SweepSpec``), ``cli`` (the
+command line). ray is imported in this package only, on first use of a name below.
 """
 
 import importlib
@@ -31,6 +33,10 @@ from typing import Any
 # Each public name and the module holding it: imported on first use (PEP 562), so `brainlm tune --help` and the
 # command line's parsing run before ray is imported.
 _HOME = {
+    "ConfigSweep": "ranked",
+    "run_config_sweep": "ranked",
+    "FINETUNE": "finetune",
+    "PERTURB": "perturb",
     "finetune_sweep": "finetune",
     "finetune_trial": "finetune",
     "perturb_score": "perturb",
@@ -59,9 +65,12 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "FINETUNE",
     "FINETUNE_FIXED",
+    "PERTURB",
     "PERTURB_FIXED",
     "SPACES",
+    "ConfigSweep",
     "Dist",
     "MLflowTrials",
     "Shape",
@@ -75,6 +84,7 @@ __all__ = [
     "perturb_trial",
     "plan_shape",
     "ray_session",
+    "run_config_sweep",
     "scale_sweep",
     "scale_trial",
 ]

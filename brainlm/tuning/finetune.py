@@ -1,4 +1,5 @@
-"""Fine-tuning sweeps: ASHA over FinetuneConfig knobs, every trial running ``train_one``."""
+"""Fine-tuning sweeps: ASHA over FinetuneConfig knobs, every trial running ``train_one`` on data loaded once on the
+driver; the best trial's model is registered (``FINETUNE``, a ``ConfigSweep``)."""
 
 from __future__ import annotations
 
@@ -11,25 +12,16 @@ from typing import Any
 
 from ray import tune
 
-from brainlm.eval.common import load_context
+from brainlm.eval.common import Context
 from brainlm.eval.finetune import FinetuneConfig, FinetuneData, load_data, save_finetuned, train_one
 from brainlm.exceptions import NonFiniteLossError
 from brainlm.tracking.env import git_sha
 from brainlm.tuning.options import SweepOptions
-from brainlm.tuning.session import in_trial, trial_device
-from brainlm.tuning.space import FINETUNE_FIXED, apply_config, check_flags_vs_space, load_space
-from brainlm.tuning.template import (
-    asha,
-    config_spec,
-    default_name,
-    finish_ranked,
-    number,
-    register_best,
-    run_sweep,
-    slug,
-    trial_table,
-)
-from brainlm.tuning.trials import Headline, fmt_config
+from brainlm.tuning.ranked import ConfigSweep, Inputs, Report, run_config_sweep
+from brainlm.tuning.session import in_trial
+from brainlm.tuning.space import FINETUNE_FIXED, apply_config
+from brainlm.tuning.template import SweepOutcome, register_best, slug
+from brainlm.tuning.trials import fmt_config, number
 
 # -- fine-tuning sweeps -------------------------------------------------------------------------------------
 
@@ -68,6 +60,92 @@ def finetune_trial(config: dict[str, Any], data: FinetuneData, threads: int, dev
         )
 
 
+def _metric_keys(base: FinetuneConfig) -> list[str]:
+    return ["accuracy", "auc"] if base.task == "classification" else ["mse", "r2", "pearson_r"]
+
+
+def finetune_inputs(ctx: Context, base: FinetuneConfig, space: dict, opts: SweepOptions, **_: Any) -> Inputs:
+    """The labelled windows, loaded once and shared by every trial."""
+    data = load_data(ctx, base)
+    pretrained = (ctx.model.extra or {}).get("manifest_sha256")  # the data the backbone was pretrained on
+    loss = "-accuracy" if base.task == "classification" else "MSE in the transformed space"
+    return Inputs(
+        trial_args={"data": data},
+        subject=base.target,
+        intro=f"{base.target} ({base.task}, {base.transform}), up to {base.epochs} epochs per trial, ASHA on "
+        f"val_loss ({loss}); {sum(len(d.windows_NRW) for d in data.splits.values())} windows shared by every trial",
+        max_t=base.epochs,
+        metrics=["epoch", "val_loss", *(f"test_{k}" for k in _metric_keys(base))],
+        show=(f"test_{_metric_keys(base)[0]}", "best_epoch"),
+        params={"cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial},
+        tags={"target": base.target, **({"pretrained_manifest_sha256": pretrained} if pretrained else {})},
+    )
+
+
+def register_champion(
+    outcome: SweepOutcome,
+    table_rows: list[dict[str, Any]],
+    ctx: Context,
+    base: FinetuneConfig,
+    opts: SweepOptions,
+    register_as: str | None = None,
+    alias: str = "champion",
+) -> Report:
+    """Register the best trial's model (tagged with the pretrained model's lineage, the data and the trial); a
+    stopped trial's row shows its best epoch's validation loss, a finished one's its last epoch."""
+    for row, r in zip(table_rows, outcome.rows, strict=True):
+        seen = [h["val_loss"] for h in r.history if number(h.get("val_loss")) and "epoch" in h]
+        if r.outcome == "finished":
+            row["epoch"] = max((h["epoch"] for h in r.history if number(h.get("epoch"))), default="")
+        if seen and r.outcome == "stopped":
+            row["val_loss"] = min(seen)
+    manifest_sha = outcome.spec.parent_tags["manifest_sha256"]
+    lineage = {k: v for k, v in outcome.spec.parent_tags.items() if k not in ("target", "manifest_sha256")}
+    report = Report(
+        summary={"target": base.target, "registered": None, "lineage": lineage, "manifest_sha256": manifest_sha}
+    )
+    best = outcome.best
+    if best is None:
+        return report
+    name = register_as or f"brainlm-finetuned-{slug(base.target)}"
+    tags = {
+        **lineage,
+        "manifest_sha256": manifest_sha,
+        "target": base.target,
+        "task": base.task,
+        "transform": base.transform,
+        "sweep": opts.name,
+        "sweep_run_id": outcome.parent,
+        "trial_id": best.trial_id,
+        "val_loss": best.metrics["val_loss"],
+        "git_sha": git_sha(),
+        **{f"test_{k}": best.metrics.get(f"test_{k}") for k in _metric_keys(base)},
+    }
+    registered = register_best(outcome, name, alias, tags)
+    was = f", was version {registered['previous']}" if registered["previous"] else ""
+    report.summary["registered"] = registered
+    report.notes.append(
+        f"best trial {best.trial_id}: registered {registered['uri']} (version {registered['version']}{was})"
+    )
+    report.parent_tags = {"registered_model": name, "registered_version": registered["version"]}
+    return report
+
+
+FINETUNE = ConfigSweep(
+    kind="finetune",
+    config=FinetuneConfig,
+    fixed=FINETUNE_FIXED,
+    trial=finetune_trial,
+    metric="val_loss",
+    mode="min",
+    step_key="epoch",
+    grace=1,
+    name="finetune-{target}",
+    inputs=finetune_inputs,
+    report=register_champion,
+)
+
+
 def finetune_sweep(
     model: str,
     shards: str,
@@ -77,81 +155,7 @@ def finetune_sweep(
     register_as: str | None = None,
     alias: str = "champion",
 ) -> dict[str, Any]:
-    """ASHA over the knobs of ``space_path``; logs to MLflow; registers the best trial's model."""
-    from brainlm.tracking.registry import lineage
-
+    """ASHA over the knobs of ``space_path`` (one seed per trial); logs to MLflow; registers the best trial's model
+    as ``register_as`` (default brainlm-finetuned-TARGET) with ``alias``."""
     base = dataclasses.replace(base, seeds=1)
-    space = load_space(space_path, FinetuneConfig, base, FINETUNE_FIXED)
-    check_flags_vs_space(space, base, space_path)
-    classification = base.task == "classification"
-    keys = ["accuracy", "auc"] if classification else ["mse", "r2", "pearson_r"]
-    register_as = register_as or f"brainlm-finetuned-{slug(base.target)}"
-    opts.name = opts.name or default_name(f"finetune-{slug(base.target)}")
-    pre = lineage(model)  # fails early on a missing registry entry
-    ctx = load_context(model, shards, "cpu")  # trials move it to their own device
-    data = load_data(ctx, base)  # once, on the driver: errors surface before Ray starts; trials share it
-    if (ctx.model.extra or {}).get("manifest_sha256"):  # the data the backbone was pretrained on
-        pre["pretrained_manifest_sha256"] = ctx.model.extra["manifest_sha256"]
-    manifest_sha = ctx.manifest.plan_sha256
-    spec = config_spec(
-        "finetune",
-        model,
-        shards,
-        base,
-        space,
-        opts,
-        trial=finetune_trial,
-        trial_args={"data": data, "threads": int(max(1, opts.cpus_per_trial)), "device": trial_device(opts)},
-        headline=Headline("val_loss", "min", "epoch", (f"test_{keys[0]}", "best_epoch")),
-        intro=f"finetune sweep {opts.name}: {base.target} ({base.task}, {base.transform}), {opts.samples} sample(s) "
-        f"of {space_path}, up to {base.epochs} epochs per trial, ASHA on val_loss "
-        f"({'-accuracy' if classification else 'MSE in the transformed space'}); "
-        f"{sum(len(d.windows_NRW) for d in data.splits.values())} windows shared by every trial",
-        parent_params={"cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial},
-        parent_tags={"target": base.target, "manifest_sha256": manifest_sha, **pre},
-        scheduler=asha("epoch", base.epochs, 1, opts),
-    )
-    outcome = run_sweep(spec, opts)
-    best = outcome.best
-    registered, notes = None, []
-    if best is not None:
-        tags = {
-            **pre,
-            "manifest_sha256": manifest_sha,
-            "target": base.target,
-            "task": base.task,
-            "transform": base.transform,
-            "sweep": opts.name,
-            "sweep_run_id": outcome.parent,
-            "trial_id": best.trial_id,
-            "val_loss": best.metrics["val_loss"],
-            "git_sha": git_sha(),
-            **{f"test_{k}": best.metrics.get(f"test_{k}") for k in keys},
-        }
-        registered = register_best(outcome, register_as, alias, tags)
-        was = f", was version {registered['previous']}" if registered["previous"] else ""
-        notes.append(
-            f"best trial {best.trial_id}: registered {registered['uri']} (version {registered['version']}{was})"
-        )
-    metric_cols = ["epoch", "val_loss", *(f"test_{k}" for k in keys)]
-    table_rows = trial_table(outcome.rows, list(space), metric_cols)
-    for row, r in zip(table_rows, outcome.rows, strict=True):
-        # a stopped trial's last report is its last epoch; its best epoch is in its history
-        seen = [h["val_loss"] for h in r.history if number(h.get("val_loss")) and "epoch" in h]
-        if r.outcome == "finished":
-            row["epoch"] = max((h["epoch"] for h in r.history if number(h.get("epoch"))), default="")
-        if seen and r.outcome == "stopped":
-            row["val_loss"] = min(seen)
-    summary = {"target": base.target, "registered": registered, "lineage": pre, "manifest_sha256": manifest_sha}
-    return finish_ranked(
-        outcome,
-        opts,
-        base.target,
-        table_rows,
-        metric_cols,
-        summary,
-        notes,
-        parent_tags={"registered_model": register_as, "registered_version": registered["version"]}
-        if registered
-        else {},
-    )
+    return run_config_sweep(FINETUNE, model, shards, base, space_path, opts, register_as=register_as, alias=alias)

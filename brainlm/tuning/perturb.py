@@ -1,4 +1,6 @@
-"""Perturbation sweeps: ASHA over PerturbConfig knobs, every trial running ``optimise``."""
+"""Perturbation sweeps: ASHA over PerturbConfig knobs, every trial running ``optimise`` on source and target windows
+chosen once on the driver, scored by ``perturb_score``; the best trial's perturbation is kept (``PERTURB``, a
+``ConfigSweep``)."""
 
 from __future__ import annotations
 
@@ -12,22 +14,15 @@ from typing import Any
 import numpy as np
 from ray import tune
 
-from brainlm.eval.common import jsonable, load_context, parse_where, recordings
+from brainlm.eval.common import Context, jsonable, parse_where, recordings
 from brainlm.eval.perturb import PerturbConfig, magnitude, optimise, top_report
 from brainlm.exceptions import ConfigError, NonFiniteLossError
 from brainlm.tuning.options import SweepOptions
-from brainlm.tuning.session import in_trial, trial_device
-from brainlm.tuning.space import PERTURB_FIXED, apply_config, check_flags_vs_space, load_space
-from brainlm.tuning.template import (
-    asha,
-    config_spec,
-    default_name,
-    finish_ranked,
-    out_dir,
-    run_sweep,
-    trial_table,
-)
-from brainlm.tuning.trials import Headline, fmt_config
+from brainlm.tuning.ranked import ConfigSweep, Inputs, Report, run_config_sweep
+from brainlm.tuning.session import in_trial
+from brainlm.tuning.space import PERTURB_FIXED, apply_config
+from brainlm.tuning.template import SweepOutcome, out_dir
+from brainlm.tuning.trials import fmt_config
 
 # -- perturbation sweeps ------------------------------------------------------------------------------------
 
@@ -99,79 +94,86 @@ def perturb_trial(
         )
 
 
-def perturb_sweep(
-    model: str, shards: str, base: PerturbConfig, space_path: str | Path, opts: SweepOptions, budget: float = 0.1
-) -> dict[str, Any]:
-    """ASHA over the knobs of ``space_path``, scored by ``perturb_score``; logs to MLflow."""
-    from brainlm.tracking.registry import lineage
-
+def perturb_inputs(
+    ctx: Context, base: PerturbConfig, space: dict, opts: SweepOptions, budget: float = 0.1, **_: Any
+) -> Inputs:
+    """The source and target windows, chosen once and shared by every trial."""
     if budget <= 0:
         raise ConfigError(f"--theta-budget must be > 0, got {budget}")
-    space = load_space(space_path, PerturbConfig, base, PERTURB_FIXED)
-    check_flags_vs_space(space, base, space_path)
-    opts.name = opts.name or default_name("perturb")
-    pre = lineage(model)
-    ctx = load_context(model, shards, "cpu")  # trials move it to their own device
 
     def windows(expr: str) -> np.ndarray:
         recs = recordings(ctx, base.split, where=parse_where(expr))
         return np.concatenate([r.windows_NRW for r in recs])[: base.max_windows]
 
     source, target = windows(base.source), windows(base.target)
-    max_steps = int(space["steps"].largest()) if "steps" in space else base.steps
-    spec = config_spec(
-        "perturb",
-        model,
-        shards,
-        base,
-        space,
-        opts,
-        trial=perturb_trial,
-        trial_args={
-            "ctx": ctx,
-            "source": source,
-            "target": target,
-            "base": base,
-            "budget": budget,
-            "threads": int(max(1, opts.cpus_per_trial)),
-            "device": trial_device(opts),
-        },
-        headline=Headline("score", "max", "step", ("reached", "mean_abs_theta")),
-        intro=f"perturb sweep {opts.name}: {base.source} -> {base.target} ({len(source)} source, {len(target)} target "
-        f"windows), {opts.samples} sample(s) of {space_path}; score = reached - max(0, mean|theta| - {budget:g}) / "
-        f"{budget:g}, higher is better",
-        parent_params={"theta_budget": budget},
-        parent_tags={"manifest_sha256": ctx.manifest.plan_sha256, **pre},
-        scheduler=asha("step", max_steps, 40, opts),
+    return Inputs(
+        trial_args={"ctx": ctx, "source": source, "target": target, "base": base, "budget": budget},
+        subject=f"{base.source} -> {base.target}",
+        intro=f"{base.source} -> {base.target} ({len(source)} source, {len(target)} target windows); score = reached "
+        f"- max(0, mean|theta| - {budget:g}) / {budget:g}, higher is better",
+        max_t=int(space["steps"].largest()) if "steps" in space else base.steps,
+        metrics=["step", "score", "reached", "mean_abs_theta"],
+        show=("reached", "mean_abs_theta"),
+        params={"theta_budget": budget},
     )
-    outcome = run_sweep(spec, opts)
-    best = outcome.best
-    metric_cols = ["step", "score", "reached", "mean_abs_theta"]
-    table_rows = trial_table(outcome.rows, list(space), metric_cols)
+
+
+def keep_best_perturbation(
+    outcome: SweepOutcome,
+    table_rows: list[dict[str, Any]],
+    ctx: Context,
+    base: PerturbConfig,
+    opts: SweepOptions,
+    budget: float = 0.1,
+) -> Report:
+    """The best trial's theta and per-parcel report beside the summary, and the command that reruns it with figures;
+    a finished trial's row shows the steps it ran."""
     for row, r in zip(table_rows, outcome.rows, strict=True):
         if r.outcome == "finished":
             row["step"] = int(apply_config(base, r.config).steps)
+    report = Report(summary={"theta_budget": budget})
+    best = outcome.best
+    if best is None:
+        return report
     out = out_dir(opts)
-    summary: dict[str, Any] = {"theta_budget": budget}
-    files, notes = [], []
-    if best is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(best.checkpoint.to_directory(tmp))
-            detail = json.loads((folder / "perturbation.json").read_text())
-            (out / "best_perturbation.json").write_text(json.dumps(detail, indent=1))
-            np.save(out / "best_theta.npy", np.load(folder / "theta.npy"))
-        files += [out / "best_perturbation.json", out / "best_theta.npy"]
-        cfg = apply_config(base, best.config)
-        rerun = (
-            f"brainlm perturb --model {model} --shards {shards} --out runs/perturb/{opts.name} "
-            f"--source {cfg.source} --target {cfg.target} --form {cfg.form} --pooling {cfg.pooling} "
-            f"--l1 {cfg.l1:.6g} --lr {cfg.lr:.6g} --steps {cfg.steps}"
-        )
-        summary |= {"top_parcels": detail.get("top_parcels"), "rerun": rerun}
-        notes.append(
-            f"best trial {best.trial_id}: top parcels {', '.join(detail.get('top_parcels', [])[:10])}; "
-            f"figures and the full report: {rerun}"
-        )
-    return finish_ranked(
-        outcome, opts, f"{base.source} -> {base.target}", table_rows, metric_cols, summary, notes, files
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(best.checkpoint.to_directory(tmp))
+        detail = json.loads((folder / "perturbation.json").read_text())
+        (out / "best_perturbation.json").write_text(json.dumps(detail, indent=1))
+        np.save(out / "best_theta.npy", np.load(folder / "theta.npy"))
+    report.files += [out / "best_perturbation.json", out / "best_theta.npy"]
+    cfg = apply_config(base, best.config)
+    rerun = (
+        f"brainlm perturb --model {outcome.spec.fixed['model']} --shards {outcome.spec.fixed['shards']} "
+        f"--out runs/perturb/{opts.name} --source {cfg.source} --target {cfg.target} --form {cfg.form} "
+        f"--pooling {cfg.pooling} --l1 {cfg.l1:.6g} --lr {cfg.lr:.6g} --steps {cfg.steps}"
     )
+    report.summary |= {"top_parcels": detail.get("top_parcels"), "rerun": rerun}
+    report.notes.append(
+        f"best trial {best.trial_id}: top parcels {', '.join(detail.get('top_parcels', [])[:10])}; "
+        f"figures and the full report: {rerun}"
+    )
+    return report
+
+
+PERTURB = ConfigSweep(
+    kind="perturb",
+    config=PerturbConfig,
+    fixed=PERTURB_FIXED,
+    trial=perturb_trial,
+    metric="score",
+    mode="max",
+    step_key="step",
+    grace=40,
+    name="perturb",
+    inputs=perturb_inputs,
+    report=keep_best_perturbation,
+)
+
+
+def perturb_sweep(
+    model: str, shards: str, base: PerturbConfig, space_path: str | Path, opts: SweepOptions, budget: float = 0.1
+) -> dict[str, Any]:
+    """ASHA over the knobs of ``space_path``, scored by ``perturb_score`` with sparsity budget ``budget``; logs to
+    MLflow; keeps the best trial's perturbation."""
+    return run_config_sweep(PERTURB, model, shards, base, space_path, opts, budget=budget)

@@ -21,9 +21,10 @@ from brainlm.exceptions import ConfigError
 from brainlm.model import BrainLM
 from brainlm.training.recipe import build_recipe, global_batch
 from brainlm.tuning.options import SweepOptions
+from brainlm.tuning.report import error_notes, finish_sweep
 from brainlm.tuning.session import in_trial
 from brainlm.tuning.space import ROOT
-from brainlm.tuning.template import SweepSpec, default_name, error_notes, finish_sweep, out_dir, run_sweep
+from brainlm.tuning.template import SweepSpec, default_name, out_dir, run_sweep
 from brainlm.tuning.trials import Headline, number
 
 # -- scaling sweeps -----------------------------------------------------------------------------------------

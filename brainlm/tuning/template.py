@@ -1,14 +1,12 @@
 """The sweep template: one function runs any sweep kind (``run_sweep``: open the parent run, fit the trials with
-their resources, collect the rows and the best trial) and one writes its report (``finish_sweep``: summary table
-as Markdown / TSV / JSON through pandas, the trials figure, the parent run's metrics and artifacts, the printed
-table). ``finetune``, ``perturb`` and ``scale`` are short specs over it."""
+their resources, collect the rows and the best trial); ``report.finish_sweep`` writes what it found. ``scale`` is a
+``SweepSpec`` over it; ``finetune`` and ``perturb`` are ``ranked.ConfigSweep`` specs, a sweep over a config's
+knobs."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
-import json
 import logging
 import math
 import re
@@ -17,16 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from brainlm.eval.common import jsonable
 from brainlm.exceptions import BrainLMError, ConfigError, SweepInterrupted
 from brainlm.tracking.env import git_sha
 from brainlm.tuning.options import SweepOptions
 from brainlm.tuning.session import ray_session, storage_filesystem, storage_path
-from brainlm.tuning.trials import Headline, MLflowTrials, fmt, fmt_config, number, short_error
+from brainlm.tuning.trials import Headline, MLflowTrials, number, short_error
 
 log = logging.getLogger(__name__)
 
@@ -182,71 +178,6 @@ def out_dir(opts: SweepOptions) -> Path:
     return out
 
 
-def frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
-    """The report's table: one row per trial (or point), numbers to 4 significant digits."""
-    return pd.DataFrame([{c: fmt(r.get(c, "")) for c in columns} for r in rows], columns=columns)
-
-
-def write_summary(
-    out: Path,
-    stem: str,
-    title: str,
-    rows: list[dict[str, Any]],
-    columns: list[str],
-    summary: dict[str, Any],
-    notes: list[str],
-) -> list[Path]:
-    """``stem``.md (title, table, notes), ``stem``.tsv and ``stem``.json."""
-    table_df = frame(rows, columns)
-    md = out / f"{stem}.md"
-    md.write_text(f"# {title}\n\n{table_df.to_markdown(index=False)}\n\n" + "".join(f"{n}\n\n" for n in notes))
-    table_df.to_csv(out / f"{stem}.tsv", sep="\t", index=False)
-    (out / f"{stem}.json").write_text(json.dumps({**summary, "rows": rows}, indent=1, default=jsonable))
-    return [md, out / f"{stem}.tsv", out / f"{stem}.json"]
-
-
-def trials_figure(rows: list[TrialRow], x: str, y: str, path: Path, title: str, best: TrialRow | None) -> Path:
-    """``y`` against ``x`` for every trial from its reported history (dashed: stopped early by ASHA)."""
-    from brainlm import plots
-
-    histories = {r.trial_id: [(h[x], h[y]) for h in r.history if number(h.get(x)) and number(h.get(y))] for r in rows}
-    outcomes = {r.trial_id: r.outcome for r in rows}
-    return plots.trials_figure(histories, outcomes, path, x, y, title, best.trial_id if best else None)
-
-
-def trial_table(rows: list[TrialRow], params: list[str], metrics: list[str]) -> list[dict[str, Any]]:
-    out = []
-    for r in rows:
-        row = {"trial": r.trial_id, "outcome": r.outcome, **{p: r.config.get(p, "") for p in params}}
-        for m in metrics:
-            row[m] = r.metrics.get(m, "") if r.outcome != "error" else ""
-        out.append(row)
-    return out
-
-
-def error_notes(rows: list[TrialRow]) -> list[str]:
-    return [f"errored trial {r.trial_id} ({fmt_config(r.config)}): {r.error}" for r in rows if r.outcome == "error"]
-
-
-def finish_parent(
-    runs: Any, parent: str, rows: list[TrialRow], files: list[Path], metrics: dict[str, float], tags: dict[str, Any]
-) -> None:
-    counts = count_outcomes(rows)
-    try:
-        runs.log_metrics(parent, {**{f"trials_{k}": v for k, v in counts.items()}, **metrics}, 0)
-        runs.set_tags(parent, tags)
-        for p in files:
-            runs.log_artifact(parent, p, "summary")
-        runs.end(parent, "FINISHED" if counts["finished"] else "FAILED")
-    except Exception as err:  # the results are on disk either way
-        log.warning(
-            f"MLflow could not record the sweep's summary ({type(err).__name__}: {err}); it is in {files[0].parent}"
-        )
-
-
-# -- the template --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class SweepSpec:
     """One sweep: what every trial runs, on what, how its outcome is judged, and what the parent run records."""
@@ -329,110 +260,3 @@ def register_best(outcome: SweepOutcome, name: str, alias: str, tags: dict[str, 
                 f"{outcome.runs.uri} failed ({type(err).__name__}: {err}); the model is in {best.checkpoint.path}/model"
             ) from err
     return {"name": name, "version": version, "alias": alias, "previous": before, "uri": f"models:/{name}@{alias}"}
-
-
-def finish_sweep(
-    outcome: SweepOutcome,
-    opts: SweepOptions,
-    *,
-    stem: str,
-    title: str,
-    table_rows: list[dict[str, Any]],
-    columns: list[str],
-    summary: dict[str, Any],
-    notes: list[str],
-    figures: list[Path],
-    parent_metrics: dict[str, float],
-    parent_tags: dict[str, Any],
-    failed: str | None,
-) -> list[Path]:
-    """Write the report (``stem``.md / .tsv / .json beside ``figures``), record it in the parent run, print the table
-    and the notes; ``failed`` (a message) raises after the report is written."""
-    out = out_dir(opts)
-    files = [*write_summary(out, stem, title, table_rows, columns, summary, notes), *figures]
-    finish_parent(outcome.runs, outcome.parent, outcome.rows, files, parent_metrics, parent_tags)
-    log.info("\n" + frame(table_rows, columns).to_string(index=False))
-    log.info(title)
-    for note in notes:
-        log.info(note)
-    log.info(
-        f"summary: {files[0]} (and .tsv, .json); MLflow parent run {outcome.parent} in experiment {opts.experiment}"
-    )
-    if failed:
-        raise BrainLMError(failed)
-    return files
-
-
-# -- sweeps over a config's knobs (finetune, perturb): ranked by one metric, the best trial marked ---------------
-
-
-def config_spec(
-    kind: str, model: str, shards: str, base: Any, space: dict[str, Any], opts: SweepOptions, **spec: Any
-) -> SweepSpec:
-    """A SweepSpec over the knobs of ``space`` (Dists of ``base``'s fields): the model, shard set and fixed settings
-    every trial shares recorded in the parent run and each child; ``spec``: the kind's own fields (trial, headline,
-    ...), its ``parent_params`` added to the shared ones."""
-    shared, settings = {"model": model, "shards": str(shards)}, dataclasses.asdict(base)
-    params = shared | {"fixed": settings, "space": {k: str(d) for k, d in space.items()}, "samples": opts.samples}
-    return SweepSpec(
-        kind=kind,
-        space={k: d.to_tune() for k, d in space.items()},
-        parent_params=params | spec.pop("parent_params", {}),
-        fixed=shared | settings,
-        **spec,
-    )
-
-
-def finish_ranked(
-    outcome: SweepOutcome,
-    opts: SweepOptions,
-    subject: str,
-    table_rows: list[dict[str, Any]],
-    metric_cols: list[str],
-    summary: dict[str, Any],
-    notes: list[str] | None = None,
-    figures: list[Path] | None = None,
-    parent_tags: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Report a ranked sweep: the best trial marked in the table, the trials figure (the headline metric against its
-    time axis), the summary (``summary`` on top of the counts and the best trial's config and metrics), the best
-    metrics in the parent run; raises when no trial finished (after the report is written)."""
-    spec, rows, best, counts = outcome.spec, outcome.rows, outcome.best, outcome.counts
-    metric, better = spec.headline.metric, "lower" if spec.headline.mode == "min" else "higher"
-    for row in table_rows:
-        row["best"] = "*" if best is not None and row["trial"] == best.trial_id else ""
-    title = (
-        f"{spec.kind} sweep {opts.name}: {subject}, {counts['trials']} trials ({counts['finished']} finished, "
-        f"{counts['stopped']} stopped early by ASHA, {counts['error']} errored); {metric}: {better} is better"
-    )
-    out = out_dir(opts)
-    figure = trials_figure(rows, spec.headline.step_key, metric, out / "trials.png", title, best)
-    best_metrics = {k: best.metrics.get(k) for k in metric_cols if k != spec.headline.step_key} if best else None
-    summary = {
-        "name": opts.name,
-        "kind": spec.kind,
-        "counts": counts,
-        "best_trial": best.trial_id if best else None,
-        "best_config": best.config if best else None,
-        "best_metrics": best_metrics,
-        "parent_run_id": outcome.parent,
-        **summary,
-    }
-    finish_sweep(
-        outcome,
-        opts,
-        stem="summary",
-        title=title,
-        table_rows=table_rows,
-        columns=["trial", "outcome", *spec.space, *metric_cols, "best"],
-        summary=summary,
-        notes=[*(notes or []), *error_notes(rows)],
-        figures=[figure, *(figures or [])],
-        parent_metrics={f"best_{k}": v for k, v in (best_metrics or {}).items() if number(v)},
-        parent_tags={"best_trial": summary["best_trial"] or "none", **(parent_tags or {})},
-        failed=None
-        if best is not None
-        else f"no trial of sweep {opts.name} finished ({counts['error']} errored, {counts['stopped']} stopped); see "
-        f"the errors above and {out / 'summary.md'}",
-    )
-    return summary
