@@ -64,10 +64,15 @@ def _metric_keys(base: FinetuneConfig) -> list[str]:
     return ["accuracy", "auc"] if base.task == "classification" else ["mse", "r2", "pearson_r"]
 
 
+def _pretrained_on(ctx: Context) -> dict[str, str]:
+    """The data the backbone was pretrained on, as a tag (when its export says)."""
+    sha = (ctx.model.extra or {}).get("manifest_sha256")
+    return {"pretrained_manifest_sha256": sha} if sha else {}
+
+
 def finetune_inputs(ctx: Context, base: FinetuneConfig, space: dict, opts: SweepOptions, **_: Any) -> Inputs:
     """The labelled windows, loaded once and shared by every trial."""
     data = load_data(ctx, base)
-    pretrained = (ctx.model.extra or {}).get("manifest_sha256")  # the data the backbone was pretrained on
     loss = "-accuracy" if base.task == "classification" else "MSE in the transformed space"
     return Inputs(
         trial_args={"data": data},
@@ -78,7 +83,7 @@ def finetune_inputs(ctx: Context, base: FinetuneConfig, space: dict, opts: Sweep
         metrics=["epoch", "val_loss", *(f"test_{k}" for k in _metric_keys(base))],
         show=(f"test_{_metric_keys(base)[0]}", "best_epoch"),
         params={"cpus_per_trial": opts.cpus_per_trial, "gpus_per_trial": opts.gpus_per_trial},
-        tags={"target": base.target, **({"pretrained_manifest_sha256": pretrained} if pretrained else {})},
+        tags={"target": base.target, **_pretrained_on(ctx)},
     )
 
 
@@ -88,6 +93,7 @@ def register_champion(
     ctx: Context,
     base: FinetuneConfig,
     opts: SweepOptions,
+    lineage: dict[str, Any],
     register_as: str | None = None,
     alias: str = "champion",
 ) -> Report:
@@ -99,8 +105,7 @@ def register_champion(
             row["epoch"] = max((h["epoch"] for h in r.history if number(h.get("epoch"))), default="")
         if seen and r.outcome == "stopped":
             row["val_loss"] = min(seen)
-    manifest_sha = outcome.spec.parent_tags["manifest_sha256"]
-    lineage = {k: v for k, v in outcome.spec.parent_tags.items() if k not in ("target", "manifest_sha256")}
+    manifest_sha, lineage = ctx.manifest.plan_sha256, {**lineage, **_pretrained_on(ctx)}
     report = Report(
         summary={"target": base.target, "registered": None, "lineage": lineage, "manifest_sha256": manifest_sha}
     )

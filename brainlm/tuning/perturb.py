@@ -124,6 +124,7 @@ def keep_best_perturbation(
     ctx: Context,
     base: PerturbConfig,
     opts: SweepOptions,
+    lineage: dict[str, Any],
     budget: float = 0.1,
 ) -> Report:
     """The best trial's theta and per-parcel report beside the summary, and the command that reruns it with figures;

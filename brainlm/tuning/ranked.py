@@ -69,7 +69,8 @@ class ConfigSweep:
     name: str  # the default sweep name before its timestamp, formatted with the base config's fields
     # (ctx, base, space, opts, **kind_args) -> Inputs
     inputs: Callable[..., Inputs]
-    # (outcome, table_rows, ctx, base, opts, **kind_args) -> Report; may correct table_rows in place
+    # (outcome, table_rows, ctx, base, opts, lineage, **kind_args) -> Report, lineage the pretrained model's
+    # (tracking.registry.lineage); may correct table_rows in place
     report: Callable[..., Report]
 
 
@@ -105,7 +106,7 @@ def run_config_sweep(
     )
     outcome = run_sweep(spec, opts)
     table_rows = trial_table(outcome.rows, list(space), inputs.metrics)
-    extra = sweep.report(outcome, table_rows, ctx, base, opts, **kind_args)
+    extra = sweep.report(outcome, table_rows, ctx, base, opts, pre, **kind_args)
     return finish_ranked(outcome, opts, inputs.subject, table_rows, inputs.metrics, extra)
 
 
