@@ -153,14 +153,13 @@ def window_of(signal_RT: np.ndarray, window: int, rng: np.random.Generator | Non
     return signal_RT[:, start : start + window]
 
 
-def crop_context(signal_RT: np.ndarray, start: int, window: int) -> tuple[np.ndarray, int, np.ndarray]:
+def crop_context(signal_RT: np.ndarray, start: int, window: int) -> tuple[np.ndarray, int]:
     """The recording context a training window has in its crop: the covariance of the crop's timepoints outside
-    the window, their count, and the timepoints themselves (float32, in order; the protocol's context at evaluation:
-    the rest of the recording)."""
-    rest_RX = np.concatenate([signal_RT[:, :start], signal_RT[:, start + window :]], axis=1)
+    the window, and their count (the protocol's context at evaluation: the rest of the recording)."""
+    rest_RX = np.concatenate([signal_RT[:, :start], signal_RT[:, start + window :]], axis=1).astype(np.float64)
     if rest_RX.shape[1] < 2:
-        return np.zeros((len(signal_RT), len(signal_RT))), 0, rest_RX.astype(np.float32)
-    return np.cov(rest_RX.astype(np.float64)), rest_RX.shape[1], rest_RX.astype(np.float32)
+        return np.zeros((len(signal_RT), len(signal_RT))), 0
+    return np.cov(rest_RX), rest_RX.shape[1]
 
 
 @dataclass(frozen=True)
@@ -245,7 +244,6 @@ class SlotStreams(IterableDataset):
             if self.context:
                 batch["context_cov"] = torch.from_numpy(np.stack([c[0] for _, _, c in items]).astype(np.float32))
                 batch["context_n"] = torch.tensor([c[1] for _, _, c in items], dtype=torch.int64)
-                batch["context_signal"] = torch.from_numpy(np.stack([c[2] for _, _, c in items]))
             if self.mask_spec is not None:
                 batch["mask"] = self.mask_spec.masks(seeds, signal.shape[1])
             yield batch

@@ -37,7 +37,6 @@ from brainlm.eval.common import Context, comparison_table, load_context, split_w
 from brainlm.exceptions import BrainLMError, InputError
 from brainlm.masking import MASKINGS
 from brainlm.model import prior
-from brainlm.model.context import RecordingContext
 from brainlm.model.inference import tr_of
 from brainlm.model.io import trained_on
 from brainlm.protocol import (
@@ -67,23 +66,17 @@ def model_predict(
     context: list[list[int]] | None = None,
     batch: int = 16,
 ) -> np.ndarray:
-    """The model's reconstruction; a model that reads recording context (``model.prior_context``,
-    ``model.context_embedding``) gets each window's ``context`` windows, any other model its window alone."""
+    """The model's reconstruction; a model whose prior reads recording context (``model.prior_context``) gets each
+    window's ``context`` windows' statistics, any other model its window alone."""
     model, R = ctx.model.eval(), x_BRT.shape[1]
-    stats, parcels_WRD = None, None
-    if model.config.reads_context and context is not None:
+    stats = None
+    if model.config.prior_context and context is not None:
         cov_BRR, n_B = context_statistics(x_BRT.numpy(), context)
         stats = (torch.from_numpy(cov_BRR), torch.from_numpy(n_B))
-        if model.config.context_embedding:
-            with ctx.autocast():
-                parcels_WRD = model.window_contexts(x_BRT, context, ctx.coords_R3, **tr_of(model, ctx.manifest.tr))
     out = []
     for i in range(0, x_BRT.shape[0], batch):
         rows = slice(i, i + batch)
-        part = None
-        if stats is not None:
-            parcels = None if parcels_WRD is None else parcels_WRD[rows].to(ctx.device)
-            part = RecordingContext(stats[0][rows].to(ctx.device), stats[1][rows].to(ctx.device), None, parcels)
+        part = None if stats is None else (stats[0][rows].to(ctx.device), stats[1][rows].to(ctx.device))
         with ctx.autocast():
             x = x_BRT[rows].to(ctx.device)
             res = model(

@@ -96,10 +96,6 @@ class ModelConfig:
     against the covariance C_c of the n timepoints of the window's recording outside the window, (k C + n C_c) /
     (k + n), before the window's own shrinkage; 0: the prior ignores context. In training the context is the rest of
     the sample's crop; in the analyses, the other windows of the recording (``brainlm reconstruct --context``)."""
-    context_embedding: bool = False
-    """The decoder reads the recording context through the encoder: the context's timepoints are encoded unmasked
-    (in windows of `num_timepoints`), each parcel's tokens averaged over them into a per-parcel recording embedding,
-    and its projection added to every decoder token of that parcel (zero at initialisation; no context: zero)."""
 
     time_unit_s: float = 0.0
     """0: temporal positions count patches, as MAE's count image patches: a model is trained at one TR and a
@@ -172,11 +168,6 @@ class ModelConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"`model.{name}` must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
-
-    @property
-    def reads_context(self) -> bool:
-        """Whether the model reads a window's recording context (its prior, its encoder or both)."""
-        return bool(self.prior_context) or self.context_embedding
 
     @property
     def num_patches(self) -> int:

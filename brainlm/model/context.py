@@ -5,20 +5,8 @@ the Gaussian prior's input; numpy only, so the model layer and the analyses shar
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
 
 import numpy as np
-
-
-class RecordingContext(NamedTuple):
-    """A batch's recording context as the model reads it: (context_cov_BRR, context_n_B) for the prior, and for the
-    context embedding either the context's timepoints (signal_BRX, encoded with the model's encoder: training) or
-    each window's per-parcel embedding already pooled (parcels_BRD: the analyses, which encode every window once)."""
-
-    cov_BRR: Any
-    n_B: Any
-    signal_BRX: Any = None
-    parcels_BRD: Any = None
 
 
 def context_windows(recordings: Sequence[str], starts: Sequence[int], window: int, k: int | None) -> list[list[int]]:

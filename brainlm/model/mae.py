@@ -106,8 +106,6 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
         self.decoder_prior_embed = nn.Linear(c.patch_size, E) if c.decoder_prior == "gaussian" else None
         if self.decoder_prior_embed is not None:  # the primary atlas's; one more per atlas of a mixture
             self.add_prior_slot(c.num_parcels)
-        # The recording embedding (`model.context_embedding`): pooled encoder tokens of the context, per parcel.
-        self.decoder_context_embed = nn.Linear(D, E, bias=False) if c.context_embedding else None
 
         self.scaling: dict[str, Any] | None = None  # the robust-scaling statistics, set by from_pretrained
         self.extra: dict[str, Any] | None = None
@@ -122,13 +120,10 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if self.decoder_context_embed is not None:  # starts as the model without context embedding
-            nn.init.zeros_(self.decoder_context_embed.weight)
 
     # ------------------------------------------------------------------ tokens and positions
 
@@ -311,13 +306,11 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
         prior_BLP: Tensor | None = None,
         mask_BL: Tensor | None = None,
         tr: float | None = None,
-        context_BRD: Tensor | None = None,
     ) -> Tensor:
         """Mask tokens in, unshuffle, add decoder positions, decode all tokens: pred_BLP.
 
         With `prior_BLP` (and `mask_BL`), the masked tokens also embed their prior patch and the head's output is
-        added to the prior. With `context_BRD` (the recording embedding of each parcel), every token of parcel r
-        adds its projection."""
+        added to the prior."""
         x_B1KE = self.decoder_embed(latent_B1KD)
         B, L = ids_restore_BL.shape
         K, E = x_B1KE.shape[1] - 1, x_B1KE.shape[2]
@@ -326,8 +319,6 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
         if prior_BLP is not None:
             x_BLE = x_BLE + mask_BL[:, :, None].to(x_BLE.dtype) * self.decoder_prior_embed(prior_BLP.to(x_BLE.dtype))
         N = L // coords_R3.shape[0]
-        if context_BRD is not None and self.decoder_context_embed is not None:
-            x_BLE = x_BLE + self.decoder_context_embed(context_BRD.to(x_BLE.dtype)).repeat_interleave(N, dim=1)
         x_BLE = x_BLE + self._pos_embed(
             coords_R3, N, self.decoder_spatial_embed, self.decoder_parcel_embed, E, tr, self.decoder_tr_embed
         )
@@ -370,55 +361,8 @@ class BrainLM(RecordingMethods, prior.PriorMethods, nn.Module):
         prior_BLP = None
         if self.decoder_prior_embed is not None:
             prior_BLP = self.prior_patches(signal_BRT, coords_R3, mask_BL, context)
-        context_BRD = self._context_embedding(context, coords_R3, tr)
-        pred_BLP = self.forward_decoder(latent_B1KD, ids_restore_BL, coords_R3, prior_BLP, mask_BL, tr, context_BRD)
+        pred_BLP = self.forward_decoder(latent_B1KD, ids_restore_BL, coords_R3, prior_BLP, mask_BL, tr)
         return MAEOutput(self.forward_loss(signal_BRT, pred_BLP, mask_BL), pred_BLP, mask_BL)
-
-    def _context_embedding(self, context: Any, coords_R3: Tensor, tr: float | None) -> Tensor | None:
-        """The recording embedding each window's decoder reads (`model.context_embedding`), or None."""
-        if self.decoder_context_embed is None or context is None:
-            return None
-        parcels = getattr(context, "parcels_BRD", None)
-        if parcels is not None:
-            return parcels
-        signal_BRX = getattr(context, "signal_BRX", None)
-        return None if signal_BRX is None else self.context_parcels(signal_BRX, coords_R3, tr)
-
-    def context_parcels(self, signal_BRX: Tensor, coords_R3: Tensor, tr: float | None = None) -> Tensor:
-        """Per-parcel recording embedding of each row's timepoints: [B, R, D], the encoder's tokens (unmasked) of
-        every `num_timepoints` window of them averaged per parcel (a last shorter run of whole patches included)."""
-        B, R, X = signal_BRX.shape
-        P, T = self.config.patch_size, self.config.num_timepoints
-        X -= X % P
-        if X == 0:
-            return signal_BRX.new_zeros(B, R, self.config.hidden_size)
-        total_BRD, tokens = 0.0, 0
-        for start in range(0, X, T):
-            part_BRT = signal_BRX[:, :, start : min(start + T, X)]
-            _, tokens_BLD = self.encode(part_BRT, coords_R3, tr)
-            n = part_BRT.shape[2] // P
-            total_BRD = total_BRD + tokens_BLD.reshape(B, R, n, -1).sum(2)
-            tokens += n
-        return total_BRD / tokens
-
-    @torch.no_grad()
-    def window_contexts(
-        self, windows_WRT: Tensor, context: list[list[int]], coords_R3: Tensor, tr: float | None = None, batch: int = 16
-    ) -> Tensor:
-        """Each window's recording embedding from its `context` windows (indices into `windows_WRT`, the protocol's
-        `context_windows`): every window encoded once, its tokens averaged per parcel, and window i's embedding the
-        mean of its context windows' (zeros with none): parcels_WRD, on the windows' device."""
-        device = self.patch_embed.weight.device
-        own = [
-            self.context_parcels(windows_WRT[i : i + batch].to(device), coords_R3.to(device), tr).to(windows_WRT.device)
-            for i in range(0, windows_WRT.shape[0], batch)
-        ]
-        own_WRD = torch.cat(own).float()
-        out_WRD = torch.zeros_like(own_WRD)
-        for i, others in enumerate(context):
-            if others:
-                out_WRD[i] = own_WRD[others].mean(0)
-        return out_WRD
 
     # ------------------------------------------------------------------ inference
 

@@ -28,7 +28,6 @@ from brainlm.exceptions import ConfigError, NonFiniteLossError
 from brainlm.lock import FolderLock
 from brainlm.masking import seeded_masks
 from brainlm.model import BrainLM, prior
-from brainlm.model.context import RecordingContext
 from brainlm.model.io import trained_on
 from brainlm.protocol import R2Sums, context_statistics, context_windows, protocol_seeds
 from brainlm.tracking.env import default_tracking_uri, git_sha
@@ -133,7 +132,7 @@ def build_loader(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext, start_ste
             start=start,
             masks=MaskSpec(c.num_patches, c.mask_ratio, c.masking),
             on_corrupt=cfg.data.on_corrupt,
-            context=c.reads_context,
+            context=bool(c.prior_context),
         )
 
     start = start_step * cfg.train.grad_accum
@@ -161,14 +160,9 @@ class ValidationSet:
     context: tuple[torch.Tensor, torch.Tensor] | None = None
     held_out: bool = True  # False: the set has no validation subjects and these are training windows
     tr: float | None = None
-    windows: torch.Tensor | None = None  # every window of the split (this rank's are rows `rows` of it)
-    context_lists: list[list[int]] | None = None  # each of this rank's windows' context windows, rows of `windows`
 
-    def context_of(self, rows: slice, device: torch.device, parcels_WRD=None) -> RecordingContext | None:
-        if self.context is None:
-            return None
-        parcels = None if parcels_WRD is None else parcels_WRD[rows].to(device)
-        return RecordingContext(self.context[0][rows].to(device), self.context[1][rows].to(device), None, parcels)
+    def context_of(self, rows: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.context is None else (self.context[0][rows].to(device), self.context[1][rows].to(device))
 
 
 def build_validation(cfg: PretrainConfig, plan: Plan, ctx: ds.DistContext) -> list[ValidationSet]:
@@ -186,17 +180,13 @@ def validation_of(cfg: PretrainConfig, plan: Plan, member: Member, ctx: ds.DistC
     c, R = plan.model, m.atlas.num_parcels
     # Window i of the split gets the mask `brainlm reconstruct` gives it: a learning curve measures the final table.
     masks = seeded_masks(protocol_seeds(idx, c.masking), R, c.num_patches, c.mask_ratio, c.masking)
-    context, lists = None, None
-    if c.reads_context:  # as `brainlm reconstruct --context all`: the other windows of the window's recording
+    context = None
+    if c.prior_context:  # as `brainlm reconstruct --context all`: the other windows of the window's recording
         recordings, starts = [x["recording"] for x in meta], [int(x["start"]) for x in meta]
-        lists = context_windows(recordings, starts, c.num_timepoints, None)
-        cov_BRR, n_B = context_statistics(signal.numpy(), lists)
+        cov_BRR, n_B = context_statistics(signal.numpy(), context_windows(recordings, starts, c.num_timepoints, None))
         context = (torch.from_numpy(cov_BRR[idx]).float(), torch.from_numpy(n_B[idx]))
-        lists = [lists[i] for i in idx]
     coords = torch.tensor(m.atlas.coords(), dtype=torch.float32)
-    return ValidationSet(
-        signal[idx], masks, coords, member.name, context, split == cfg.data.val_split, m.tr, signal, lists
-    )
+    return ValidationSet(signal[idx], masks, coords, member.name, context, split == cfg.data.val_split, m.tr)
 
 
 def build_tracker(
@@ -292,10 +282,7 @@ class Trainer:
             signal = batch["signal"].to(self.ctx.device, dtype=self.dtype, non_blocking=True)
             context = None
             if "context_cov" in batch:
-                context = RecordingContext(
-                    *(batch[k].to(self.ctx.device) for k in ("context_cov", "context_n")),
-                    signal_BRX=batch["context_signal"].to(self.ctx.device, dtype=self.dtype),
-                )
+                context = (batch["context_cov"].to(self.ctx.device), batch["context_n"].to(self.ctx.device))
             which = int(batch.get("set", 0))
             self.set_samples[which] += signal.shape[0] * self.ctx.world_size
             mask = batch["mask"].to(self.ctx.device)
@@ -360,14 +347,12 @@ class Trainer:
         self.engine.eval()
         sums = R2Sums()
         coords = val.coords_R3.to(self.ctx.device, dtype=self.dtype)
-        parcels_WRD = None
-        if self.plan.model.context_embedding and val.context_lists is not None:
-            parcels_WRD = self.model.window_contexts(val.windows.to(self.dtype), val.context_lists, coords, val.tr)
         for i in range(0, val.signal.shape[0], 8):
             x = val.signal[i : i + 8].to(self.ctx.device, dtype=self.dtype)
             mask = val.masks[i : i + 8].to(self.ctx.device)
-            context = val.context_of(slice(i, i + 8), self.ctx.device, parcels_WRD)
-            out = self.engine(x, coords, mask_BL=mask, context=context, tr=val.tr)
+            out = self.engine(
+                x, coords, mask_BL=mask, context=val.context_of(slice(i, i + 8), self.ctx.device), tr=val.tr
+            )
             sums.add(out.pred_BLP.float(), self.model.patchify(x.float()), out.mask_BL)
         total = sums.tensor().to(self.ctx.device)
         dist.all_reduce(total)
